@@ -1,0 +1,13 @@
+"""Errors the model library raises. Each message says what was wrong and what to do about it."""
+
+
+class LisaError(Exception):
+    """Base class of every error raised on purpose by ``model``."""
+
+
+class CheckpointError(LisaError):
+    """A checkpoint folder, Hub id or CLIP tower cannot be loaded as a LISA model."""
+
+
+class InputError(LisaError, ValueError):
+    """An image or query that the model refuses (undecodable, too large, empty, too long...)."""

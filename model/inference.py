@@ -1,0 +1,205 @@
+"""Two-stage inference, SamPredictor style: encode an image once, then segment any number of queries on it.
+
+>>> predictor = LisaPredictor.from_pretrained("xinlai/LISA-7B-v1", dtype="bf16", device="cuda")
+>>> image = predictor.encode(load_image("kitchen.jpg"))          # CLIP + SAM ViT-H: the expensive part
+>>> [seg] = predictor.segment([(image, "What is the food rich in vitamin C in this image? "
+...                                    "Please output segmentation mask.")])
+>>> seg.masks.shape                                             # n_seg x H x W, bool, original size
+
+Several (image, query) pairs - on the same or on different images - run as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model.errors import InputError
+from model.generation import greedy_generate
+from model.modeling import LisaModel
+from model.preprocess import PreprocessedImage, preprocess
+from model.prompts import chat_prompt, teacher_forced_prompt
+from model.sam import decode_masks
+from model.tokenizer import SEG_TOKEN, LisaTokenizer
+
+#: LISA's ``evaluate`` default; released v1 answers ("Sure, [SEG].") need fewer than 10 tokens.
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class EncodedImage:
+    """What a query needs from an image; cache it and reuse it for every query on that image.
+
+    Attributes:
+        image_features: ``P x H`` projected CLIP patch features (P = 256 for LISA v1).
+        sam_embedding: ``1 x C x g x g`` SAM image embedding (C = 256, g = 64).
+        original_hw: (H, W) of the EXIF-applied image.
+        resized_hw: (h', w') of the un-padded SAM input.
+    """
+
+    image_features: torch.Tensor
+    sam_embedding: torch.Tensor
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the two tensors (what a byte-bounded cache counts)."""
+        return sum(t.numel() * t.element_size() for t in (self.image_features, self.sam_embedding))
+
+
+@dataclass
+class Segmentation:
+    """The answer to one query.
+
+    Attributes:
+        output_ids: generated ids (empty in teacher-forced mode), int64.
+        text: the decoded answer (generated, or the given answer).
+        mask_logits: ``n x H x W`` float32 at the original image size, one per ``[SEG]``.
+        masks: ``n x H x W`` bool, ``mask_logits > 0``.
+        scores: ``n`` float32, SAM's predicted IoU for each mask.
+        seg_hidden: ``n x H`` LLM states that became the prompts; prompt_embeddings: ``n x C``;
+        low_res_masks: ``n x 1 x 256 x 256`` decoder logits. Kept for checks and fine-tuning.
+    """
+
+    output_ids: np.ndarray
+    text: str
+    mask_logits: np.ndarray
+    masks: np.ndarray
+    scores: np.ndarray
+    seg_hidden: torch.Tensor | None = field(default=None, repr=False)
+    prompt_embeddings: torch.Tensor | None = field(default=None, repr=False)
+    low_res_masks: torch.Tensor | None = field(default=None, repr=False)
+
+
+class LisaPredictor:
+    """LISA inference on a loaded model: ``encode`` images, then ``segment`` queries against them."""
+
+    def __init__(self, model: LisaModel, tokenizer: LisaTokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.mm_projector.weight.device
+
+    @classmethod
+    def from_pretrained(cls, model: str, vision_tower: str | None = None, dtype: str = "fp32",
+                        device: str = "cpu", quantize: str | None = None) -> LisaPredictor:
+        """Load a LISA release (see :func:`model.checkpoint.load_lisa`)."""
+        from model.checkpoint import load_lisa
+
+        return cls(*load_lisa(model, vision_tower=vision_tower, dtype=dtype, device=device, quantize=quantize))
+
+    # --------------------------------------------------------------------------------------------- images
+    @torch.inference_mode()
+    def encode_batch(self, images: Sequence[np.ndarray | PreprocessedImage]) -> list[EncodedImage]:
+        """Encode images (``H x W x 3`` uint8 RGB arrays or :class:`PreprocessedImage`) in one CLIP/SAM call."""
+        pre = [im if isinstance(im, PreprocessedImage) else preprocess(im) for im in images]
+        if not pre:
+            return []
+        clip = torch.cat([p.clip_pixels for p in pre]).to(self.device)
+        sam = torch.cat([p.sam_pixels for p in pre]).to(self.device)
+        feats = self.model.image_features(clip)
+        embs = self.model.sam_embedding(sam)
+        return [
+            EncodedImage(feats[i].clone(), embs[i : i + 1].clone(), p.original_hw, p.resized_hw)
+            for i, p in enumerate(pre)
+        ]
+
+    def encode(self, image: np.ndarray | PreprocessedImage) -> EncodedImage:
+        """Encode one image; see :meth:`encode_batch`."""
+        return self.encode_batch([image])[0]
+
+    # -------------------------------------------------------------------------------------------- queries
+    def _prompt_ids(self, prompts: Sequence[str], images: Sequence[EncodedImage], extra: int) -> list[torch.Tensor]:
+        window = self.model.config.max_position_embeddings
+        ids_list = []
+        for prompt, image in zip(prompts, images):
+            ids = self.tokenizer.encode_with_image(prompt)
+            length = len(ids) - 1 + image.image_features.shape[0]
+            if length + extra > window:
+                raise InputError(
+                    f"the query is too long: with the image it takes {length} of the model's {window} positions, "
+                    f"and {extra} more are reserved for the answer. Shorten the query."
+                )
+            ids_list.append(torch.tensor(ids, dtype=torch.long))
+        return ids_list
+
+    def _masks(self, image: EncodedImage, seg_hidden: torch.Tensor) -> tuple:
+        prompts = self.model.project_seg(seg_hidden)
+        logits, iou, low_res = decode_masks(self.model.sam, image.sam_embedding, prompts,
+                                            image.resized_hw, image.original_hw)
+        return prompts, logits, iou, low_res
+
+    @torch.inference_mode()
+    def segment(self, items: Sequence[tuple[EncodedImage, str]],
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[Segmentation]:
+        """Generate an answer for each (image, query) pair and decode one mask per generated ``[SEG]``.
+
+        All pairs run as one left-padded batch: one prefill, then one single-token step per new token.
+        """
+        if not items:
+            return []
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        images = [im for im, _ in items]
+        ids_list = self._prompt_ids([chat_prompt(q) for _, q in items], images, max_new_tokens)
+        embeds, mask, positions, _ = self.model.embed_sequences(ids_list, [im.image_features for im in images])
+        layout = self.tokenizer.layout
+        gen = greedy_generate(self.model.llm, embeds, mask, positions, max_new_tokens, layout.eos_id, layout.seg_id)
+        results = []
+        for image, tokens, states in zip(images, gen.tokens, gen.seg_states):
+            prompts, logits, iou, low_res = self._masks(image, states)
+            results.append(self._result(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True),
+                                        logits, iou, states, prompts, low_res))
+        return results
+
+    @torch.inference_mode()
+    def segment_teacher_forced(self, items: Sequence[tuple[EncodedImage, str, str]]) -> list[Segmentation]:
+        """Masks for given answers (each containing ``[SEG]``), without generating: one forward pass.
+
+        This is LISA's validation path; the state before each ``[SEG]`` of the answer becomes a mask prompt.
+        """
+        if not items:
+            return []
+        images = [im for im, _, _ in items]
+        ids_list = self._prompt_ids([teacher_forced_prompt(q, a) for _, q, a in items], images, 0)
+        hidden, pads = self.teacher_forced_hidden(ids_list, [im.image_features for im in images])
+        results = []
+        for b, (image, (_, _, answer), ids) in enumerate(zip(images, items, ids_list)):
+            positions = self.seg_positions(ids, image.image_features.shape[0])
+            states = hidden[b, [pads[b] + p for p in positions]]
+            prompts, logits, iou, low_res = self._masks(image, states)
+            results.append(self._result([], answer, logits, iou, states, prompts, low_res))
+        return results
+
+    def teacher_forced_hidden(self, ids_list: list[torch.Tensor], feats: list[torch.Tensor]):
+        """Final-layer post-norm hidden states of a left-padded batch: ``(B x T x H, pad lengths)``."""
+        embeds, mask, positions, pads = self.model.embed_sequences(ids_list, feats)
+        out = self.model.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        return out.last_hidden_state, pads
+
+    def seg_positions(self, ids: torch.Tensor, num_patches: int) -> list[int]:
+        """Positions, in the image-expanded sequence, of the state *before* each ``[SEG]`` of ``ids``."""
+        seg = self.tokenizer.layout.seg_id
+        at = int((ids < 0).nonzero()[0, 0])
+        return [j - 1 + (num_patches - 1 if j - 1 > at else 0) for j in (ids == seg).nonzero()[:, 0].tolist()]
+
+    def _result(self, tokens, text, logits, iou, states, prompts, low_res) -> Segmentation:
+        logits_np = logits.float().cpu().numpy()
+        return Segmentation(
+            output_ids=np.asarray(tokens, dtype=np.int64),
+            text=text,
+            mask_logits=logits_np,
+            masks=logits_np > 0,
+            scores=iou.float().cpu().numpy(),
+            seg_hidden=states.float().cpu(),
+            prompt_embeddings=prompts.float().cpu(),
+            low_res_masks=low_res.cpu(),
+        )
+
+
+def count_seg(text: str) -> int:
+    """Number of masks an answer asks for."""
+    return text.count(SEG_TOKEN)
