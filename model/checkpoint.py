@@ -133,7 +133,9 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 def load_clip(vision_tower: str, dtype: torch.dtype, device: torch.device | str, expected_width: int):
     """The CLIP vision tower from an id or folder, checked against the projector's input width."""
     from transformers import CLIPVisionModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one tiny bar per load is noise in worker logs
     try:
         tower, info = CLIPVisionModel.from_pretrained(vision_tower, dtype=dtype, output_loading_info=True)
     except Exception as e:
@@ -249,6 +251,9 @@ def _fill_weights(
             mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
             continue
         target = sam_dtype if name.startswith("sam.") else dtype
+        if name.startswith("sam.prompt_encoder."):
+            # Upstream SAM computes positional encodings in float32; its outputs are cast when decoding.
+            target = torch.float32
         _set_tensor(lisa, name, tensor.to(device=device, dtype=target))
         loaded.add(name)
     missing = sorted(ours_to_release(n) for n in expected if n not in loaded)

@@ -34,6 +34,9 @@ SAM_STD = (58.395, 57.12, 57.375)
 #: Largest image accepted, in pixels (width x height). 64 MP covers every camera in use (a 48 MP phone photo is
 #: 8064x6048) while refusing decompression bombs; the SAM branch downsizes to 1024 anyway.
 MAX_IMAGE_PIXELS = 64_000_000
+#: Longest/shortest side ratio accepted. CLIP resizes the *short* side to 224, so a 1x5000 strip would become a
+#: 224x1,120,000 image; such strips are refused rather than silently mangled.
+MAX_ASPECT_RATIO = 50
 
 
 def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -157,6 +160,9 @@ def preprocess(image: np.ndarray) -> PreprocessedImage:
         raise InputError(f"expected an H x W x 3 uint8 RGB array, got {image.dtype} of shape {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise InputError(f"the image is empty (shape {image.shape})")
+    h, w = image.shape[:2]
+    if max(h, w) / min(h, w) > MAX_ASPECT_RATIO:
+        raise InputError(f"the image is {w}x{h}, a side ratio above {MAX_ASPECT_RATIO}:1; crop it into tiles first.")
     resized = sam_resize(image)
     return PreprocessedImage(
         clip_pixels=clip_preprocess(image),

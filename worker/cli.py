@@ -1,0 +1,38 @@
+"""The ``lisa-ls`` command. Subcommands stay thin and import their package lazily, so that a backend-only
+install (no torch) can still run the backend's subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lisa-ls", description="LISA reasoning segmentation for Label Studio")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    try:
+        from model.cli import add_segment_parser
+    except ImportError as e:  # backend-only install: the model extras are absent
+        p = sub.add_parser("segment", help="(needs the model extras: pip install 'lisa-ls[model]')")
+        p.set_defaults(func=lambda _a, e=e: _missing("segment", e))
+    else:
+        add_segment_parser(sub)
+    return parser
+
+
+def _missing(command: str, error: ImportError) -> int:
+    print(f"lisa-ls {command}: {error}. Install the model extras: pip install 'lisa-ls[model]'", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
