@@ -1,0 +1,1 @@
+"""lisa-ls serving stack: the job protocol, the Redis queue and the worker loop (none of it imports torch)."""
