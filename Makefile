@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lisa-ls up
+	$(VENV)/bin/lisa-ls segment --model tests/fixtures/lisa_tiny/checkpoint \
+		--image tests/fixtures/lisa_tiny/cases/case1.png \
+		--query "What is the red object in this image? Please output segmentation mask." \
+		--output out/demo.npz --png out/demo_mask.png
+	@echo "(the serving stack, lisa-ls up, is not built yet: this ran the untrained tiny LISA once)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -33,7 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
-	for f in bench/bench_*.py; do $(PY) $$f || exit 1; done
+	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -22,7 +22,7 @@ from model.generation import greedy_generate
 from model.modeling import LisaModel
 from model.preprocess import PreprocessedImage, preprocess
 from model.prompts import chat_prompt, teacher_forced_prompt
-from model.sam import decode_masks
+from model.sam import decode_masks, upscale_masks
 from model.tokenizer import SEG_TOKEN, LisaTokenizer
 
 #: LISA's ``evaluate`` default; released v1 answers ("Sure, [SEG].") need fewer than 10 tokens.
@@ -126,11 +126,22 @@ class LisaPredictor:
             ids_list.append(torch.tensor(ids, dtype=torch.long))
         return ids_list
 
-    def _masks(self, image: EncodedImage, seg_hidden: torch.Tensor) -> tuple:
-        prompts = self.model.project_seg(seg_hidden)
-        logits, iou, low_res = decode_masks(self.model.sam, image.sam_embedding, prompts,
-                                            image.resized_hw, image.original_hw)
-        return prompts, logits, iou, low_res
+    def _segmentations(self, images: Sequence[EncodedImage], states: Sequence[torch.Tensor],
+                       tokens: Sequence[list[int]], texts: Sequence[str]) -> list[Segmentation]:
+        """Masks for every [SEG] state of a batch: one projection and one decoder call for all of them."""
+        counts = [s.shape[0] for s in states]
+        all_states = torch.cat(list(states))
+        prompts = self.model.project_seg(all_states)
+        embeddings = torch.cat([im.sam_embedding.expand(n, -1, -1, -1) for im, n in zip(images, counts)])
+        low_res, iou = decode_masks(self.model.sam, embeddings.to(self.model.sam_dtype), prompts)
+        results, start = [], 0
+        for image, n, toks, text in zip(images, counts, tokens, texts):
+            part = slice(start, start + n)
+            start += n
+            logits = upscale_masks(self.model.sam, low_res[part], image.resized_hw, image.original_hw)
+            results.append(self._result(toks, text, logits, iou[part], all_states[part], prompts[part],
+                                        low_res[part].float()))
+        return results
 
     @torch.inference_mode()
     def segment(self, items: Sequence[tuple[EncodedImage, str]],
@@ -148,12 +159,8 @@ class LisaPredictor:
         embeds, mask, positions, _ = self.model.embed_sequences(ids_list, [im.image_features for im in images])
         layout = self.tokenizer.layout
         gen = greedy_generate(self.model.llm, embeds, mask, positions, max_new_tokens, layout.eos_id, layout.seg_id)
-        results = []
-        for image, tokens, states in zip(images, gen.tokens, gen.seg_states):
-            prompts, logits, iou, low_res = self._masks(image, states)
-            results.append(self._result(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True),
-                                        logits, iou, states, prompts, low_res))
-        return results
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
+        return self._segmentations(images, gen.seg_states, gen.tokens, texts)
 
     @torch.inference_mode()
     def segment_teacher_forced(self, items: Sequence[tuple[EncodedImage, str, str]]) -> list[Segmentation]:
@@ -166,13 +173,11 @@ class LisaPredictor:
         images = [im for im, _, _ in items]
         ids_list = self._prompt_ids([teacher_forced_prompt(q, a) for _, q, a in items], images, 0)
         hidden, pads = self.teacher_forced_hidden(ids_list, [im.image_features for im in images])
-        results = []
-        for b, (image, (_, _, answer), ids) in enumerate(zip(images, items, ids_list)):
-            positions = self.seg_positions(ids, image.image_features.shape[0])
-            states = hidden[b, [pads[b] + p for p in positions]]
-            prompts, logits, iou, low_res = self._masks(image, states)
-            results.append(self._result([], answer, logits, iou, states, prompts, low_res))
-        return results
+        states = [
+            hidden[b, [pads[b] + p for p in self.seg_positions(ids, image.image_features.shape[0])]]
+            for b, (image, ids) in enumerate(zip(images, ids_list))
+        ]
+        return self._segmentations(images, states, [[] for _ in items], [a for _, _, a in items])
 
     def teacher_forced_hidden(self, ids_list: list[torch.Tensor], feats: list[torch.Tensor]):
         """Final-layer post-norm hidden states of a left-padded batch: ``(B x T x H, pad lengths)``."""

@@ -62,35 +62,39 @@ def build_sam(config: LisaConfig) -> Sam:
 
 
 def decode_masks(
-    sam: Sam,
-    image_embedding: torch.Tensor,
-    prompts: torch.Tensor,
-    resized_hw: tuple[int, int],
-    original_hw: tuple[int, int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run SAM's mask decoder for the [SEG] prompts of one image.
+    sam: Sam, image_embeddings: torch.Tensor, prompts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder (single-mask output) for a batch of prompts, each against its own image embedding.
+
+    Upstream ``MaskDecoder.predict_masks`` takes one image and repeats its embedding per prompt; here the
+    embeddings come already gathered per prompt, so the masks of every query of a batch - on any mix of images -
+    are decoded in one call. Only mask token 0 is computed (LISA uses ``multimask_output=False``).
 
     Args:
-        image_embedding: ``1 x C x g x g`` SAM image embedding (C = out_dim, g = 64 for a 1024 input).
-        prompts: ``n x C`` projected [SEG] embeddings (n may be 0).
-        resized_hw: (h', w') of the un-padded SAM input.
-        original_hw: (H, W) the masks are returned at.
+        image_embeddings: ``N x C x g x g``, the SAM embedding of each prompt's image (C = out_dim).
+        prompts: ``N x C`` projected [SEG] embeddings.
     Returns:
-        ``(mask_logits n x H x W float32, iou n float32, low_res n x 1 x 256 x 256 float32)``.
+        ``(low_res_logits N x 1 x 4g x 4g, iou N)``, in the decoder's dtype.
     """
-    dtype = image_embedding.dtype
-    n = prompts.shape[0]
-    if n == 0:
-        empty = torch.zeros((0, *original_hw), dtype=torch.float32, device=image_embedding.device)
-        return empty, torch.zeros(0, device=image_embedding.device), empty.new_zeros((0, 1, 256, 256))
-    _, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
-    low_res, iou = sam.mask_decoder(
-        image_embeddings=image_embedding,
-        image_pe=sam.prompt_encoder.get_dense_pe().to(dtype),
-        sparse_prompt_embeddings=prompts[:, None, :].to(dtype),
-        dense_prompt_embeddings=dense.to(dtype),
-        multimask_output=False,
-    )
-    low_res = low_res.float()
-    logits = sam.postprocess_masks(low_res, input_size=resized_hw, original_size=original_hw)[:, 0]
-    return logits, iou[:, 0].float(), low_res
+    dec = sam.mask_decoder
+    n, c, h, w = image_embeddings.shape
+    dtype = image_embeddings.dtype
+    _, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)  # 1 x C x g x g, "no mask" embedding
+    pos = sam.prompt_encoder.get_dense_pe().to(dtype).expand(n, -1, -1, -1)
+    output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).to(dtype)
+    tokens = torch.cat([output_tokens.expand(n, -1, -1), prompts[:, None, :].to(dtype)], dim=1)
+    hs, src = dec.transformer(image_embeddings + dense.to(dtype), pos, tokens)
+    upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))  # N x C/8 x 4g x 4g
+    hyper = dec.output_hypernetworks_mlps[0](hs[:, 1])  # N x C/8
+    low_res = (hyper[:, None, :] @ upscaled.flatten(2)).view(n, 1, *upscaled.shape[-2:])
+    iou = dec.iou_prediction_head(hs[:, 0])[:, 0]
+    return low_res, iou
+
+
+def upscale_masks(
+    sam: Sam, low_res: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int]
+) -> torch.Tensor:
+    """LISA's ``postprocess_masks`` in float32: ``n x 1 x 256 x 256`` -> ``n x H x W`` logits at the original size."""
+    if low_res.shape[0] == 0:
+        return low_res.new_zeros((0, *original_hw), dtype=torch.float32)
+    return sam.postprocess_masks(low_res.float(), input_size=resized_hw, original_size=original_hw)[:, 0]
