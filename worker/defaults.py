@@ -1,0 +1,166 @@
+"""Every timeout, TTL and bound of the job queue, in one place.
+
+Each constant is the documented default; :class:`QueueConfig` gathers them and :meth:`QueueConfig.from_env`
+is the one place where environment overrides are read. The override for a field is ``LISA_LS_<FIELD>``
+(upper case), e.g. ``LISA_LS_BATCH_SIZE=4`` or ``LISA_LS_VISIBILITY_TIMEOUT_S=30``; tuples are comma-separated
+(``LISA_LS_WORKER_BACKOFF_S=0.1,1,5``). The Redis URL is read from plain ``REDIS_URL``, the name every
+Redis-backed tool (and the docker compose file) uses.
+
+This module imports only the standard library, so the backend can read the same settings without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+"""Where the queue lives unless ``REDIS_URL`` says otherwise."""
+
+ENV_PREFIX = "LISA_LS_"
+"""Prefix of the environment variables that override the fields of :class:`QueueConfig`."""
+
+KEY_PREFIX = "lisa:"
+"""Prefix of every Redis key the queue writes, so that several deployments can share one Redis."""
+
+JOB_STREAM = "jobs"
+"""Stream (after the key prefix) that holds queued and in-flight jobs; finished entries are deleted."""
+
+DEAD_LETTER_STREAM = "jobs:dead"
+"""Stream (after the key prefix) that keeps jobs which failed ``MAX_ATTEMPTS`` deliveries, with the cause."""
+
+CONSUMER_GROUP = "lisa-workers"
+"""Consumer group every worker joins; each job is delivered to one member at a time."""
+
+BATCH_SIZE = 8
+"""B: the most jobs a worker reads at once and hands to the model in one call."""
+
+BLOCK_MS = 1000
+"""How long a worker's read blocks waiting for jobs; also bounds how late it notices SIGTERM when idle."""
+
+VISIBILITY_TIMEOUT_S = 60.0
+"""A delivered job not finished (nor its lease renewed) for this long is taken over by another worker."""
+
+RECLAIM_INTERVAL_S = 5.0
+"""How often an idle-or-busy worker looks for jobs whose visibility timeout ran out."""
+
+MAX_ATTEMPTS = 3
+"""Deliveries a job gets before it goes to the dead-letter stream and its waiter gets a ``dead_letter`` error."""
+
+IMAGE_TTL_S = 3600
+"""Lifetime of stored image bytes, refreshed on every reuse: an annotator asks several queries about one image."""
+
+RESULT_TTL_S = 600
+"""Lifetime of an undelivered result and of the "answered" marker; must exceed a job's deadline plus a batch."""
+
+JOB_DEADLINE_S = 90.0
+"""Default deadline of a job from submission; below Label Studio's 100 s so its request never times out first."""
+
+MAX_QUEUE_LENGTH = 1000
+"""Backpressure bound: jobs queued plus in flight above which ``submit`` refuses with a ``busy`` error."""
+
+DEAD_LETTER_MAXLEN = 10_000
+"""Approximate cap of the dead-letter stream so that a poison flood cannot fill Redis."""
+
+HEARTBEAT_INTERVAL_S = 5.0
+"""How often a worker refreshes its heartbeat and renews the lease of the jobs it is working on."""
+
+HEARTBEAT_TTL_S = 15.0
+"""A worker whose heartbeat is older than this is no longer listed as live."""
+
+CONNECT_TIMEOUT_S = 0.5
+"""TCP connect timeout to Redis; short so that a down Redis is reported quickly."""
+
+SOCKET_TIMEOUT_S = 1.0
+"""Read/write timeout of client commands; a hung Redis is reported within about this long."""
+
+REDIS_DOWN_AFTER_S = 1.8
+"""Retry budget of a client call: past it the call raises ``RedisDown`` (the issue asks for an answer within 2 s)."""
+
+WAIT_SLICE_S = 0.5
+"""A waiter blocks on its result in slices this long, so each slice stays below the socket timeout."""
+
+CLIENT_BACKOFF_S = (0.05, 0.1, 0.2, 0.4)
+"""Sleeps between a client's retries of a lost connection (the last one repeats), within ``REDIS_DOWN_AFTER_S``."""
+
+WORKER_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+"""Sleeps between a worker's retries while Redis is unreachable; the last one repeats for as long as it takes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueConfig:
+    """The queue settings, defaulting to the module constants; see the module docstring for overrides."""
+
+    redis_url: str = REDIS_URL
+    key_prefix: str = KEY_PREFIX
+    consumer_group: str = CONSUMER_GROUP
+    batch_size: int = BATCH_SIZE
+    block_ms: int = BLOCK_MS
+    visibility_timeout_s: float = VISIBILITY_TIMEOUT_S
+    reclaim_interval_s: float = RECLAIM_INTERVAL_S
+    max_attempts: int = MAX_ATTEMPTS
+    image_ttl_s: int = IMAGE_TTL_S
+    result_ttl_s: int = RESULT_TTL_S
+    job_deadline_s: float = JOB_DEADLINE_S
+    max_queue_length: int = MAX_QUEUE_LENGTH
+    dead_letter_maxlen: int = DEAD_LETTER_MAXLEN
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    heartbeat_ttl_s: float = HEARTBEAT_TTL_S
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    socket_timeout_s: float = SOCKET_TIMEOUT_S
+    redis_down_after_s: float = REDIS_DOWN_AFTER_S
+    wait_slice_s: float = WAIT_SLICE_S
+    client_backoff_s: tuple[float, ...] = CLIENT_BACKOFF_S
+    worker_backoff_s: tuple[float, ...] = WORKER_BACKOFF_S
+
+    def __post_init__(self) -> None:
+        # Catch settings that would silently break a guarantee rather than fail later in a worker.
+        if self.batch_size < 1 or self.max_attempts < 1 or self.max_queue_length < 1:
+            raise ValueError("batch_size, max_attempts and max_queue_length must be at least 1")
+        if not self.client_backoff_s or not self.worker_backoff_s:
+            raise ValueError("backoff schedules must not be empty")
+        if self.wait_slice_s >= self.socket_timeout_s:
+            raise ValueError("wait_slice_s must be below socket_timeout_s, or every wait would time out its socket")
+        if self.result_ttl_s <= self.job_deadline_s:
+            raise ValueError("result_ttl_s must exceed job_deadline_s so a late duplicate result is still dropped")
+
+    @property
+    def job_stream(self) -> str:
+        """Redis key of the job stream."""
+        return self.key_prefix + JOB_STREAM
+
+    @property
+    def dead_letter_stream(self) -> str:
+        """Redis key of the dead-letter stream."""
+        return self.key_prefix + DEAD_LETTER_STREAM
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> QueueConfig:
+        """Build a config from ``REDIS_URL`` and ``LISA_LS_*`` variables; keyword ``overrides`` win over both."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if env.get("REDIS_URL"):
+            values["redis_url"] = env["REDIS_URL"]
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, type(f.default))
+        values.update(overrides)
+        return cls(**values)
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    """Convert one environment string to the type of the field's default; name the variable when it is bad."""
+    try:
+        if kind is tuple:
+            return tuple(float(part) for part in raw.split(",") if part.strip())
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc

@@ -1,0 +1,394 @@
+"""The job queue: a Redis stream read by a consumer group of GPU workers.
+
+Why Streams with a consumer group, rather than rq or plain lists:
+
+- A worker must read up to B jobs at once so that concurrent queries become one model call. ``XREADGROUP COUNT B``
+  does that in one round trip; rq hands one job to one (usually forked) work horse, which cannot share a model
+  that takes 16 GB of GPU memory, and a list needs B pops (or a Lua loop) per batch.
+- A job must survive a worker killed mid-batch. The group's pending entries list (PEL) records, server-side, who
+  holds each delivered job, for how long, and how many times it was delivered. Reclaiming is one ``XCLAIM`` with a
+  minimum idle time, which is atomic, so two workers reclaiming at once never both get a job; the delivery count
+  gives the attempt number for the dead-letter rule for free. With lists (``BLMOVE`` to a per-worker processing
+  list) all of that bookkeeping — owners, idle times, counts, scans of other workers' lists — would be ours to
+  write and get right.
+- It needs nothing beyond redis-py and Redis >= 6.2 (for ``XPENDING ... IDLE``), both in the base install.
+
+Keys, all under ``config.key_prefix``:
+
+==================  =====================================================================================
+``jobs``            stream of queued and in-flight jobs; finished entries are acknowledged *and deleted*,
+                    so its length is exactly "queued + in flight", the quantity the backpressure bound limits
+``jobs:dead``       stream of dead-lettered jobs, with the cause
+``img:<sha256>``    image bytes, stored once per content, TTL refreshed on reuse
+``res:<job id>``    list holding the job's one result until the waiter pops it
+``done:<job id>``   "answered" marker: the first of (worker result, dead letter, waiter's timeout) sets it,
+                    every later answer is dropped — the exactly-once rule
+``err:<job id>``    the last handler error, quoted in the dead-letter message
+``worker:<name>``   a worker's heartbeat hash (JSON values), expiring after ``heartbeat_ttl_s``
+``workers``         sorted set of worker names by last heartbeat, to list live workers without ``SCAN``
+==================  =====================================================================================
+
+Semantics: a job is *run* at least once (a reclaimed job may be run twice if its first worker was merely slow) and
+*answered* exactly once. Client calls fail with :class:`~worker.connection.RedisDown` within
+``redis_down_after_s`` when Redis is unreachable; a submit retried after a lost reply may enqueue a job twice,
+which the exactly-once rule makes harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import redis
+from redis.client import Pipeline
+
+from worker import scripts
+from worker.connection import call_with_retry
+from worker.defaults import QueueConfig
+from worker.protocol import BAD_INPUT, BUSY, DEAD_LETTER, TIMEOUT, Job, QueueError, Result, image_hash
+
+T = TypeVar("T")
+
+
+class BusyError(QueueError):
+    """The queue is above its bound (backpressure): the jobs were not enqueued; retry later."""
+
+    code = BUSY
+
+    def __init__(self, depth: int, adding: int, bound: int) -> None:
+        super().__init__(
+            f"queue is busy: {depth} jobs queued or running, adding {adding} would exceed the bound of {bound}; "
+            "retry later or start more workers"
+        )
+        self.depth, self.adding, self.bound = depth, adding, bound
+
+
+class BadInputError(QueueError):
+    """A job cannot be enqueued as given."""
+
+    code = BAD_INPUT
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class JobQueue:
+    """Client and worker operations on one queue. Thread-safe as far as the redis-py client is.
+
+    Pass a client made by :func:`worker.connection.connect`: the 2 s "Redis is down" answer relies on its short
+    timeouts and on redis-py's own retries being off.
+    """
+
+    def __init__(self, client: redis.Redis, config: QueueConfig | None = None) -> None:
+        self.redis = client
+        self.config = config or QueueConfig.from_env()
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._attempt_s = float(timeout) if timeout else self.config.socket_timeout_s
+        self._submit = client.register_script(scripts.SUBMIT)
+        self._finish = client.register_script(scripts.FINISH)
+        self._touch = client.register_script(scripts.TOUCH)
+        self._prune = client.register_script(scripts.PRUNE)
+
+    def key(self, kind: str, name: str = "") -> str:
+        """The Redis key of ``kind`` (``img``, ``res``, ``done``, ``err``, ``worker``, ``workers``)."""
+        return f"{self.config.key_prefix}{kind}:{name}" if name else f"{self.config.key_prefix}{kind}"
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        cfg = self.config
+        return call_with_retry(
+            fn, budget_s=cfg.redis_down_after_s, backoff_s=cfg.client_backoff_s, attempt_s=self._attempt_s, what=what
+        )
+
+    def _pipeline(
+        self, build: Callable[[Pipeline], Any], what: str, *, transaction: bool = False, raise_on_error: bool = True
+    ) -> list[Any]:
+        """Run the commands ``build`` queues as one round trip; a retry rebuilds them (``execute`` clears them)."""
+
+        def run() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=transaction)
+            build(pipe)
+            return pipe.execute(raise_on_error=raise_on_error)
+
+        return self._call(run, what)
+
+    # ---- client side (backend) ----
+
+    def put_image(self, data: bytes) -> str:
+        """Store image bytes under their content hash (once) and return the hash; a reuse only refreshes the TTL.
+
+        The bytes cross the network only when Redis does not have them: ``EXPIRE`` on an existing key answers 1.
+        """
+        digest = image_hash(data)
+        key, ttl = self.key("img", digest), self.config.image_ttl_s
+        self._call(lambda: self.redis.expire(key, ttl) or self.redis.set(key, data, ex=ttl, nx=True), "put_image")
+        return digest
+
+    def get_images(self, digests: Iterable[str]) -> dict[str, bytes | None]:
+        """Fetch image bytes by hash in one round trip; ``None`` for an image that expired or was never stored."""
+        unique = list(dict.fromkeys(digests))
+        if not unique:
+            return {}
+        values = self._call(lambda: self.redis.mget([self.key("img", d) for d in unique]), "get_images")
+        return dict(zip(unique, values))
+
+    def submit(self, job: Job) -> str:
+        """Enqueue one job and return its id at once; raises :class:`BusyError` above the bound."""
+        return self.submit_many([job])[0]
+
+    def submit_many(self, jobs: Sequence[Job]) -> list[str]:
+        """Enqueue jobs all-or-none (one round trip) and return their ids; fills in missing deadlines.
+
+        Raises :class:`BusyError` if they do not all fit under ``max_queue_length`` (chunk big pre-label runs), and
+        :class:`BadInputError` for a batch that could never fit.
+        """
+        if not jobs:
+            return []
+        if len(jobs) > self.config.max_queue_length:
+            raise BadInputError(f"{len(jobs)} jobs can never fit a queue bounded at {self.config.max_queue_length}")
+        now = time.time()
+        args: list[Any] = [self.config.max_queue_length, len(jobs)]
+        for job in jobs:
+            if job.deadline is None:
+                job.deadline = now + self.config.job_deadline_s
+            fields = job.to_fields()
+            args.append(2 * len(fields))
+            for name, value in fields.items():
+                args += [name, value]
+        reply = self._call(lambda: self._submit(keys=[self.config.job_stream], args=args), "submit")
+        if not reply[0]:
+            raise BusyError(int(reply[1]), len(jobs), self.config.max_queue_length)
+        for job, entry_id in zip(jobs, reply[2:]):
+            job.entry_id = _s(entry_id)
+        return [job.id for job in jobs]
+
+    def wait(self, job: Job | str, timeout: float | None = None) -> Result:
+        """Block until the job's result arrives; a ``timeout`` error result once ``timeout`` or the deadline passes.
+
+        A timed-out waiter marks the job answered, so a worker finishing it later is dropped and the job is never
+        answered twice. Raises :class:`~worker.connection.RedisDown` when Redis is unreachable.
+        """
+        job_id = job.id if isinstance(job, Job) else job
+        limit = self.config.job_deadline_s if timeout is None else timeout
+        if isinstance(job, Job):
+            limit = min(limit, job.remaining())
+        end, res_key = time.monotonic() + limit, self.key("res", job_id)
+        while (left := end - time.monotonic()) > 0.01:  # BLPOP rounds to ms, and 0 would mean "for ever"
+            slice_s = min(left, self.config.wait_slice_s)
+            popped = self._call(lambda s=slice_s: self.redis.blpop([res_key], timeout=s), "wait")
+            if popped:
+                return Result.from_bytes(popped[1])
+        claimed = self._call(
+            lambda: self.redis.set(self.key("done", job_id), "timeout", nx=True, ex=self.config.result_ttl_s), "wait"
+        )
+        if not claimed:  # a worker answered between our last pop and the claim: that answer wins
+            late = self._call(lambda: self.redis.lpop(res_key), "wait")
+            if late:
+                return Result.from_bytes(late)
+        return Result.error(
+            job_id,
+            TIMEOUT,
+            f"no result within {max(limit, 0):.1f} s: the job's deadline passed while it was queued "
+            "or running (workers overloaded, too few, or down)",
+        )
+
+    def live_workers(self) -> list[dict[str, Any]]:
+        """Heartbeats of the workers seen within ``heartbeat_ttl_s``, oldest registration first."""
+        names = self._call(lambda: self.redis.zrange(self.key("workers"), 0, -1), "live_workers")
+        if not names:
+            return []
+        beats = self._pipeline(lambda p: [p.hgetall(self.key("worker", _s(n))) for n in names], "live_workers")
+        live, gone = [], []
+        for name, beat in zip(names, beats):
+            if beat:
+                live.append({_s(k): json.loads(v) for k, v in beat.items()})
+            else:
+                gone.append(name)
+        if gone:  # the hash expired: the worker died without unregistering
+            self._call(lambda: self.redis.zrem(self.key("workers"), *gone), "live_workers")
+        return sorted(live, key=lambda w: w.get("started", 0))
+
+    def stats(self) -> dict[str, int]:
+        """Queue depth (queued + in flight), in-flight (pending), queued, dead-letter count and the bound."""
+
+        def build(pipe: Pipeline) -> None:
+            pipe.xlen(self.config.job_stream)
+            pipe.xpending(self.config.job_stream, self.config.consumer_group)
+            pipe.xlen(self.config.dead_letter_stream)
+
+        depth, pending, dead = self._pipeline(build, "stats", raise_on_error=False)
+        in_flight = 0 if isinstance(pending, Exception) else int(pending["pending"])  # no group yet: none
+        return {
+            "depth": int(depth),
+            "pending": in_flight,
+            "queued": int(depth) - in_flight,
+            "dead_letter": int(dead),
+            "max_queue_length": self.config.max_queue_length,
+        }
+
+    # ---- worker side ----
+
+    def ensure_group(self) -> None:
+        """Create the stream and the consumer group if missing (from the start: earlier jobs are served too)."""
+        try:
+            self._call(
+                lambda: self.redis.xgroup_create(
+                    self.config.job_stream, self.config.consumer_group, "0", mkstream=True
+                ),
+                "ensure_group",
+            )
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def consume(self, consumer: str, count: int | None = None, block_ms: int | None = None) -> list[Job]:
+        """Read up to ``count`` new jobs for ``consumer``, blocking up to ``block_ms`` (0: do not block).
+
+        Jobs past their deadline are retired without being returned (their waiter was answered with a timeout).
+        """
+        cfg = self.config
+        count = count or cfg.batch_size
+        block = cfg.block_ms if block_ms is None else block_ms
+
+        def read() -> Any:
+            # BLOCK 0 means "for ever" to Redis; None leaves BLOCK out, which means "do not block".
+            args = (cfg.consumer_group, consumer, {cfg.job_stream: ">"})
+            try:
+                return self.redis.xreadgroup(*args, count=count, block=block or None)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self.ensure_group()  # first worker ever, or Redis restarted without persistence
+                return self.redis.xreadgroup(*args, count=count, block=block or None)
+
+        reply = self._call(read, "consume")
+        if isinstance(reply, dict):  # RESP3 clients
+            reply = list(reply.items())
+        entries = [entry for _stream, stream_entries in reply or [] for entry in stream_entries]
+        return self._admit(entries, dict.fromkeys((_s(e[0]) for e in entries), 1))
+
+    def reclaim(self, consumer: str, count: int | None = None) -> list[Job]:
+        """Take over up to ``count`` jobs whose holder has been silent for the visibility timeout.
+
+        Each comes back with ``attempts`` one higher; one that has already failed ``max_attempts`` deliveries goes
+        to the dead-letter stream instead, and its waiter gets a ``dead_letter`` error naming the cause.
+        """
+        cfg = self.config
+        count, idle_ms = count or cfg.batch_size, int(cfg.visibility_timeout_s * 1000)
+        try:
+            stale = self._call(
+                lambda: self.redis.xpending_range(cfg.job_stream, cfg.consumer_group, "-", "+", count, idle=idle_ms),
+                "reclaim",
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return []
+            raise
+        if not stale:
+            return []
+        ids = [_s(p["message_id"]) for p in stale]
+        attempts = {_s(p["message_id"]): int(p["times_delivered"]) + 1 for p in stale}
+        # XCLAIM re-checks the idle time atomically, so a job another worker reclaimed a moment ago is skipped.
+        claimed = self._call(
+            lambda: self.redis.xclaim(cfg.job_stream, cfg.consumer_group, consumer, idle_ms, ids), "reclaim"
+        )
+        entries = [e for e in claimed if e[0] is not None]
+        if len(entries) < len(claimed):  # Redis 6.2 keeps pending entries whose stream entry is gone: retire them
+            got = {_s(e[0]) for e in entries}
+            for entry_id in ids:
+                if entry_id not in got and not self._call(
+                    lambda i=entry_id: self.redis.xrange(cfg.job_stream, i, i), "reclaim"
+                ):
+                    self._call(lambda i=entry_id: self.redis.xack(cfg.job_stream, cfg.consumer_group, i), "reclaim")
+        return self._admit(entries, attempts)
+
+    def _admit(self, entries: list[tuple[Any, Any]], attempts: Mapping[str, int]) -> list[Job]:
+        """Turn stream entries into runnable jobs; answer and retire the malformed, exhausted and expired ones."""
+        jobs, now = [], time.time()
+        for raw_id, fields in entries:
+            entry_id = _s(raw_id)
+            try:
+                job = Job.from_fields(fields, attempts=attempts[entry_id], entry_id=entry_id)
+            except ValueError as exc:
+                job_id = _s(fields.get(b"id", entry_id))
+                self._retire(job_id, entry_id, Result.error(job_id, BAD_INPUT, f"malformed job: {exc}"))
+                continue
+            if job.attempts > self.config.max_attempts:
+                self.dead_letter(job)
+            elif job.expired(now):
+                msg = f"deadline passed {now - (job.deadline or now):.1f} s before a worker could start the job"
+                self._retire(job.id, entry_id, Result.error(job.id, TIMEOUT, msg))
+            else:
+                jobs.append(job)
+        return jobs
+
+    def dead_letter(self, job: Job) -> bool:
+        """Move a job to the dead-letter stream and answer its waiter with the cause."""
+        last = self._call(lambda: self.redis.get(self.key("err", job.id)), "dead_letter")
+        cause = _s(last) if last else "no error recorded (the worker died, hung or lost Redis mid-batch)"
+        failed = job.attempts - 1
+        msg = f"job failed {failed} of {self.config.max_attempts} allowed deliveries; last error: {cause}"
+        fields = {**job.to_fields(), "cause": cause.encode(), "attempts": str(failed).encode()}
+        return self._retire(job.id, job.entry_id, Result.error(job.id, DEAD_LETTER, msg), dead=fields)
+
+    def complete(self, job: Job, result: Result) -> bool:
+        """Deliver ``result`` and acknowledge the job. Returns ``False`` (and delivers nothing) if it was answered."""
+        if result.job_id != job.id:
+            raise ValueError(f"result for job {result.job_id} given to complete job {job.id}")
+        return self._retire(job.id, job.entry_id, result)
+
+    def _retire(
+        self, job_id: str, entry_id: str | None, result: Result, dead: Mapping[str, bytes] | None = None
+    ) -> bool:
+        cfg = self.config
+        keys = [self.key("done", job_id), self.key("res", job_id), cfg.job_stream, cfg.dead_letter_stream]
+        args: list[Any] = [cfg.consumer_group, entry_id or "", result.to_bytes(), cfg.result_ttl_s, result.status]
+        args.append(str(cfg.dead_letter_maxlen) if dead is not None else "")
+        for name, value in (dead or {}).items():
+            args += [name, value]
+        return bool(self._call(lambda: self._finish(keys=keys, args=args), "complete"))
+
+    def release(self, consumer: str, jobs: Sequence[Job], error: str) -> int:
+        """Give failed jobs back for an immediate retry by any worker (attempts are counted on redelivery).
+
+        ``error`` is remembered so that a job that exhausts its attempts is dead-lettered with its cause. Jobs this
+        consumer no longer owns (another worker reclaimed them) are left alone. Returns how many were released.
+        """
+        return self._touch_entries(consumer, jobs, int(self.config.visibility_timeout_s * 1000), error)
+
+    def extend(self, consumer: str, jobs: Sequence[Job]) -> int:
+        """Renew the lease of jobs still being worked on, so a long batch is not reclaimed from a live worker."""
+        return self._touch_entries(consumer, jobs, 0, "")
+
+    def _touch_entries(self, consumer: str, jobs: Sequence[Job], idle_ms: int, error: str) -> int:
+        owned = [job for job in jobs if job.entry_id]
+        if not owned:
+            return 0
+        keys = [self.config.job_stream, *(self.key("err", job.id) for job in owned)]
+        args = [self.config.consumer_group, consumer, idle_ms, error, self.config.result_ttl_s]
+        args += [job.entry_id for job in owned]
+        return int(self._call(lambda: self._touch(keys=keys, args=args), "touch"))
+
+    def heartbeat(self, name: str, info: Mapping[str, Any]) -> None:
+        """Publish a worker's heartbeat (JSON-encoded values) that expires after ``heartbeat_ttl_s``."""
+        key, ttl_ms = self.key("worker", name), int(self.config.heartbeat_ttl_s * 1000)
+        mapping = {k: json.dumps(v) for k, v in info.items()}
+
+        def build(pipe: Pipeline) -> None:
+            pipe.hset(key, mapping=mapping)
+            pipe.pexpire(key, ttl_ms)
+            pipe.zadd(self.key("workers"), {name: time.time()})
+
+        self._pipeline(build, "heartbeat", transaction=True)
+
+    def unregister(self, name: str) -> None:
+        """Remove a stopping worker's heartbeat, and its consumer from the group if it holds no jobs."""
+        self._pipeline(lambda p: (p.delete(self.key("worker", name)), p.zrem(self.key("workers"), name)), "unregister")
+        with contextlib.suppress(redis.ResponseError):  # no stream or group (Redis restarted): nothing to prune
+            self._call(
+                lambda: self._prune(keys=[self.config.job_stream], args=[self.config.consumer_group, name]),
+                "unregister",
+            )

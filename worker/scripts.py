@@ -1,0 +1,70 @@
+"""The Lua scripts of the queue: each makes one multi-step state change atomic on the Redis server.
+
+They are kept apart from :mod:`worker.queue` so that the protocol of each (KEYS, ARGV, reply) sits next to its
+code. Every script touches only the keys it is given, as Redis requires.
+"""
+
+# Enqueue all jobs or none, and only while the stream stays within the bound, so that concurrent submitters cannot
+# overshoot it between a length check and an add. KEYS: stream. ARGV: bound, n, then per job a field count and
+# the flat field/value pairs. Returns {1, length, ids...} or {0, length}.
+SUBMIT = """
+local len = redis.call('XLEN', KEYS[1])
+local n = tonumber(ARGV[2])
+if len + n > tonumber(ARGV[1]) then return {0, len} end
+local out, pos = {1, len}, 3
+for i = 1, n do
+  local cnt = tonumber(ARGV[pos]); pos = pos + 1
+  local args = {KEYS[1], '*'}
+  for j = 1, cnt do args[#args + 1] = ARGV[pos + j - 1] end
+  pos = pos + cnt
+  out[#out + 1] = redis.call('XADD', unpack(args))
+end
+return out
+"""
+
+# Answer a job at most once, optionally dead-letter it, and always retire its stream entry. KEYS: done, res,
+# stream, dead. ARGV: group, entry id ('' if none), payload, ttl, marker value, dead maxlen ('' = not dead), then
+# dead-letter field/value pairs. Returns 1 if this call delivered the answer, 0 if the job was already answered.
+FINISH = """
+local delivered = 0
+if redis.call('SET', KEYS[1], ARGV[5], 'NX', 'EX', ARGV[4]) then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  delivered = 1
+end
+if ARGV[6] ~= '' then
+  local args = {KEYS[4], 'MAXLEN', '~', ARGV[6], '*'}
+  for i = 7, #ARGV do args[#args + 1] = ARGV[i] end
+  redis.call('XADD', unpack(args))
+end
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[3], ARGV[2])
+end
+return delivered
+"""
+
+# Set the idle time of entries that this consumer still owns, without counting a delivery: idle 0 renews the lease
+# of jobs being worked on, idle = visibility timeout hands failed jobs back for an immediate reclaim (and records
+# the error for the dead-letter message). The owner check keeps a slow worker from stealing back, or blaming, a job
+# another worker already reclaimed. KEYS: stream, then one error key per id. ARGV: group, consumer, idle ms,
+# error ('' = none), error ttl, ids... Returns how many entries were touched.
+TOUCH = """
+local n = 0
+for i = 6, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    if ARGV[4] ~= '' then redis.call('SET', KEYS[i - 4], ARGV[4], 'EX', ARGV[5]) end
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Remove a consumer from the group only if it holds nothing: DELCONSUMER drops its pending entries, which would
+# strand those jobs for ever. KEYS: stream. ARGV: group, consumer.
+PRUNE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
