@@ -13,13 +13,14 @@ from model.errors import LisaError
 from model.inference import DEFAULT_MAX_NEW_TOKENS
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, default_device: str = "cpu", required: bool = True) -> None:
     """The options that pick and load a model (shared by ``segment``, ``worker`` and ``up``)."""
-    parser.add_argument("--model", required=True, help="LISA release folder or Hub id, e.g. xinlai/LISA-7B-v1")
+    parser.add_argument("--model", required=required, default=None,
+                        help="LISA release folder or Hub id, e.g. xinlai/LISA-7B-v1")
     parser.add_argument("--vision-tower", default=None,
                         help="CLIP folder or Hub id (default: the one named in the checkpoint's config)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=default_device, help="cpu, cuda, cuda:N (or auto: CUDA when present)")
     parser.add_argument("--quantize", choices=["8bit", "4bit"], default=None,
                         help="quantize the LLM with bitsandbytes (CUDA only); SAM stays unquantized")
 

@@ -112,7 +112,9 @@ class LisaPredictor:
         return self.encode_batch([image])[0]
 
     # -------------------------------------------------------------------------------------------- queries
-    def _prompt_ids(self, prompts: Sequence[str], images: Sequence[EncodedImage], extra: int) -> list[torch.Tensor]:
+    def prompt_ids(self, prompts: Sequence[str], images: Sequence[EncodedImage], extra: int) -> list[torch.Tensor]:
+        """Token ids (with the image sentinel) of each prompt; refuses prompts that leave no room for ``extra``
+        new tokens in the context window."""
         window = self.model.config.max_position_embeddings
         ids_list = []
         for prompt, image in zip(prompts, images):
@@ -143,6 +145,17 @@ class LisaPredictor:
                                         low_res[part].float()))
         return results
 
+    def validate(self, image: EncodedImage, query: str, answer: str | None = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+        """Raise :class:`InputError` for a query the model would refuse, without running it (so that one bad
+        query can be answered alone instead of failing a whole batch)."""
+        if answer is None:
+            if max_new_tokens < 1:
+                raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+            self.prompt_ids([chat_prompt(query)], [image], max_new_tokens)
+        else:
+            self.prompt_ids([teacher_forced_prompt(query, answer)], [image], 0)
+
     @torch.inference_mode()
     def segment(self, items: Sequence[tuple[EncodedImage, str]],
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[Segmentation]:
@@ -155,7 +168,7 @@ class LisaPredictor:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         images = [im for im, _ in items]
-        ids_list = self._prompt_ids([chat_prompt(q) for _, q in items], images, max_new_tokens)
+        ids_list = self.prompt_ids([chat_prompt(q) for _, q in items], images, max_new_tokens)
         embeds, mask, positions, _ = self.model.embed_sequences(ids_list, [im.image_features for im in images])
         layout = self.tokenizer.layout
         gen = greedy_generate(self.model.llm, embeds, mask, positions, max_new_tokens, layout.eos_id, layout.seg_id)
@@ -171,7 +184,7 @@ class LisaPredictor:
         if not items:
             return []
         images = [im for im, _, _ in items]
-        ids_list = self._prompt_ids([teacher_forced_prompt(q, a) for _, q, a in items], images, 0)
+        ids_list = self.prompt_ids([teacher_forced_prompt(q, a) for _, q, a in items], images, 0)
         hidden, pads = self.teacher_forced_hidden(ids_list, [im.image_features for im in images])
         states = [
             hidden[b, [pads[b] + p for p in self.seg_positions(ids, image.image_features.shape[0])]]

@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=lambda _a, e=e: _missing("segment", e))
     else:
         add_segment_parser(sub)
+        from worker.run import add_worker_parser
+
+        add_worker_parser(sub)
     return parser
 
 

@@ -1,0 +1,138 @@
+"""The model side of a worker: turns a batch of jobs into one LISA call (the worker loop's ``handler``).
+
+This is where ``model/`` and the queue meet. For a batch it decodes each image once (or finds its encoding in the
+LRU cache), refuses the jobs the model cannot take with a ``bad_input`` answer of their own, and runs every
+remaining query as one batched generation (teacher-forced jobs as one forward pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.errors import InputError
+from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
+from model.preprocess import load_image
+from worker.cache import EncodingCache
+from worker.protocol import BAD_INPUT, Job, Result
+
+log = logging.getLogger(__name__)
+
+#: Default bytes of encoded images a worker keeps (LISA-7B: ~6 MB per image in bf16, so ~170 images).
+DEFAULT_CACHE_BYTES = 1 << 30
+#: Upper bound on a job's ``max_new_tokens`` option; enough for explanatory answers.
+MAX_NEW_TOKENS_LIMIT = 512
+
+
+def model_version(model_dir: str | Path, override: str | None = None) -> str:
+    """A version string that changes whenever the served weights change: ``<folder name>@<config+index digest>``."""
+    if override:
+        return override
+    path = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in ("config.json", "pytorch_model.bin.index.json", "model.safetensors.index.json", "adapter_config.json"):
+        if (path / name).is_file():
+            digest.update((path / name).read_bytes())
+    for weights in sorted(path.glob("*.bin")) + sorted(path.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"{path.resolve().name}@{digest.hexdigest()[:10]}"
+
+
+class LisaHandler:
+    """Batch function for :class:`worker.loop.WorkerLoop` around a loaded :class:`LisaPredictor`."""
+
+    def __init__(self, predictor: LisaPredictor, version: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+        self.predictor = predictor
+        self.version = version
+        self.cache: EncodingCache[EncodedImage] = EncodingCache(cache_bytes)
+        self.max_new_tokens = max_new_tokens
+
+    def stats(self) -> dict[str, Any]:
+        """Published with the worker's heartbeat."""
+        return self.cache.stats()
+
+    def __call__(self, jobs: list[Job]) -> list[Result]:
+        results: dict[str, Result] = {}
+        t0 = time.perf_counter()
+        encoded = self._encode(jobs, results)
+        t_encode = time.perf_counter() - t0
+        generate: dict[int, list[Job]] = defaultdict(list)
+        forced: list[Job] = []
+        for job in jobs:
+            if job.id in results:
+                continue
+            try:
+                limit = self._max_new_tokens(job)
+                self.predictor.validate(encoded[job.image], job.query, job.answer, limit)
+            except InputError as e:
+                results[job.id] = Result.error(job.id, BAD_INPUT, str(e))
+                continue
+            (forced if job.answer is not None else generate[limit]).append(job)
+        t1 = time.perf_counter()
+        for limit, group in generate.items():
+            segs = self.predictor.segment([(encoded[j.image], j.query) for j in group], max_new_tokens=limit)
+            self._collect(group, segs, results)
+        if forced:
+            segs = self.predictor.segment_teacher_forced([(encoded[j.image], j.query, j.answer) for j in forced])
+            self._collect(forced, segs, results)
+        timings = {"encode_s": t_encode, "model_s": time.perf_counter() - t1, "batch_jobs": float(len(jobs))}
+        for result in results.values():
+            result.timings.update(timings)
+        return [results[job.id] for job in jobs]
+
+    def _max_new_tokens(self, job: Job) -> int:
+        value = job.options.get("max_new_tokens", self.max_new_tokens)
+        if not isinstance(value, int) or not 1 <= value <= MAX_NEW_TOKENS_LIMIT:
+            raise InputError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, got {value!r}")
+        return value
+
+    def _encode(self, jobs: list[Job], results: dict[str, Result]) -> dict[str, EncodedImage]:
+        """Encodings of the batch's images: cached ones reused, the others decoded and encoded in one call."""
+        encoded: dict[str, EncodedImage] = {}
+        todo: dict[str, np.ndarray] = {}
+        for job in jobs:
+            if job.image in encoded or job.image in todo:
+                continue
+            hit = self.cache.get(job.image, self.version)
+            if hit is not None:
+                encoded[job.image] = hit
+                continue
+            try:
+                todo[job.image] = load_image(job.image_bytes or b"")
+            except InputError as e:
+                for other in jobs:
+                    if other.image == job.image:
+                        results[other.id] = Result.error(other.id, BAD_INPUT, f"the task's image {e}")
+        if todo:
+            for key, enc in zip(todo, self.predictor.encode_batch(list(todo.values()))):
+                self.cache.put(key, self.version, enc)
+                encoded[key] = enc
+        return encoded
+
+    def _collect(self, jobs: list[Job], segs: list, results: dict[str, Result]) -> None:
+        for job, seg in zip(jobs, segs):
+            results[job.id] = Result.from_masks(job.id, seg.masks, seg.scores.tolist(), text=seg.text,
+                                                model_version=self.version)
+
+
+def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, quantize: str | None,
+                 version: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> LisaHandler:
+    """Load the model once and wrap it; ``device="auto"`` picks CUDA when present."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    predictor = LisaPredictor.from_pretrained(model, vision_tower, dtype, device, quantize)
+    from model.checkpoint import resolve_model_dir
+
+    handler = LisaHandler(predictor, model_version(resolve_model_dir(model), version), cache_bytes)
+    log.info("model %s ready on %s as version %s (%s)", model, device, handler.version,
+             json.dumps({"dtype": dtype, "quantize": quantize}))
+    return handler

@@ -1,0 +1,47 @@
+"""``lisa-ls worker``: one long-lived model process serving the queue at ``REDIS_URL``.
+
+Start one per GPU (``--device cuda:N``); more can join from any machine that reaches the same Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from worker.defaults import QueueConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_worker_parser(sub: argparse._SubParsersAction) -> None:
+    from model.cli import add_model_options
+
+    p = sub.add_parser("worker", help="serve LISA jobs from the Redis queue at REDIS_URL (one process per GPU)")
+    add_model_options(p, default_device="auto")
+    p.add_argument("--name", default=None, help="worker name in /health (default host:pid:device)")
+    p.add_argument("--batch-size", type=int, default=None, help="most jobs per model call (default LISA_LS_BATCH_SIZE)")
+    p.add_argument("--cache-bytes", type=int, default=None, help="bytes of encoded images kept (default 1 GiB)")
+    p.add_argument("--model-version", default=None, help="version reported to Label Studio (default: from files)")
+    p.set_defaults(func=run_worker)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from model.errors import LisaError
+    from worker.handler import DEFAULT_CACHE_BYTES, load_handler
+    from worker.loop import WorkerLoop
+
+    config = QueueConfig.from_env()
+    try:
+        handler = load_handler(args.model, args.vision_tower, args.dtype, args.device, args.quantize,
+                               args.model_version, args.cache_bytes or DEFAULT_CACHE_BYTES)
+    except LisaError as e:
+        print(f"lisa-ls worker: {e}", file=sys.stderr)
+        return 2
+    device = str(handler.predictor.device)
+    name = args.name or f"{os.uname().nodename}:{os.getpid()}:{device}"
+    loop = WorkerLoop.from_url(handler, config.redis_url, config, name=name, device=device,
+                               model_version=handler.version, batch_size=args.batch_size, stats=handler.stats)
+    log.info("worker %s: model version %s, queue %s", name, handler.version, config.redis_url)
+    return loop.run()
