@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from conftest import CASES, CHECKPOINT, CLIP_TOWER, case_image
 from redis_fixtures import ROOT, config_env, wait_for
