@@ -22,11 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lisa-ls segment --model tests/fixtures/lisa_tiny/checkpoint \
-		--image tests/fixtures/lisa_tiny/cases/case1.png \
-		--query "What is the red object in this image? Please output segmentation mask." \
-		--output out/demo.npz --png out/demo_mask.png
-	@echo "(the serving stack, lisa-ls up, is not built yet: this ran the untrained tiny LISA once)"
+	$(VENV)/bin/lisa-ls up $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -13,6 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lisa-ls", description="LISA reasoning segmentation for Label Studio")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
+    from backend.cli import add_backend_parsers
+
+    add_backend_parsers(sub)
     try:
         from model.cli import add_segment_parser
     except ImportError as e:  # backend-only install: the model extras are absent
@@ -21,8 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_segment_parser(sub)
         from worker.run import add_worker_parser
+        from worker.up import add_up_parser
 
         add_worker_parser(sub)
+        add_up_parser(sub)
     return parser
 
 

@@ -89,6 +89,18 @@ WORKER_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 """Sleeps between a worker's retries while Redis is unreachable; the last one repeats for as long as it takes."""
 
 
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
+"""Upper bounds (seconds) of the job latency histogram, submission to delivered result (``worker.metrics``).
+
+Dense around 1–10 s, where an interactive LISA query lands (one generation plus a mask decode), and reaching past
+the 90 s job deadline so that jobs which only just made it are still told apart from the rest. Fixed, not read from
+the environment: every worker must write the same buckets for the sums across workers to mean anything.
+"""
+
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+"""Upper bounds of the batch size histogram (jobs handed to the model in one call); covers B up to 64."""
+
+
 @dataclasses.dataclass(frozen=True)
 class QueueConfig:
     """The queue settings, defaulting to the module constants; see the module docstring for overrides."""

@@ -32,18 +32,22 @@ DEFAULT_CACHE_BYTES = 1 << 30
 MAX_NEW_TOKENS_LIMIT = 512
 
 
-def model_version(model_dir: str | Path, override: str | None = None) -> str:
-    """A version string that changes whenever the served weights change: ``<folder name>@<config+index digest>``."""
+def model_version(model_dir: str | Path, override: str | None = None, name: str | None = None) -> str:
+    """A version string that changes whenever the served weights change: ``<name>@<digest of config and weights>``.
+
+    ``name`` is the Hub id when there is one, else the last two folders of the path.
+    """
     if override:
         return override
     path = Path(model_dir)
     digest = hashlib.sha256()
-    for name in ("config.json", "pytorch_model.bin.index.json", "model.safetensors.index.json", "adapter_config.json"):
-        if (path / name).is_file():
-            digest.update((path / name).read_bytes())
+    for file in ("config.json", "pytorch_model.bin.index.json", "model.safetensors.index.json", "adapter_config.json"):
+        if (path / file).is_file():
+            digest.update((path / file).read_bytes())
     for weights in sorted(path.glob("*.bin")) + sorted(path.glob("*.safetensors")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    return f"{path.resolve().name}@{digest.hexdigest()[:10]}"
+    label = name or "/".join(path.resolve().parts[-2:])
+    return f"{label}@{digest.hexdigest()[:10]}"
 
 
 class LisaHandler:
@@ -132,7 +136,8 @@ def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, 
     predictor = LisaPredictor.from_pretrained(model, vision_tower, dtype, device, quantize)
     from model.checkpoint import resolve_model_dir
 
-    handler = LisaHandler(predictor, model_version(resolve_model_dir(model), version), cache_bytes)
+    hub_id = None if Path(model).expanduser().is_dir() else model
+    handler = LisaHandler(predictor, model_version(resolve_model_dir(model), version, hub_id), cache_bytes)
     log.info("model %s ready on %s as version %s (%s)", model, device, handler.version,
              json.dumps({"dtype": dtype, "quantize": quantize}))
     return handler

@@ -10,6 +10,8 @@ its own cache and fetches bytes itself through ``loop.queue.get_images``). The l
   fail its neighbours), and a job that keeps failing reaches the dead-letter stream;
 - liveness: a heartbeat thread publishes host, pid, device, model version and counters, and renews the lease of
   the jobs in hand so that a batch longer than the visibility timeout is not taken from a live worker;
+- metrics: after each batch one round trip adds the job latencies and the batch size to counters in Redis
+  (:mod:`worker.metrics`), which the backend's ``/metrics`` serves; a failure there never fails a job;
 - shutdown: SIGTERM or SIGINT finishes the batch in hand, takes nothing new and returns 0 from :meth:`run`
   (a second signal exits at once; the jobs in hand are then reclaimed by other workers);
 - Redis outages: every Redis call is retried on the ``worker_backoff_s`` schedule for as long as it takes.
@@ -28,6 +30,7 @@ from typing import Any
 
 import redis
 
+from worker import metrics
 from worker.connection import CONNECTION_ERRORS, RedisDown, backoff_forever, connect
 from worker.defaults import QueueConfig
 from worker.protocol import BAD_INPUT, INTERNAL, Job, Result
@@ -169,10 +172,14 @@ class WorkerLoop:
             if self.fetch_images:
                 jobs = self._attach_images(jobs)
             answered = self._handle(jobs)
+            delivered = []  # (latency, outcome) of the results that reached their waiter, for worker.metrics
             for job, result in answered:
-                self._deliver(job, result)
+                if self._deliver(job, result):
+                    outcome = metrics.OUTCOME_OK if result.ok else result.error_code
+                    delivered.append((time.time() - job.submitted, outcome))
             self.batches_served += 1
             self.jobs_served += len(answered)
+            metrics.record_batch(self.queue.redis, self.config, len(jobs), delivered)  # never raises
         finally:
             with self._lock:
                 self._in_hand = []

@@ -1,0 +1,77 @@
+"""The Flask app factory of the Label Studio ML backend.
+
+Deliberately small: it wires settings, shared state, optional basic auth and JSON errors, and registers the
+endpoint blueprints. Each group of endpoints is its own module with a ``bp`` blueprint; today that is
+:mod:`backend.status` (``/health``, ``/metrics``, ``/versions``). The Label Studio protocol endpoints
+(``/setup``, ``/predict``, ``/webhook``) are added the same way: a module with a blueprint that reaches the queue
+through :func:`backend.state.current_state`, plus one line in :data:`BLUEPRINTS`.
+
+Served by gunicorn with threads (``lisa-ls serve``, :mod:`backend.cli`); ``create_app`` is also what tests call.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import importlib
+import logging
+
+from flask import Flask, Response, request
+
+from backend.config import BackendConfig
+from backend.errors import json_error, register_error_handlers
+from backend.state import EXTENSION, BackendState, current_state
+
+log = logging.getLogger(__name__)
+
+BLUEPRINTS = ("backend.status",)
+"""Modules whose ``bp`` blueprint :func:`create_app` registers, in order."""
+
+REALM = "lisa-ls"
+
+
+def create_app(config: BackendConfig | None = None) -> Flask:
+    """Build the app; ``config`` defaults to :meth:`BackendConfig.from_env`. Does not touch Redis."""
+    config = config or BackendConfig.from_env()
+    app = Flask("lisa_ls_backend")
+    app.json.sort_keys = False  # keep "status" first in /health, where people look
+    app.extensions[EXTENSION] = BackendState.build(config)
+    register_error_handlers(app)
+    if config.basic_auth is not None:
+        app.before_request(_require_basic_auth)
+    for module in BLUEPRINTS:
+        app.register_blueprint(importlib.import_module(module).bp)
+    log.info(
+        "lisa-ls backend ready: Redis %s, basic auth %s",
+        config.redis_url_redacted,
+        "on" if config.basic_auth else "off",
+    )
+    return app
+
+
+def _require_basic_auth() -> tuple[Response, int] | None:
+    """Refuse any request without the configured credentials (Label Studio sends them from the backend URL)."""
+    user, password = current_state().config.basic_auth or ("", "")
+    if _credentials_match(request.headers.get("Authorization", ""), user, password):
+        return None
+    return json_error(
+        401,
+        "authentication required: put the backend's BASIC_AUTH_USER and BASIC_AUTH_PASS in its URL "
+        "(http://user:password@host:port) in Label Studio's model settings",
+        headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
+    )
+
+
+def _credentials_match(header: str, user: str, password: str) -> bool:
+    """Check an ``Authorization: Basic ...`` header in constant time (no timing hints about the password)."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given_user, sep, given_password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    user_ok = hmac.compare_digest(given_user.encode(), user.encode())
+    password_ok = hmac.compare_digest(given_password.encode(), password.encode())
+    return bool(sep) and user_ok and password_ok

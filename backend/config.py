@@ -1,0 +1,174 @@
+"""Every setting of the Label Studio backend, in one place, read from the environment with documented defaults.
+
+Label Studio's own ML-backend names are kept where one exists, so a deployment written for Label Studio's
+examples carries over; the rest are ours, prefixed ``LISA_LS_``. The queue's settings (``REDIS_URL`` and the
+``LISA_LS_*`` names of :class:`worker.defaults.QueueConfig`) are read by that class and kept in
+:attr:`BackendConfig.queue`, so the backend and the workers parse them identically.
+
+==============================  ==============  ===================================================================
+Variable                        Default         Meaning
+==============================  ==============  ===================================================================
+``LABEL_STUDIO_URL``            (unset)         Label Studio's base URL, to fetch uploaded images and call its
+                                                API (``LABEL_STUDIO_HOST``, the older name, is read as a fallback)
+``LABEL_STUDIO_API_KEY``        (unset)         token for Label Studio's API (legacy or personal access token)
+``MODEL_DIR``                   ``./data``      directory for the backend's own files (captured corrections,
+                                                pre-label progress); model weights live with the workers
+``LOG_LEVEL``                   ``INFO``        DEBUG, INFO, WARNING, ERROR or CRITICAL (DEBUG adds access logs)
+``WORKERS``                     ``1``           gunicorn processes
+``THREADS``                     ``8``           threads per gunicorn process; at least 2, or ``/health`` waits
+                                                behind a running ``/predict`` and Label Studio disconnects
+``BASIC_AUTH_USER``             (unset)         with ``BASIC_AUTH_PASS``: HTTP basic auth on every endpoint
+``BASIC_AUTH_PASS``             (unset)         (Label Studio sends them from ``http://user:pass@host:9090``)
+``REDIS_URL``                   see worker      the job queue's Redis (``worker.defaults.REDIS_URL``)
+``LISA_LS_HOST``                ``0.0.0.0``     address the backend listens on
+``LISA_LS_PORT``                ``9090``        port the backend listens on (Label Studio's usual ML port)
+``LISA_LS_PREDICT_DEADLINE_S``  ``60``          longest a ``/predict`` waits for the workers; below Label
+                                                Studio's 100 s ``ML_TIMEOUT_PREDICT`` so we answer first
+``LISA_LS_HEALTH_TIMEOUT_S``    ``0.5``         Redis budget of ``/health``, ``/metrics`` and ``/versions``;
+                                                past it they report Redis unreachable (Label Studio allows 1 s)
+==============================  ==============  ===================================================================
+
+Bad values raise :class:`ValueError` naming the variable, at start-up rather than on the first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from worker.defaults import ENV_PREFIX, QueueConfig
+
+MODEL_CLASS = "LisaBackend"
+"""What ``/health`` reports as ``model_class`` (Label Studio's backends report their Python class there)."""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+HOST = "0.0.0.0"
+PORT = 9090
+WORKERS = 1
+THREADS = 8
+MODEL_DIR = "./data"
+LOG_LEVEL = "INFO"
+PREDICT_DEADLINE_S = 60.0
+HEALTH_TIMEOUT_S = 0.5
+
+
+def _env(name: str, doc: str) -> dict[str, str]:
+    """Field metadata: the environment variable a field is read from, and what it means."""
+    return {"env": name, "doc": doc}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    """The backend's settings; the module docstring lists each variable. Build with :meth:`from_env`."""
+
+    label_studio_url: str = dataclasses.field(default="", metadata=_env("LABEL_STUDIO_URL", "Label Studio base URL"))
+    label_studio_api_key: str = dataclasses.field(
+        default="", repr=False, metadata=_env("LABEL_STUDIO_API_KEY", "Label Studio API token")
+    )
+    model_dir: str = dataclasses.field(default=MODEL_DIR, metadata=_env("MODEL_DIR", "the backend's own files"))
+    log_level: str = dataclasses.field(default=LOG_LEVEL, metadata=_env("LOG_LEVEL", "log level"))
+    workers: int = dataclasses.field(default=WORKERS, metadata=_env("WORKERS", "gunicorn processes"))
+    threads: int = dataclasses.field(default=THREADS, metadata=_env("THREADS", "threads per gunicorn process"))
+    basic_auth_user: str = dataclasses.field(default="", metadata=_env("BASIC_AUTH_USER", "basic auth user"))
+    basic_auth_pass: str = dataclasses.field(
+        default="", repr=False, metadata=_env("BASIC_AUTH_PASS", "basic auth password")
+    )
+    host: str = dataclasses.field(default=HOST, metadata=_env(ENV_PREFIX + "HOST", "listen address"))
+    port: int = dataclasses.field(default=PORT, metadata=_env(ENV_PREFIX + "PORT", "listen port"))
+    predict_deadline_s: float = dataclasses.field(
+        default=PREDICT_DEADLINE_S, metadata=_env(ENV_PREFIX + "PREDICT_DEADLINE_S", "longest /predict wait")
+    )
+    health_timeout_s: float = dataclasses.field(
+        default=HEALTH_TIMEOUT_S, metadata=_env(ENV_PREFIX + "HEALTH_TIMEOUT_S", "Redis budget of /health")
+    )
+    queue: QueueConfig = dataclasses.field(default_factory=QueueConfig)
+    """The job queue's settings (``REDIS_URL`` and the queue's ``LISA_LS_*`` variables)."""
+
+    def __post_init__(self) -> None:
+        # Normalise here rather than in from_env, so that configs built in code (tests, `lisa-ls up`) agree.
+        object.__setattr__(self, "log_level", self.log_level.upper())
+        object.__setattr__(self, "label_studio_url", self.label_studio_url.rstrip("/"))
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL={self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if self.workers < 1 or self.threads < 1:
+            raise ValueError(f"WORKERS ({self.workers}) and THREADS ({self.threads}) must be at least 1")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"{ENV_PREFIX}PORT={self.port} is not a TCP port")
+        if self.predict_deadline_s <= 0 or self.health_timeout_s <= 0:
+            raise ValueError(f"{ENV_PREFIX}PREDICT_DEADLINE_S and {ENV_PREFIX}HEALTH_TIMEOUT_S must be positive")
+        # Only one of the two is almost certainly a typo; serving without auth then would be a silent hole.
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+
+    @property
+    def redis_url(self) -> str:
+        """The job queue's Redis URL (``REDIS_URL``)."""
+        return self.queue.redis_url
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """:attr:`redis_url` with any password masked, for logs and ``/health``."""
+        return redact_url(self.redis_url)
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        """``(user, password)`` when basic auth is on, else ``None``."""
+        return (self.basic_auth_user, self.basic_auth_pass) if self.basic_auth_user else None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BackendConfig:
+        """Read every setting from ``environ`` (default ``os.environ``); keyword ``overrides`` win over it.
+
+        Unset or empty variables keep their default.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata.get("env")
+            if name is None:
+                continue
+            raw = env.get(name, "")
+            if name == "LABEL_STUDIO_URL" and not raw:
+                raw = env.get("LABEL_STUDIO_HOST", "")
+            if raw.strip():
+                values[f.name] = _parse(name, raw.strip(), type(f.default))
+        if "queue" not in overrides:
+            values["queue"] = QueueConfig.from_env(env)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def variables(cls) -> dict[str, str]:
+        """Environment variable name → field name, for every backend setting (the queue's are in QueueConfig)."""
+        return {f.metadata["env"]: f.name for f in dataclasses.fields(cls) if "env" in f.metadata}
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    """Convert one environment string to the field's type; the error names the variable."""
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user-info replaced by ``***`` (``redis://:***@host:6379/0``)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6 literal: urlsplit strips the brackets
+            host = f"[{host}]"
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # a malformed URL (bad port, bad IPv6): show nothing of it rather than leak a password
+        return "<unparseable URL>"
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,71 @@
+"""What every request handler of one app shares: the settings and the Redis clients, built once per app.
+
+Two clients on purpose. ``queue`` has the queue's own timeouts and retry budget (``REDIS_DOWN_AFTER_S``, under
+2 s), suited to submitting jobs and waiting for results. ``status_queue`` fails much faster (the whole Redis
+budget of a status request is ``health_timeout_s``), because Label Studio gives ``/health`` only 1 s and a
+health check that answers late is worse than one that says "Redis is unreachable" in time.
+
+Handlers reach the state with :func:`current_state`; blueprints added later (``/setup``, ``/predict``,
+``/webhook``) use the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flask import current_app
+
+from backend.config import BackendConfig
+from worker.connection import connect
+from worker.defaults import QueueConfig
+from worker.queue import JobQueue
+
+EXTENSION = "lisa_ls"
+"""Key of the :class:`BackendState` in ``app.extensions``."""
+
+
+@dataclasses.dataclass
+class BackendState:
+    """The per-app shared objects. Thread-safe: redis-py clients pool their connections."""
+
+    config: BackendConfig
+    queue: JobQueue
+    """Client-side job queue for submitting jobs and waiting on results (the queue's normal timeouts)."""
+    status_queue: JobQueue
+    """The same queue on a fast-failing client, for ``/health``, ``/metrics`` and ``/versions``."""
+
+    @classmethod
+    def build(cls, config: BackendConfig) -> BackendState:
+        """Make the clients; nothing connects until the first command, so this works while Redis is down."""
+        fast = status_config(config)
+        return cls(
+            config=config,
+            queue=JobQueue(connect(config=config.queue), config.queue),
+            status_queue=JobQueue(connect(config=fast), fast),
+        )
+
+    def close(self) -> None:
+        """Release the connection pools (tests create many apps in one process)."""
+        self.queue.redis.close()
+        self.status_queue.redis.close()
+
+
+def status_config(config: BackendConfig) -> QueueConfig:
+    """The queue config with timeouts that fit one status request into ``health_timeout_s``.
+
+    Each attempt (connect or read) may take half the budget, so a blackholed or hung Redis is given up on after
+    one attempt and a refused connection after two or three quick retries.
+    """
+    budget = config.health_timeout_s
+    return dataclasses.replace(
+        config.queue,
+        connect_timeout_s=budget / 2,
+        socket_timeout_s=budget / 2,
+        redis_down_after_s=budget,
+        wait_slice_s=min(config.queue.wait_slice_s, budget / 4),  # unused here, but must stay below the timeout
+    )
+
+
+def current_state() -> BackendState:
+    """The state of the app handling the current request."""
+    return current_app.extensions[EXTENSION]
