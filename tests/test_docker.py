@@ -1,0 +1,87 @@
+"""docker/: no Docker engine runs here, so check that the compose file and images agree with the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backend.config import PORT, BackendConfig
+from worker.defaults import ENV_PREFIX, QueueConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yml").read_text())
+
+
+def queue_variables() -> set[str]:
+    import dataclasses
+
+    fields = dataclasses.fields(QueueConfig)
+    return {"REDIS_URL"} | {ENV_PREFIX + f.name.upper() for f in fields if f.name != "redis_url"}
+
+
+def test_services_and_health_checks(compose):
+    services = compose["services"]
+    assert {"redis", "backend", "worker", "label-studio"} <= set(services)
+    for name, svc in services.items():
+        assert "healthcheck" in svc, f"{name} has no health check"
+    assert services["label-studio"]["profiles"] == ["demo"]
+    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+
+
+def test_backend_port_and_environment_match_the_code(compose):
+    backend = compose["services"]["backend"]
+    assert backend["ports"] == [f"${{LISA_LS_PORT:-{PORT}}}:{PORT}"]
+    known = set(BackendConfig.variables()) | queue_variables()
+    unknown = set(backend["environment"]) - known
+    assert not unknown, f"backend env names the code does not read: {unknown}"
+    assert backend["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert f"{PORT}" in (DOCKER / "backend.Dockerfile").read_text()
+
+
+def test_worker_gpu_cache_and_command(compose):
+    worker = compose["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
+    assert "replicas" in worker["deploy"]
+    env = worker["environment"]
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    unknown = set(env) - queue_variables() - {"HF_HOME", "HF_TOKEN", "LOG_LEVEL"}
+    assert not unknown, f"worker env names the code does not read: {unknown}"
+    assert f"hf-cache:{env['HF_HOME']}" in worker["volumes"]
+    # The command is `lisa-ls worker` + these arguments, with compose's ${VAR:-default} at their defaults.
+    from worker.cli import build_parser
+
+    argv = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in worker["command"]]
+    parsed = build_parser().parse_args(["worker", *argv])
+    assert (parsed.model, parsed.dtype, parsed.device) == ("xinlai/LISA-7B-v1", "bf16", "cuda")
+
+
+def test_volumes_are_declared(compose):
+    used = {v.split(":")[0] for svc in compose["services"].values() for v in svc.get("volumes", [])}
+    assert used <= set(compose["volumes"]), used - set(compose["volumes"])
+
+
+def test_images_install_the_right_extras():
+    backend = (DOCKER / "backend.Dockerfile").read_text()
+    worker = (DOCKER / "worker.Dockerfile").read_text()
+    install = [line for line in backend.splitlines() if line.startswith("RUN pip install")]
+    assert len(install) == 1 and "'.[backend]'" in install[0] and "find_spec('torch') is None" in install[0]
+    assert "'.[worker" in worker and "cuda" in worker.lower()
+    for dockerfile in (backend, worker):
+        for src in re.findall(r"^COPY (\S+)", dockerfile, flags=re.M):
+            assert (ROOT / src).exists(), f"{src} does not exist"
+
+
+def test_label_studio_can_reach_the_backend(compose):
+    env = compose["services"]["label-studio"]["environment"]
+    assert env["ML_BLOCK_LOCAL_IP"] == "false" and env["SSRF_PROTECTION_ENABLED"] == "false"
+    assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
+    assert compose["services"]["backend"]["environment"]["LABEL_STUDIO_URL"].endswith("label-studio:8080}")
