@@ -1,0 +1,49 @@
+"""``lisa-ls up`` (what ``make run`` starts): embedded Redis, backend and a worker; Ctrl-C stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+from redis_fixtures import ROOT, free_port
+
+
+def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
+    port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "up", "--port", str(port), "--redis-port", str(redis_port),
+         "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--device", "cpu"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        health, deadline = None, time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    health = json.loads(r.read())
+                if health["workers"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert health and health["status"] == "UP", health
+        [worker] = health["workers"]
+        assert worker["device"] == "cpu" and worker["model_version"].startswith("lisa_tiny/checkpoint@")
+        assert health["redis"]["url"] == f"redis://127.0.0.1:{redis_port}/0"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # redis, backend (+ its gunicorn worker), model worker
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+        assert proc.returncode == 0, out
+        assert "UNTRAINED tiny LISA" in out and f"REDIS_URL=redis://127.0.0.1:{redis_port}/0" in out
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert (tmp_path / "data" / "appendonly.aof").exists() or any((tmp_path / "data").iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
