@@ -1,0 +1,582 @@
+"""Fetch the bytes of a task's image safely, for the backend (never imports torch: it runs in gunicorn threads).
+
+A task's image value is what Label Studio put in the task data: a Label Studio path (``/data/upload/…``,
+``/data/local-files/?d=…``), a cloud storage URI (``s3://``, ``gs://``, ``azure-blob://``…) that only Label Studio can
+resolve (``/tasks/<id>/resolve/?fileuri=<base64>`` redirects to a presigned URL or proxies the bytes), any http(s)
+URL, or a ``data:`` URI. :class:`ImageFetcher` turns each into bytes, under these rules:
+
+- credentials (``Token <legacy key>``, or ``Bearer <access>`` exchanged for a personal access token at
+  ``/api/token/refresh``) go only to the configured Label Studio origin, never along a redirect elsewhere;
+- http(s) only; every host is resolved here and refused when any address is loopback, private, link-local,
+  multicast, unspecified, reserved or otherwise non-public (the Label Studio host and operator-allowed hosts
+  excepted); the socket connects to exactly the checked address (no DNS rebinding); redirects are followed by hand
+  and each hop is checked again;
+- byte, pixel (read from the header, never by decoding), connect, read and overall time limits;
+- every refusal is one :class:`ImageFetchError` whose message Label Studio shows to the annotator as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import io
+import ipaddress
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.cookiejar import DefaultCookiePolicy
+from urllib.parse import quote, urljoin, urlsplit
+
+import requests
+from PIL import Image, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+from urllib3.util.connection import create_connection
+
+from worker.protocol import image_hash
+
+DEFAULT_MAX_BYTES = 50_000_000
+DEFAULT_MAX_PIXELS = 64_000_000  # the model's own limit (model/preprocess.py), so nothing is fetched in vain
+CLOUD_SCHEMES = frozenset({"s3", "gs", "azure-blob", "azure-spi", "b2"})
+# Formats a browser shows and Pillow decodes without external programs (EPS would run Ghostscript).
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_HEADERS = {"User-Agent": "lisa-ls-backend", "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], list[str]]
+AddressPolicy = Callable[[IPAddress], "str | None"]
+
+
+class ImageFetchError(Exception):
+    """The image could not be fetched or was refused; ``str(e)`` is written for the Label Studio user.
+
+    ``code`` groups the causes for the caller: ``bad_url``, ``config``, ``refused`` (SSRF policy), ``auth``,
+    ``not_found``, ``http``, ``unreachable``, ``timeout``, ``too_large``, ``not_image``.
+    """
+
+    def __init__(self, message: str, code: str = "bad_url") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchSettings:
+    """What the fetcher needs from the backend's configuration (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``…)."""
+
+    label_studio_url: str = ""
+    api_key: str = ""
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 20.0
+    deadline_s: float = 30.0  # the whole fetch: token exchange, redirects and body together
+    max_redirects: int = 5
+    tls_verify: bool | str = True  # or the path of a CA bundle, e.g. for a Label Studio behind an internal CA
+    # Host names (or host:port) allowed to resolve to non-public addresses, e.g. an in-cluster MinIO that serves
+    # presigned cloud-storage URLs. They never receive credentials.
+    allowed_private_hosts: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchedImage:
+    """The fetched bytes and what their header says; ``width``/``height`` are EXIF-oriented, as Label Studio shows."""
+
+    data: bytes
+    sha256: str
+    format: str
+    width: int
+    height: int
+    source: str  # the image value, shortened and without query strings (presigned URLs carry signatures)
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """All addresses ``host`` resolves to (the default resolver)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def address_problem(ip: IPAddress) -> str | None:
+    """Why the backend refuses to connect to ``ip`` (e.g. ``"a loopback address"``), or None for a public one."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        # IPv4 embedded in IPv6 (mapped, 6to4, NAT64) reaches the IPv4 address, so judge that one.
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in ipaddress.IPv6Network("64:ff9b::/96"):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return address_problem(embedded)
+    for kind in ("loopback", "link-local", "multicast", "unspecified", "private network", "reserved"):
+        if getattr(ip, "is_" + kind.split()[0].replace("-", "_")):
+            return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
+    return None if ip.is_global else "a non-public address"
+
+
+def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "the image") -> tuple[str, int, int]:
+    """Check that ``data`` is a complete image of at most ``max_pixels``, without decoding it at full size.
+
+    Returns:
+        ``(format, width, height)``, the size with the EXIF orientation applied.
+    Raises:
+        ImageFetchError: empty, not an image, too many pixels (checked from the header), corrupt or truncated.
+    """
+    if not data:
+        raise ImageFetchError(f"{name} is empty (0 bytes)", "not_image")
+    Image.init()
+    try:
+        with Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN]) as im:
+            fmt, (width, height) = str(im.format), im.size
+            if width * height > max_pixels:
+                raise ImageFetchError(
+                    f"{name} is {width}x{height} pixels ({width * height / 1e6:.1f} MP), above the "
+                    f"{max_pixels / 1e6:g} MP limit; downscale it", "too_large")
+            if width == 0 or height == 0:
+                raise ImageFetchError(f"{name} is empty ({width}x{height} pixels)", "not_image")
+            im.verify()  # PNG: walks every chunk and checks its CRC, so truncation shows without decoding
+        with Image.open(io.BytesIO(data)) as im:  # verify() leaves the image unusable: open it again
+            orientation = im.getexif().get(0x0112)
+            if fmt in ("JPEG", "MPO") and not im.info.get("progressive"):
+                # verify() does nothing for JPEG; decoding at 1/8 scale (DCT scaling) reads the whole stream cheaply.
+                # (Progressive files are left to the worker: libjpeg buffers all their coefficients, ~2 B/pixel.)
+                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                im.load()
+    except ImageFetchError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own guard fires in open(), before the size is seen
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)) / 1e6:.1f} MP" if found else "too many pixels"
+        raise ImageFetchError(f"{name} has {size}, above the {max_pixels / 1e6:g} MP limit; downscale it",
+                              "too_large") from e
+    except UnidentifiedImageError as e:
+        if data[:512].lstrip().startswith(b"<"):
+            what = "an HTML or XML page (an error or login page?)"
+        else:
+            what = f"data starting with {data[:8]!r}"
+        raise ImageFetchError(f"{name} is not an image in a supported format (PNG, JPEG, WebP, GIF, BMP, TIFF, "
+                              f"AVIF): got {what}", "not_image") from e
+    except Exception as e:  # Pillow's parsers raise many types (OSError, SyntaxError, struct.error…) on bad data
+        raise ImageFetchError(f"{name} is corrupt or truncated ({e})", "not_image") from e
+    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+        width, height = height, width
+    return fmt, width, height
+
+
+class _Deadline:
+    """Shuts this fetch's sockets down when the overall deadline passes.
+
+    Per-read timeouts cannot stop a server that drips one byte at a time; shutting the socket down from a timer
+    wakes any blocked read, so no thread is held longer than the deadline.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(seconds, 0.0), self.add)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def add(self, sock: socket.socket | None = None) -> None:
+        """Register a socket of this fetch; with no socket, the timer's call: shut them all down."""
+        with self._lock:
+            self._sockets += [sock] if sock else []
+            self.expired = self.expired or sock is None
+            for s in self._sockets if self.expired else ():
+                with contextlib.suppress(OSError):  # already closed
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+_current = threading.local()  # the running fetch's _Deadline, for the connections it opens (same thread)
+
+
+class _Guard:
+    """Decides where a connection may go, and opens it to exactly the address it checked."""
+
+    def __init__(self, settings: FetchSettings, resolver: Resolver, policy: AddressPolicy) -> None:
+        origin = _origin(settings.label_studio_url) if settings.label_studio_url else None
+        self.ls_hostport = origin[1:] if origin else None
+        self.allowed = {h.lower() for h in settings.allowed_private_hosts}
+        self.resolver = resolver
+        self.policy = policy
+
+    def is_ls_host(self, url: str) -> bool:
+        origin = _origin(url)
+        return origin is not None and origin[1:] == self.ls_hostport
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        host = host.lower().rstrip(".")
+        trusted = (host, port) == self.ls_hostport or host in self.allowed or f"{host}:{port}" in self.allowed
+        try:
+            ips = self.resolver(host, port)
+        except OSError as e:
+            raise ImageFetchError(f"cannot resolve the host name {host!r} ({e})", "unreachable") from e
+        if not ips:
+            raise ImageFetchError(f"the host name {host!r} has no address", "unreachable")
+        for ip in ips:
+            try:
+                address = ipaddress.ip_address(ip.split("%")[0])
+            except ValueError as e:
+                raise ImageFetchError(f"{host!r} resolved to an invalid address {ip!r}", "refused") from e
+            problem = None if trusted else self.policy(address)
+            if problem:
+                shown = host if host == str(address) else f"{host} ({address})"
+                raise ImageFetchError(f"the image URL points to {shown}, {problem}, which the backend refuses to "
+                                      "fetch from", "refused")
+        return ips
+
+    def connect(self, conn: HTTPConnection) -> socket.socket:
+        """Replaces urllib3's ``_new_conn``: resolve, check, then connect to the checked address only."""
+        last: OSError | None = None
+        for ip in self.addresses(conn.host, int(conn.port or 0)):
+            try:
+                sock = create_connection((ip, conn.port), conn.timeout, source_address=conn.source_address,
+                                         socket_options=conn.socket_options)
+            except TimeoutError as e:
+                raise ConnectTimeoutError(conn, f"connect timeout ({conn.timeout} s)") from e
+            except OSError as e:
+                last = e
+                continue
+            deadline = getattr(_current, "deadline", None)
+            if deadline is not None:
+                deadline.add(sock)
+            return sock
+        raise NewConnectionError(conn, f"Failed to establish a new connection: {last}") from last
+
+
+def _guarded_adapter_class(guard: _Guard) -> type[HTTPAdapter]:
+    """A requests adapter class whose connections go through ``guard``.
+
+    One adapter per fetch: its pool is not shared, so every socket a fetch uses was opened (and registered with
+    its deadline) by that fetch.
+    """
+
+    class Conn(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return guard.connect(self)
+
+    class TLSConn(HTTPSConnection):  # TLS still verifies the certificate against the host name
+        def _new_conn(self) -> socket.socket:
+            return guard.connect(self)
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TLSConn
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+
+    return Adapter
+
+
+class ImageFetcher:
+    """Fetches task images under :class:`FetchSettings`; one per process, safe to share between threads.
+
+    Args:
+        resolver: host, port -> addresses; injectable for tests.
+        policy: address -> reason to refuse it or None (default :func:`address_problem`); injectable for tests.
+    """
+
+    def __init__(self, settings: FetchSettings, *, resolver: Resolver = system_resolver,
+                 policy: AddressPolicy = address_problem) -> None:
+        self.settings = settings
+        self._guard = _Guard(settings, resolver, policy)
+        self._adapter_class = _guarded_adapter_class(self._guard)
+        self._ls = settings.label_studio_url.rstrip("/")
+        self._ls_origin = _origin(self._ls) if self._ls else None
+        self._token_lock = threading.Lock()
+        self._access: tuple[str, float] | None = None  # (access token, monotonic time to stop using it)
+
+    def fetch(self, value: object, task_id: int | None = None) -> FetchedImage:
+        """The bytes of the image a task refers to; raises :class:`ImageFetchError` with a readable message."""
+        if not isinstance(value, str) or not value.strip():
+            raise ImageFetchError("the task has no image URL (its image field is empty or not a string)")
+        value = value.strip()
+        if task_id is not None and not str(task_id).isdigit():
+            raise ImageFetchError(f"the task id {str(task_id)[:40]!r} is not a number")
+        try:
+            if value[:5].lower() == "data:":
+                source, data = "data: URI", self._data_uri(value)
+            else:
+                source = _describe(value, self._ls_origin)
+                data = self._download(self._to_url(value, task_id), source)
+        except ValueError as e:  # urllib and idna refuse some malformed URLs with ValueError/UnicodeError
+            raise ImageFetchError(f"the image URL {value[:200]!r} is malformed ({e})") from e
+        fmt, width, height = inspect_image(data, self.settings.max_pixels, f"the image {source}")
+        return FetchedImage(data, image_hash(data), fmt, width, height, source)
+
+    def _data_uri(self, value: str) -> bytes:
+        header, comma, payload = value[5:].partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise ImageFetchError("only base64 data: URIs are supported (data:image/png;base64,...)")
+        payload = "".join(payload.split())
+        if len(payload) * 3 // 4 > self.settings.max_bytes:
+            raise ImageFetchError(f"the data: URI image is {_mb(len(payload) * 3 // 4)}, above the "
+                                  f"{_mb(self.settings.max_bytes)} limit", "too_large")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ImageFetchError(f"the data: URI is not valid base64 ({e})", "not_image") from e
+
+    def _to_url(self, value: str, task_id: int | None) -> str:
+        if value.startswith("upload/"):  # old Label Studio versions stored uploads without /data
+            value = "/data/" + value
+        if value.startswith("/") and not value.startswith("//"):
+            return self._ls_url(value, value)
+        scheme = urlsplit(value).scheme.lower()
+        if scheme in CLOUD_SCHEMES:
+            if task_id is None:
+                raise ImageFetchError(f"{_describe(value, None)} is in cloud storage, which Label Studio resolves "
+                                      "per task, but the request carries no task id")
+            fileuri = quote(base64.urlsafe_b64encode(value.encode()).decode())
+            return self._ls_url(f"/tasks/{int(task_id)}/resolve/?fileuri={fileuri}", value)
+        if scheme in ("http", "https"):
+            return value
+        shown = f"the URL scheme {scheme!r}" if scheme else "a URL without http:// or https://"
+        raise ImageFetchError(f"the image URL {_describe(value, None)} uses {shown}; only http(s) URLs, Label "
+                              "Studio paths, cloud storage URIs and data: URIs are fetched")
+
+    def _ls_url(self, path: str, value: str) -> str:
+        what = _describe(value, None)
+        if not self._ls:
+            raise ImageFetchError(f"{what} is served by Label Studio, but LABEL_STUDIO_URL is not set: set it to the "
+                                  "URL at which the backend reaches Label Studio", "config")
+        if self._ls_origin is None or self._ls_origin[0] not in ("http", "https"):
+            raise ImageFetchError(f"LABEL_STUDIO_URL={self._ls!r} must start with http:// or https://", "config")
+        if not self.settings.api_key:
+            raise ImageFetchError(f"{what} is served by Label Studio, which needs an API key: set "
+                                  "LABEL_STUDIO_API_KEY (a legacy token or a personal access token)", "config")
+        return self._ls + path
+
+    def _download(self, url: str, source: str) -> bytes:
+        deadline = _Deadline(self.settings.deadline_s)
+        _current.deadline = deadline
+        session = requests.Session()
+        session.verify = self.settings.tls_verify
+        session.trust_env = False  # no proxies (they would bypass the address checks) and no ~/.netrc credentials
+        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # cookies are not port-scoped
+        adapter = self._adapter_class()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        try:
+            return self._follow(session, url, source, deadline)
+        finally:
+            session.close()
+            deadline.cancel()
+            _current.deadline = None
+
+    def _follow(self, session: requests.Session, url: str, source: str, deadline: _Deadline) -> bytes:
+        s = self.settings
+        hops, retried, left_ls = 0, False, False
+        while True:
+            here = source if hops == 0 else f"{_describe(url, self._ls_origin)} (redirected from {source})"
+            split = urlsplit(url)
+            if split.scheme.lower() not in ("http", "https"):
+                raise ImageFetchError(f"{source} redirects to a {split.scheme}: URL, which the backend refuses to "
+                                      "fetch", "refused")
+            # Credentials only while every hop so far was Label Studio: an outside URL must not be able to
+            # redirect the backend into Label Studio files with the backend's token.
+            to_ls = _origin(url) == self._ls_origin and not left_ls
+            left_ls = left_ls or not to_ls
+            headers = dict(_HEADERS)
+            if to_ls:
+                headers["Authorization"] = self._authorization(session, deadline)
+            timeout = self._timeout(deadline)
+            try:
+                response = session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
+            except requests.RequestException as e:
+                raise self._transport_error(e, here, url, timeout, deadline) from e
+            except ImageFetchError as e:  # refused by the guard: say which redirect led there
+                if hops:
+                    raise ImageFetchError(f"{e.message} (redirected from {source})", e.code) from e
+                raise
+            with response:
+                status = response.status_code
+                if status in _REDIRECTS and response.headers.get("Location"):
+                    target = urljoin(url, response.headers["Location"])
+                    if to_ls and "/user/login" in urlsplit(target).path:
+                        raise ImageFetchError(f"Label Studio sent the backend to its login page for {here}: check "
+                                              "LABEL_STUDIO_API_KEY", "auth")
+                    hops += 1
+                    if hops > s.max_redirects:
+                        raise ImageFetchError(f"{source} redirects more than {s.max_redirects} times", "http")
+                    url = target
+                    continue
+                if status == 401 and to_ls and headers["Authorization"].startswith("Bearer") and not retried:
+                    retried = True  # the cached access token may have been revoked early: exchange once more
+                    self._access = None  # (no lock: at worst another thread's fresh token is exchanged again)
+                    continue
+                if status != 200:
+                    raise self._status_error(status, here, to_ls, "/resolve/" in split.path)
+                return self._read_body(response, here, url, timeout, deadline)
+
+    def _read_body(self, response: requests.Response, here: str, url: str, timeout: tuple[float, float],
+                   deadline: _Deadline) -> bytes:
+        limit = self.settings.max_bytes
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > limit:
+            raise ImageFetchError(f"the image {here} is {_mb(int(length))}, above the {_mb(limit)} limit",
+                                  "too_large")
+        body = bytearray()
+        try:
+            for chunk in response.iter_content(65536):
+                body += chunk
+                if len(body) > limit:
+                    raise ImageFetchError(f"the image {here} is larger than the {_mb(limit)} limit (stopped after "
+                                          f"{_mb(len(body))})", "too_large")
+        except requests.RequestException as e:
+            raise self._transport_error(e, here, url, timeout, deadline) from e
+        if deadline.expired:  # a shut-down socket without Content-Length looks like a normal end of the body
+            raise self._transport_error(None, here, url, timeout, deadline)
+        return bytes(body)
+
+    def _timeout(self, deadline: _Deadline) -> tuple[float, float]:
+        left = deadline.remaining()
+        if left <= 0:
+            raise ImageFetchError(f"fetching the image took longer than {deadline.seconds:g} s", "timeout")
+        return min(self.settings.connect_timeout_s, left), min(self.settings.read_timeout_s, left)
+
+    def _authorization(self, session: requests.Session, deadline: _Deadline) -> str:
+        """``Token <key>`` for a legacy token; for a personal access token, ``Bearer <access>`` (exchanged, cached)."""
+        key = self.settings.api_key
+        if _jwt_claims(key) is None:
+            return f"Token {key}"
+        # One exchange at a time, the others then use its result; but wait no longer than this fetch may take.
+        if not self._token_lock.acquire(timeout=max(deadline.remaining(), 0.0)):
+            raise ImageFetchError(f"fetching the image took longer than {deadline.seconds:g} s (waiting for "
+                                  "another request's token exchange with Label Studio)", "timeout")
+        try:
+            if self._access is not None and time.monotonic() < self._access[1]:
+                return f"Bearer {self._access[0]}"
+            where = "/api/token/refresh"
+            timeout = self._timeout(deadline)
+            try:
+                response = session.post(self._ls + where, json={"refresh": key},
+                                        headers={**_HEADERS, "Accept": "application/json"},
+                                        timeout=timeout, allow_redirects=False)
+            except requests.RequestException as e:
+                raise self._transport_error(e, where, self._ls + where, timeout, deadline) from e
+            if response.status_code in (401, 403):
+                raise ImageFetchError(f"Label Studio answered {response.status_code} to the personal access token "
+                                      f"in LABEL_STUDIO_API_KEY ({where}): it is revoked, expired or from another "
+                                      "Label Studio; create a new one or use a legacy token", "auth")
+            try:
+                access = response.json()["access"] if response.status_code == 200 else None
+            except (ValueError, KeyError, TypeError):
+                access = None
+            if not isinstance(access, str) or not access:
+                raise ImageFetchError(f"Label Studio answered {response.status_code} without an access token to "
+                                      f"{where}: check LABEL_STUDIO_URL, or use a legacy token", "auth")
+            exp = (_jwt_claims(access) or {}).get("exp")
+            ttl = float(exp) - time.time() if isinstance(exp, (int, float)) else 120.0
+            # Stop using it 30 s before it expires (LS issues ~5 min tokens); short-lived ones only half-way.
+            self._access = (access, time.monotonic() + max(0.0, ttl - 30.0 if ttl > 60.0 else ttl / 2))
+            return f"Bearer {access}"
+        finally:
+            self._token_lock.release()
+
+    def _status_error(self, status: int, here: str, to_ls: bool, resolve: bool) -> ImageFetchError:
+        if not to_ls:
+            return ImageFetchError(f"the image server answered {status} for {here}",
+                                   "not_found" if status == 404 else "http")
+        if status in (401, 403):
+            return ImageFetchError(f"Label Studio answered {status} for {here}: check LABEL_STUDIO_API_KEY (the "
+                                   "token of a user who can see this project)", "auth")
+        if status == 404 and resolve:
+            return ImageFetchError(f"Label Studio answered 404 for {here}: no cloud storage connected to the "
+                                   "project could resolve it", "not_found")
+        if status == 404:
+            return ImageFetchError(f"Label Studio answered 404 for {here}: no such file (deleted, or "
+                                   "LABEL_STUDIO_URL points at another Label Studio)", "not_found")
+        return ImageFetchError(f"Label Studio answered {status} for {here}", "http")
+
+    def _transport_error(self, e: Exception | None, here: str, url: str, timeout: tuple[float, float],
+                         deadline: _Deadline) -> ImageFetchError:
+        if deadline.expired:
+            return ImageFetchError(f"fetching {here} took longer than {deadline.seconds:g} s", "timeout")
+        if isinstance(e, requests.ConnectTimeout):
+            return ImageFetchError(f"could not connect to {urlsplit(url).netloc} within {timeout[0]:g} s", "timeout")
+        if isinstance(e, requests.ReadTimeout) or (e is not None and any(
+                isinstance(a, ReadTimeoutError) for a in e.args)):
+            return ImageFetchError(f"timed out after {timeout[1]:g} s waiting for {here}", "timeout")
+        reason = _reason(e)
+        if isinstance(e, requests.exceptions.InvalidURL):
+            return ImageFetchError(f"the image URL {here} is malformed ({reason})")
+        if isinstance(e, requests.exceptions.SSLError):
+            return ImageFetchError(f"TLS failed with {urlsplit(url).netloc} for {here} ({reason})", "unreachable")
+        if isinstance(e, requests.ConnectionError) and self._guard.is_ls_host(url):
+            return ImageFetchError(f"cannot reach Label Studio at {self._ls} ({reason}): set LABEL_STUDIO_URL to "
+                                   "the URL at which the backend reaches Label Studio", "unreachable")
+        if isinstance(e, requests.exceptions.ChunkedEncodingError):
+            return ImageFetchError(f"the connection broke before {here} was complete ({reason})", "unreachable")
+        return ImageFetchError(f"cannot fetch {here} from {urlsplit(url).netloc} ({reason})", "unreachable")
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    split = urlsplit(url)
+    try:
+        port = split.port or (443 if split.scheme.lower() == "https" else 80)
+    except ValueError:
+        return None
+    return split.scheme.lower(), (split.hostname or "").rstrip("."), port
+
+
+def _describe(value: str, ls_origin: tuple[str, str, int] | None) -> str:
+    """The image value for messages: Label Studio URLs as paths, others without query strings or user info."""
+    split = urlsplit(value)
+    if value.startswith("/") or (ls_origin is not None and _origin(value) == ls_origin):
+        text = split.path + (f"?{split.query}" if split.query else "")
+    else:
+        netloc = split.netloc.rpartition("@")[2]
+        text = (f"{split.scheme}:" if split.scheme else "") + (f"//{netloc}" if netloc else "") + split.path
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _jwt_claims(token: str) -> dict | None:
+    """The unverified claims of a JWT (only to tell a personal access token apart and to cache until ``exp``)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        header, claims = (json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4))) for p in parts[:2])
+    except (ValueError, binascii.Error):
+        return None
+    return claims if isinstance(header, dict) and "alg" in header and isinstance(claims, dict) else None
+
+
+def _reason(e: BaseException | None) -> str:
+    """The innermost OS error's text ("Connection refused") rather than urllib3's nested repr."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [e] if e is not None else []
+    while stack:
+        err = stack.pop(0)
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.strerror:
+            return err.strerror
+        stack += [a for a in err.args if isinstance(a, BaseException)]
+        stack += [x for x in (err.__cause__, err.__context__, getattr(err, "reason", None)) if x is not None]
+    return str(e)[:200] if e is not None else "unknown error"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n % 1_000_000 else f"{n // 1_000_000} MB"
