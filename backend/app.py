@@ -25,7 +25,7 @@ from backend.state import EXTENSION, BackendState, current_state
 
 log = logging.getLogger(__name__)
 
-BLUEPRINTS = ("backend.status",)
+BLUEPRINTS = ("backend.status", "backend.predict")
 """Modules whose ``bp`` blueprint :func:`create_app` registers, in order."""
 
 REALM = "lisa-ls"

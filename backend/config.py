@@ -15,8 +15,10 @@ Variable                        Default         Meaning
                                                 pre-label progress); model weights live with the workers
 ``LOG_LEVEL``                   ``INFO``        DEBUG, INFO, WARNING, ERROR or CRITICAL (DEBUG adds access logs)
 ``WORKERS``                     ``1``           gunicorn processes
-``THREADS``                     ``8``           threads per gunicorn process; at least 2, or ``/health`` waits
-                                                behind a running ``/predict`` and Label Studio disconnects
+``THREADS``                     ``64``          threads per gunicorn process. A /predict thread mostly waits on
+                                                Redis, so many are cheap; with fewer threads than requests in
+                                                flight, ``/health`` waits behind them and Label Studio
+                                                disconnects
 ``BASIC_AUTH_USER``             (unset)         with ``BASIC_AUTH_PASS``: HTTP basic auth on every endpoint
 ``BASIC_AUTH_PASS``             (unset)         (Label Studio sends them from ``http://user:pass@host:9090``)
 ``REDIS_URL``                   see worker      the job queue's Redis (``worker.defaults.REDIS_URL``)
@@ -26,6 +28,11 @@ Variable                        Default         Meaning
                                                 Studio's 100 s ``ML_TIMEOUT_PREDICT`` so we answer first
 ``LISA_LS_HEALTH_TIMEOUT_S``    ``0.5``         Redis budget of ``/health``, ``/metrics`` and ``/versions``;
                                                 past it they report Redis unreachable (Label Studio allows 1 s)
+``LISA_LS_QUERY_FIELD``         ``query``       task data key holding the query of batch predictions
+``LISA_LS_DEFAULT_LABEL``       (unset)         brush label used when the query names none (else the first)
+``LISA_LS_SPLIT_INSTANCES``     ``0``           1: one region per connected instance instead of one per mask
+``LISA_LS_PHRASE_TEMPLATE``     see phrasing    question for a short phrase; ``{}`` is the phrase
+``LISA_LS_SENTENCE_TEMPLATE``   see phrasing    question for a sentence; ``{}`` is the sentence
 ==============================  ==============  ===================================================================
 
 Bad values raise :class:`ValueError` naming the variable, at start-up rather than on the first request.
@@ -39,6 +46,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from backend.phrasing import PHRASE_TEMPLATE, SENTENCE_TEMPLATE
 from worker.defaults import ENV_PREFIX, QueueConfig
 
 MODEL_CLASS = "LisaBackend"
@@ -49,11 +57,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 HOST = "0.0.0.0"
 PORT = 9090
 WORKERS = 1
-THREADS = 8
+THREADS = 64
 MODEL_DIR = "./data"
 LOG_LEVEL = "INFO"
 PREDICT_DEADLINE_S = 60.0
 HEALTH_TIMEOUT_S = 0.5
+QUERY_FIELD = "query"
 
 
 def _env(name: str, doc: str) -> dict[str, str]:
@@ -84,6 +93,21 @@ class BackendConfig:
     )
     health_timeout_s: float = dataclasses.field(
         default=HEALTH_TIMEOUT_S, metadata=_env(ENV_PREFIX + "HEALTH_TIMEOUT_S", "Redis budget of /health")
+    )
+    query_field: str = dataclasses.field(
+        default=QUERY_FIELD, metadata=_env(ENV_PREFIX + "QUERY_FIELD", "task data key of batch queries")
+    )
+    default_label: str = dataclasses.field(
+        default="", metadata=_env(ENV_PREFIX + "DEFAULT_LABEL", "brush label when the query names none")
+    )
+    split_instances: int = dataclasses.field(
+        default=0, metadata=_env(ENV_PREFIX + "SPLIT_INSTANCES", "1: one region per connected instance")
+    )
+    phrase_template: str = dataclasses.field(
+        default=PHRASE_TEMPLATE, metadata=_env(ENV_PREFIX + "PHRASE_TEMPLATE", "question for a short phrase")
+    )
+    sentence_template: str = dataclasses.field(
+        default=SENTENCE_TEMPLATE, metadata=_env(ENV_PREFIX + "SENTENCE_TEMPLATE", "question for a sentence")
     )
     queue: QueueConfig = dataclasses.field(default_factory=QueueConfig)
     """The job queue's settings (``REDIS_URL`` and the queue's ``LISA_LS_*`` variables)."""

@@ -16,6 +16,7 @@ import dataclasses
 from flask import current_app
 
 from backend.config import BackendConfig
+from backend.images import FetchSettings, ImageFetcher
 from worker.connection import connect
 from worker.defaults import QueueConfig
 from worker.queue import JobQueue
@@ -33,6 +34,8 @@ class BackendState:
     """Client-side job queue for submitting jobs and waiting on results (the queue's normal timeouts)."""
     status_queue: JobQueue
     """The same queue on a fast-failing client, for ``/health``, ``/metrics`` and ``/versions``."""
+    fetcher: ImageFetcher
+    """Fetches task images (one per process, so its Label Studio access token is shared by all threads)."""
 
     @classmethod
     def build(cls, config: BackendConfig) -> BackendState:
@@ -42,6 +45,8 @@ class BackendState:
             config=config,
             queue=JobQueue(connect(config=config.queue), config.queue),
             status_queue=JobQueue(connect(config=fast), fast),
+            fetcher=ImageFetcher(FetchSettings(label_studio_url=config.label_studio_url,
+                                               api_key=config.label_studio_api_key)),
         )
 
     def close(self) -> None:

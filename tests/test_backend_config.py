@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults() -> None:
     config = BackendConfig.from_env({})
-    assert (config.host, config.port, config.workers, config.threads) == ("0.0.0.0", 9090, 1, 8)
+    assert (config.host, config.port, config.workers, config.threads) == ("0.0.0.0", 9090, 1, 64)
     assert config.predict_deadline_s == 60.0 and config.predict_deadline_s < 100  # Label Studio's predict timeout
     assert config.log_level == "INFO" and config.basic_auth is None
     assert config.label_studio_url == "" and config.label_studio_api_key == ""
@@ -45,6 +45,11 @@ def test_every_variable_is_read() -> None:
         "LISA_LS_PREDICT_DEADLINE_S": "45.5",
         "LISA_LS_HEALTH_TIMEOUT_S": "0.3",
         "LISA_LS_BATCH_SIZE": "4",  # a queue setting: lands in config.queue
+        "LISA_LS_QUERY_FIELD": "question",
+        "LISA_LS_DEFAULT_LABEL": "Target",
+        "LISA_LS_SPLIT_INSTANCES": "1",
+        "LISA_LS_PHRASE_TEMPLATE": "Where is {}? Please output segmentation mask.",
+        "LISA_LS_SENTENCE_TEMPLATE": "{} Please respond with segmentation mask.",
     }
     config = BackendConfig.from_env(env)
     assert config.label_studio_url == "http://ls.example:8080"  # trailing slash dropped
@@ -54,12 +59,15 @@ def test_every_variable_is_read() -> None:
     assert config.redis_url == "redis://redis:6379/2" and config.queue.batch_size == 4
     assert (config.host, config.port) == ("127.0.0.1", 9191)
     assert config.predict_deadline_s == 45.5 and config.health_timeout_s == 0.3
+    assert (config.query_field, config.default_label, config.split_instances) == ("question", "Target", 1)
+    assert config.phrase_template.startswith("Where is")
+    assert config.sentence_template.endswith("respond with segmentation mask.")
     assert set(BackendConfig.variables()) == set(env) - {"REDIS_URL", "LISA_LS_BATCH_SIZE"}
 
 
 def test_empty_values_keep_defaults_and_overrides_win() -> None:
     config = BackendConfig.from_env({"THREADS": "", "LISA_LS_PORT": " "}, workers=2)
-    assert config.threads == 8 and config.port == 9090 and config.workers == 2
+    assert config.threads == 64 and config.port == 9090 and config.workers == 2
     assert BackendConfig.from_env({"WORKERS": "5"}, workers=2).workers == 2
 
 

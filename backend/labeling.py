@@ -1,0 +1,105 @@
+"""Reading a Label Studio labeling config: which Image, which TextArea carries the query, which BrushLabels.
+
+A config the backend cannot serve raises :class:`ConfigError` with a message that names what is missing and how
+to add it; ``/setup`` returns it and Label Studio shows it on the model card.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The recommended config (also shipped as ``backend/labeling_config.xml`` and shown in the README).
+RECOMMENDED_CONFIG = (Path(__file__).parent / "labeling_config.xml").read_text()
+#: Configs larger than this are refused (Label Studio's own are a few kB; this bounds the XML parser's work).
+MAX_CONFIG_BYTES = 256_000
+
+
+class ConfigError(ValueError):
+    """The labeling config cannot be served; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class LabelingSetup:
+    """The parts of a labeling config the backend uses.
+
+    Attributes:
+        image_name: ``name`` of the ``<Image>`` (the ``to_name`` of every region we return).
+        image_field: the task data key of the image (``$image`` -> ``image``).
+        query_name: ``name`` of the ``<TextArea>`` the annotator types queries into (``None``: batch only).
+        brush_name: ``name`` of the ``<BrushLabels>`` (the ``from_name`` of our regions).
+        labels: the BrushLabels' label values, in config order.
+    """
+
+    image_name: str
+    image_field: str
+    query_name: str | None
+    brush_name: str
+    labels: tuple[str, ...]
+
+    def choose_label(self, query: str, default: str | None = None) -> str:
+        """The label of a mask: one named in the query, else the configured default, else the first label."""
+        words = query.lower()
+        named = [lab for lab in self.labels if re.search(rf"\b{re.escape(lab.lower())}\b", words)]
+        if named:
+            return max(named, key=len)  # "red car" beats "car" when both are labels
+        if default and default in self.labels:
+            return default
+        return self.labels[0]
+
+
+def _tag(el: ET.Element) -> str:
+    return el.tag.lower()
+
+
+def parse_labeling_config(xml: str, require_query: bool = True) -> LabelingSetup:
+    """Find the Image, the query TextArea and the BrushLabels of a labeling config.
+
+    Args:
+        xml: the config as Label Studio sends it in ``/setup`` (``schema``) and ``/predict`` (``label_config``).
+        require_query: refuse a config without a ``<TextArea>`` for the query (interactive use needs one).
+    """
+    if not isinstance(xml, str) or not xml.strip():
+        raise ConfigError("the labeling config is empty; use the recommended config from the lisa-ls README.")
+    if len(xml.encode()) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"the labeling config is larger than {MAX_CONFIG_BYTES // 1000} kB")
+    if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
+        raise ConfigError("the labeling config must not contain DOCTYPE or ENTITY declarations")
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise ConfigError(f"the labeling config is not valid XML ({e})") from e
+    elements = list(root.iter())
+    images = {el.get("name"): el for el in elements if _tag(el) == "image" and el.get("name")}
+    if not images:
+        raise ConfigError('the labeling config has no <Image name="image" value="$image"/>: LISA segments images.')
+    brushes = [el for el in elements if _tag(el) == "brushlabels" and el.get("toName") in images]
+    if not brushes:
+        raise ConfigError(
+            'the labeling config has no <BrushLabels> for its image: add <BrushLabels name="mask" '
+            f'toName="{next(iter(images))}"><Label value="Target"/></BrushLabels>.'
+        )
+    brush = brushes[0]
+    image_name = brush.get("toName", "")
+    labels = tuple(lab.get("value", "") for lab in brush.iter() if _tag(lab) == "label" and lab.get("value"))
+    if not labels:
+        raise ConfigError(f'the <BrushLabels name="{brush.get("name")}"> has no <Label value="..."/>; add one.')
+    texts = [el for el in elements if _tag(el) == "textarea" and image_name in (el.get("toName") or "").split(",")]
+    if not texts and require_query:
+        raise ConfigError(
+            "the labeling config has no <TextArea> for the query: add "
+            f'<TextArea name="query" toName="{image_name}" rows="1" editable="true" maxSubmissions="1"/>, '
+            "where annotators type what to segment."
+        )
+    value = images[image_name].get("value", "")
+    if not value.startswith("$") or len(value) < 2:
+        raise ConfigError(f'<Image name="{image_name}"> must take its image from task data, e.g. value="$image".')
+    return LabelingSetup(
+        image_name=image_name,
+        image_field=value[1:],
+        query_name=texts[0].get("name") if texts else None,
+        brush_name=brush.get("name", ""),
+        labels=labels,
+    )

@@ -1,0 +1,190 @@
+"""Label Studio's protocol endpoints: ``/setup``, ``/predict`` and ``/webhook``.
+
+Follow a query: Label Studio posts ``/predict`` -> :func:`predict` reads the labeling config
+(:mod:`backend.labeling`), finds the typed query in ``params.context`` (interactive) or the task data (batch),
+phrases it for LISA (:mod:`backend.phrasing`), fetches the image (:mod:`backend.images`), stores it in Redis once
+and submits one job per task (:mod:`worker.queue`); a worker answers with masks, which become editable
+``brushlabels`` regions (:mod:`backend.regions`).
+
+Label Studio also calls ``/predict`` with ``context: null`` each time a task opens (twice) and after Submit;
+task loading waits for those calls, so a request with no query to run answers at once and stores nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from backend.errors import json_error
+from backend.images import ImageFetchError
+from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
+from backend.phrasing import Phrasing, QueryError
+from backend.regions import prediction
+from backend.state import BackendState, current_state
+from worker.protocol import Job
+from worker.queue import JobQueue
+
+log = logging.getLogger(__name__)
+bp = Blueprint("protocol", __name__)
+
+#: Per-project settings a connection can carry in ``extra_params`` (JSON in Label Studio's model settings).
+PROJECT_KEYS = ("default_query", "query_field", "label", "split_instances", "phrase_template", "sentence_template")
+PROJECT_TTL_S = 30 * 24 * 3600
+
+
+def _project_id(value: Any) -> str:
+    """Label Studio sends ``"<id>.<created_at>"``; the id is what identifies the project."""
+    return str(value or "").split(".")[0]
+
+
+def _project_key(queue: JobQueue, project: str) -> str:
+    return queue.key("project", project)
+
+
+def current_version(queue: JobQueue) -> str | None:
+    """The model version the workers serve (the most common one while a rollout is under way)."""
+    versions = [str(w["model_version"]) for w in queue.live_workers()
+                if w.get("model_version") and w.get("state") != "draining"]
+    return max(set(versions), key=versions.count) if versions else None
+
+
+@bp.post("/setup")
+def setup() -> Response | tuple[Response, int]:
+    state = current_state()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return json_error(400, "the /setup body must be a JSON object with the labeling config in 'schema'")
+    try:
+        parse_labeling_config(body.get("schema", ""))
+    except ConfigError as e:
+        return json_error(422, f"lisa-ls cannot serve this labeling config: {e}")
+    extra = body.get("extra_params")
+    if isinstance(extra, str) and extra.strip():
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError:
+            return json_error(422, "extra_params is not valid JSON")
+    if isinstance(extra, dict) and _project_id(body.get("project")):
+        settings = {k: extra[k] for k in PROJECT_KEYS if k in extra}
+        state.queue.redis.set(_project_key(state.queue, _project_id(body.get("project"))), json.dumps(settings),
+                              ex=PROJECT_TTL_S)
+    version = current_version(state.queue)
+    if version is None:
+        return json_error(503, "no LISA worker is running: start one with `lisa-ls worker --model ...` "
+                               "(or `lisa-ls up`), then validate the connection again")
+    return jsonify({"model_version": version})
+
+
+def _project_settings(state: BackendState, project: str) -> dict[str, Any]:
+    raw = state.queue.redis.get(_project_key(state.queue, project)) if project else None
+    return json.loads(raw) if raw else {}
+
+
+def _typed_query(context: dict, setup: LabelingSetup) -> str | None:
+    """The query typed in the labeling UI: the last textarea result (of the config's query TextArea)."""
+    texts = []
+    for item in context.get("result") or []:
+        if not isinstance(item, dict) or item.get("type") != "textarea":
+            continue
+        if setup.query_name and item.get("from_name") not in (setup.query_name, None):
+            continue
+        value = (item.get("value") or {}).get("text") or []
+        texts.extend(t for t in (value if isinstance(value, list) else [value]) if isinstance(t, str) and t.strip())
+    return texts[-1] if texts else None
+
+
+@bp.post("/predict")
+def predict() -> Response | tuple[Response, int]:
+    state, config = current_state(), current_state().config
+    started = time.time()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
+        return json_error(400, "the /predict body must be a JSON object with a 'tasks' list")
+    tasks = [t for t in body["tasks"] if isinstance(t, dict)]
+    context = (body.get("params") or {}).get("context") if isinstance(body.get("params"), dict) else None
+    interactive = isinstance(context, dict)
+    empty = {"results": [{"result": [], "score": 0}]} if interactive else {"results": []}
+    try:
+        setup = parse_labeling_config(body.get("label_config", ""), require_query=False)
+    except ConfigError as e:
+        return json_error(422, f"lisa-ls cannot serve this labeling config: {e}")
+    project = _project_settings(state, _project_id(body.get("project")))
+    try:
+        phrasing = Phrasing(project.get("phrase_template", config.phrase_template),
+                            project.get("sentence_template", config.sentence_template))
+    except ValueError as e:
+        return json_error(422, str(e))
+    # 1. Which task gets which query. No query anywhere: answer at once (task loading waits for this call).
+    wanted: list[tuple[int, dict, str]] = []
+    if interactive:
+        query = _typed_query(context, setup)
+        if query is not None and tasks:
+            wanted.append((0, tasks[0], query))
+    else:
+        field = project.get("query_field", config.query_field)
+        for i, task in enumerate(tasks):
+            data = task.get("data") if isinstance(task.get("data"), dict) else {}
+            query = data.get(field) or project.get("default_query")
+            if isinstance(query, str) and query.strip():
+                wanted.append((i, task, query))
+    if not wanted:
+        return jsonify(empty)
+    # 2. Jobs: phrase, fetch and store each image once, submit all at once.
+    jobs: dict[int, Job] = {}
+    problems: dict[int, str] = {}
+    deadline = started + config.predict_deadline_s
+    for i, task, query in wanted:
+        try:
+            question = phrasing.question(query)
+            value = (task.get("data") or {}).get(setup.image_field)
+            if not value:
+                raise ImageFetchError(f"the task has no '{setup.image_field}' field (the <Image> value)", "bad_url")
+            image = state.fetcher.fetch(value, task_id=task.get("id"))
+        except (QueryError, ImageFetchError) as e:
+            problems[i] = str(e)
+            continue
+        key = state.queue.put_image(image.data)
+        jobs[i] = Job(image=key, query=question, deadline=deadline, options={"query": query, "task": task.get("id")})
+    if interactive and problems:
+        return json_error(422, problems[0])
+    if jobs:
+        state.queue.submit_many(list(jobs.values()))  # BusyError -> 503 "busy" (backend.errors)
+    # 3. Wait and turn masks into regions, in task order.
+    results: list[dict[str, Any]] = [{"error": "no query for this task"} for _ in tasks]
+    for i, message in problems.items():
+        results[i] = {"error": message}
+        log.warning("task %s: %s", tasks[i].get("id"), message)
+    for i, job in jobs.items():
+        result = state.queue.wait(job, timeout=max(0.0, deadline - time.time()))
+        if not result.ok:
+            if interactive:
+                status = 504 if result.error_code == "timeout" else 422 if result.error_code == "bad_input" else 503
+                return json_error(status, f"{result.error_code}: {result.error_message}")
+            results[i] = {"error": f"{result.error_code}: {result.error_message}"}
+            log.warning("task %s: %s: %s", tasks[i].get("id"), result.error_code, result.error_message)
+            continue
+        query = job.options["query"]
+        label = setup.choose_label(query, project.get("label") or config.default_label)
+        split = bool(project.get("split_instances", config.split_instances))
+        results[i] = prediction(result.mask_array(), result.scores, setup, label, result.model_version, query, split)
+        log.info("task %s: %d region(s) for %r in %.2f s (%s)", tasks[i].get("id"), len(results[i]["result"]),
+                 query, time.time() - started, result.model_version)
+    return jsonify({"results": results})
+
+
+@bp.post("/webhook")
+def webhook() -> Response | tuple[Response, int]:
+    """Acknowledge at once (Label Studio waits 1 s); capturing corrections is the fine-tune issue's work."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+        return json_error(400, "a webhook body must be a JSON object with an 'action'")
+    action = body["action"]
+    annotation = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}
+    task = body.get("task") if isinstance(body.get("task"), dict) else {}
+    log.info("webhook %s annotation=%s task=%s", action, annotation.get("id"), task.get("id") or annotation.get("task"))
+    known = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING"}
+    return jsonify({"status": "ok" if action in known else "Unknown event"})

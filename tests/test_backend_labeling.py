@@ -1,0 +1,97 @@
+"""Labeling-config parsing, label choice, query phrasing and region building (no server needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.brush import rle_to_mask
+from backend.labeling import RECOMMENDED_CONFIG, ConfigError, parse_labeling_config
+from backend.phrasing import MAX_QUERY_CHARS, Phrasing, QueryError, clean_query
+from backend.regions import prediction, split_instances
+
+MULTI = """<View><Image name="img" value="$photo"/><TextArea name="q" toName="img"/>
+<BrushLabels name="brush" toName="img"><Label value="Car"/><Label value="Red car"/><Label value="Person"/></BrushLabels>
+</View>"""
+
+
+def test_recommended_config():
+    setup = parse_labeling_config(RECOMMENDED_CONFIG)
+    assert (setup.image_name, setup.image_field, setup.query_name, setup.brush_name) == (
+        "image", "image", "query", "mask")
+    assert setup.labels == ("Target",)
+
+
+def test_label_choice():
+    setup = parse_labeling_config(MULTI)
+    assert setup.image_field == "photo"
+    assert setup.choose_label("the red car on the left") == "Red car"  # the longest label named wins
+    assert setup.choose_label("the person holding an umbrella") == "Person"
+    assert setup.choose_label("the carpet") == "Car"  # whole words only: no label named, first label
+    assert setup.choose_label("the carpet", default="Person") == "Person"
+    assert setup.choose_label("the carpet", default="Unknown") == "Car"
+
+
+@pytest.mark.parametrize(("xml", "message"), [
+    ("", "empty"),
+    ("<View><Image name='i' value='$i'/>", "not valid XML"),
+    ("<View><Text name='t' value='$t'/></View>", "no <Image"),
+    ("<View><Image name='i' value='$i'/><TextArea name='q' toName='i'/></View>", "no <BrushLabels>"),
+    ("<View><Image name='i' value='$i'/><BrushLabels name='b' toName='i'/></View>", "no <Label"),
+    ("<View><Image name='i' value='$i'/><BrushLabels name='b' toName='i'><Label value='A'/></BrushLabels></View>",
+     "no <TextArea> for the query"),
+    ("<View><Image name='i' value='http://x'/><TextArea name='q' toName='i'/>"
+     "<BrushLabels name='b' toName='i'><Label value='A'/></BrushLabels></View>", "from task data"),
+    ('<!DOCTYPE x [<!ENTITY a "b">]><View/>', "DOCTYPE"),
+])
+def test_configs_that_cannot_be_served(xml, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_labeling_config(xml)
+
+
+@pytest.mark.parametrize(("typed", "question"), [
+    ("the orange", "What is the orange in this image? Please output segmentation mask."),
+    ("the food rich in vitamin C",
+     "What is the food rich in vitamin C in this image? Please output segmentation mask."),
+    ("  the   red\ncar ", "What is the red car in this image? Please output segmentation mask."),
+    ("Which object would you use to cut bread?",
+     "Which object would you use to cut bread? Please output segmentation mask."),
+    ("which object is edible", "which object is edible? Please output segmentation mask."),
+    ("The animal that guards the house.", "The animal that guards the house. Please output segmentation mask."),
+    ("Please segment the dog.", "Please segment the dog."),
+    ("Can you segment the blue square in this image?", "Can you segment the blue square in this image?"),
+])
+def test_phrasing(typed, question):
+    assert Phrasing().question(typed) == question
+
+
+def test_phrasing_templates_and_refusals():
+    custom = Phrasing("Where is {}? Please respond with segmentation mask.",
+                      "{} Please respond with segmentation mask.")
+    assert custom.question("the cat") == "Where is the cat? Please respond with segmentation mask."
+    with pytest.raises(ValueError, match="exactly one"):
+        Phrasing("no placeholder")
+    with pytest.raises(QueryError, match="empty"):
+        Phrasing().question(" \n ")
+    with pytest.raises(QueryError, match=f"the limit is {MAX_QUERY_CHARS}"):
+        clean_query("a" * 10_000)
+    with pytest.raises(QueryError, match="U\\+0000"):
+        clean_query("nul\x00byte")
+    with pytest.raises(QueryError, match="must be text"):
+        clean_query(42)
+
+
+def test_regions_and_instance_split():
+    setup = parse_labeling_config(RECOMMENDED_CONFIG)
+    masks = np.zeros((2, 30, 40), dtype=bool)
+    masks[0, 2:8, 2:8] = True
+    masks[0, 20:25, 30:38] = True  # a second instance in the same mask
+    pred = prediction(masks, [0.9, 0.1], setup, "Target", "v1", "the squares")
+    assert len(pred["result"]) == 1 and pred["score"] == 0.9 and pred["model_version"] == "v1"
+    region = pred["result"][0]
+    np.testing.assert_array_equal(rle_to_mask(region["value"]["rle"], 30, 40), masks[0])
+    split = prediction(masks, [0.9, 0.1], setup, "Target", "v1", "the squares", split=True)
+    assert len(split["result"]) == 2 and {r["id"] for r in split["result"]} == {r["id"] for r in split["result"]}
+    parts = split_instances(masks[0])
+    assert [p.sum() for p in parts] == [40, 36]  # largest first
+    assert prediction(np.zeros((1, 5, 5), bool), [0.5], setup, "Target", "v1", "x")["result"] == []

@@ -1,0 +1,215 @@
+"""``/setup``, ``/predict`` and ``/webhook`` as Label Studio calls them: a real gunicorn backend, a real Redis, a real
+``lisa-ls worker`` with the tiny LISA, and a loopback HTTP server standing in for Label Studio's file serving."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from backend_fixtures import BackendProcess
+from conftest import CASES, CHECKPOINT, CLIP_TOWER, FIXTURE
+from redis_fixtures import ROOT, RedisServer, config_env, make_config, wait_for
+
+from backend.brush import rle_to_mask
+from backend.labeling import RECOMMENDED_CONFIG
+from worker.connection import connect
+from worker.queue import JobQueue
+
+pytest_plugins = ["redis_fixtures", "backend_fixtures"]
+TOKEN = "0123456789abcdef0123456789abcdef01234567"
+QUERY = CASES[1][0]
+
+
+def textarea(text: str, name: str = "query") -> dict:
+    return {"id": "q1", "from_name": name, "to_name": "image", "type": "textarea", "origin": "manual",
+            "value": {"text": [text]}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Redis + one tiny-model worker + a fake Label Studio serving /data/upload/1/caseN.png + the backend."""
+    tmp = tmp_path_factory.mktemp("predict")
+    server = RedisServer(tmp)
+    server.start()
+    config = make_config(server.url, job_deadline_s=60.0, result_ttl_s=300, visibility_timeout_s=30.0,
+                         max_queue_length=500, batch_size=8)
+    env = {**os.environ, **config_env(config), "PYTHONPATH": str(ROOT)}
+    worker_log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - closed at teardown
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "worker", "--model", str(CHECKPOINT), "--vision-tower", str(CLIP_TOWER),
+         "--device", "cpu", "--model-version", "tiny-test"], env=env, stdout=worker_log, stderr=subprocess.STDOUT)
+    files = FIXTURE / "cases"
+
+    class LabelStudioFiles(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.headers.get("Authorization") != f"Token {TOKEN}":
+                self.send_error(401)
+                return
+            name = self.path.rsplit("/", 1)[-1]
+            data = (files / name).read_bytes() if (files / name).is_file() else None
+            if self.path.startswith("/data/upload/1/") and data:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif self.path == "/data/upload/1/broken.png":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"\x89PNG\r\n\x1a\n garbage")
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(LabelStudioFiles))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    ls_url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    backend = BackendProcess(config, tmp, {"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN}, threads=64)
+    backend.wait_ready()
+    queue = JobQueue(connect(config=config), config)
+    wait_for(queue.live_workers, timeout=90, what="the model worker")
+    yield backend, queue
+    backend.stop()
+    worker.terminate()
+    worker.wait(timeout=30)
+    worker_log.close()
+    httpd.shutdown()
+    server.stop()
+    print(Path(backend.log_path).read_text(errors="replace")[-4000:])
+
+
+def task(n: int = 1, **data) -> dict:
+    return {"id": n, "data": {"image": f"/data/upload/1/case{n}.png", **data}}
+
+
+def predict(backend, tasks, context=None, config=RECOMMENDED_CONFIG, project="1.1700000000", timeout=90):
+    body = {"tasks": tasks, "project": project, "label_config": config,
+            "params": {"login": None, "password": None, "context": context}}
+    return requests.post(backend.url + "/predict", json=body, timeout=timeout)
+
+
+def test_setup_reports_the_workers_version_and_refuses_bad_configs(stack):
+    backend, _ = stack
+    ok = requests.post(backend.url + "/setup", json={"project": "1.17", "schema": RECOMMENDED_CONFIG}, timeout=5)
+    assert ok.status_code == 200 and ok.json() == {"model_version": "tiny-test"}
+    no_text = RECOMMENDED_CONFIG.replace("TextArea", "Header")
+    r = requests.post(backend.url + "/setup", json={"project": "1.17", "schema": no_text}, timeout=5)
+    assert r.status_code == 422 and "no <TextArea> for the query" in r.json()["message"]
+    no_brush = '<View><Image name="image" value="$image"/><TextArea name="q" toName="image"/></View>'
+    r = requests.post(backend.url + "/setup", json={"project": "1.17", "schema": no_brush}, timeout=5)
+    assert r.status_code == 422 and "<BrushLabels>" in r.json()["message"]
+    r = requests.post(backend.url + "/setup", json={"project": "1.17", "schema": "<View><Image"}, timeout=5)
+    assert r.status_code == 422 and "not valid XML" in r.json()["message"]
+    r = requests.post(backend.url + "/setup", data="{not json", timeout=5)
+    assert r.status_code == 400
+
+
+def test_interactive_query_gives_an_editable_brush_region(stack):
+    backend, _ = stack
+    r = predict(backend, [task(1)], {"result": [textarea(QUERY)]})
+    assert r.status_code == 200, r.text
+    [pred] = r.json()["results"]
+    assert pred["model_version"] == "tiny-test"
+    [region] = pred["result"]  # the tiny model answers "[SEG] ..." for this query: one mask
+    assert region["origin"] == "prediction" and region["type"] == "brushlabels"
+    assert (region["from_name"], region["to_name"]) == ("mask", "image")
+    assert (region["original_width"], region["original_height"]) == (640, 480)
+    assert region["value"]["brushlabels"] == ["Target"] and region["meta"]["prompt"] == QUERY
+    mask = rle_to_mask(region["value"]["rle"], 480, 640)
+    assert mask.any() and mask.shape == (480, 640)
+
+
+def test_calls_without_a_query_answer_at_once(stack):
+    backend, _ = stack
+    t0 = time.perf_counter()
+    assert predict(backend, [task(1), task(2)]).json() == {"results": []}  # task open: context null
+    assert predict(backend, [task(1)], {"result": []}).json() == {"results": [{"result": [], "score": 0}]}
+    assert predict(backend, [task(1)], {"result": [textarea("   ")]}).json()["results"][0]["result"] == []
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_batch_predictions_use_the_task_query_field(stack):
+    backend, _ = stack
+    r = predict(backend, [task(1, query="the red object"), task(2), task(3, query="the blue square")])
+    results = r.json()["results"]
+    assert len(results) == 3
+    assert results[0]["model_version"] == "tiny-test" and "result" in results[0]
+    assert "result" not in results[1]  # no query: Label Studio skips an item without "result"
+    for res in (results[0], results[2]):
+        for region in res["result"]:
+            assert region["origin"] == "prediction"
+
+
+def test_project_default_query_from_extra_params(stack):
+    backend, _ = stack
+    setup = {"project": "7.123", "schema": RECOMMENDED_CONFIG, "extra_params": {"default_query": "the red object"}}
+    assert requests.post(backend.url + "/setup", json=setup, timeout=5).status_code == 200
+    results = predict(backend, [task(1), task(2)], project="7.123").json()["results"]
+    assert all(r["model_version"] == "tiny-test" for r in results)
+
+
+@pytest.mark.parametrize(("tasks", "query", "message"), [
+    ([{"id": 5, "data": {"text": "no image here"}}], QUERY, "the task has no 'image' field"),
+    ([task(9)], QUERY, "404"),
+    ([{"id": 4, "data": {"image": "/data/upload/1/broken.png"}}], QUERY, "image"),
+    ([{"id": 6, "data": {"image": "http://10.1.2.3/x.png"}}], QUERY, "private"),
+    ([{"id": 7, "data": {"image": "file:///etc/passwd"}}], QUERY, "file"),
+    ([task(1)], "x" * 10_000, "the limit is 1000"),
+    ([task(1)], "the \x07 bell", "control characters"),
+])
+def test_bad_input_is_a_readable_error(stack, tasks, query, message):
+    backend, _ = stack
+    r = predict(backend, tasks, {"result": [textarea(query)]})
+    assert r.status_code in (400, 422), r.text
+    assert message.lower() in r.json()["message"].lower()
+    assert requests.get(backend.url + "/health", timeout=1).status_code == 200  # still up
+
+
+def test_malformed_requests(stack):
+    backend, _ = stack
+    assert requests.post(backend.url + "/predict", data="{oops", timeout=5).status_code == 400
+    assert requests.post(backend.url + "/predict", json={"tasks": "x"}, timeout=5).status_code == 400
+    r = predict(backend, [task(1)], {"result": [textarea(QUERY)]}, config="<View/>")
+    assert r.status_code == 422 and "no <Image" in r.json()["message"]
+
+
+def test_webhook_acknowledges_at_once(stack):
+    backend, _ = stack
+    body = {"action": "ANNOTATION_CREATED", "annotation": {"id": 3, "result": []}, "task": {"id": 1}}
+    t0 = time.perf_counter()
+    r = requests.post(backend.url + "/webhook", json=body, timeout=1)
+    assert r.status_code == 200 and r.json()["status"] == "ok" and time.perf_counter() - t0 < 1.0
+    assert requests.post(backend.url + "/webhook", json={"action": "PROJECT_DELETED"}, timeout=1).json() == {
+        "status": "Unknown event"}
+    assert requests.post(backend.url + "/webhook", data="nope", timeout=1).status_code == 400
+
+
+def test_health_stays_fast_with_50_interactive_requests_in_flight(stack):
+    backend, _ = stack
+    contexts = [{"result": [textarea(f"the red object number {i}")]} for i in range(50)]
+    with ThreadPoolExecutor(50) as pool:
+        futures = [pool.submit(predict, backend, [task(1 + i % 3)], c, timeout=120) for i, c in enumerate(contexts)]
+        time.sleep(0.5)
+        health_times = []
+        while not all(f.done() for f in futures):
+            t0 = time.perf_counter()
+            assert requests.get(backend.url + "/health", timeout=5).status_code == 200
+            health_times.append(time.perf_counter() - t0)
+            time.sleep(0.2)
+        statuses = [f.result().status_code for f in futures]
+    assert statuses == [200] * 50
+    assert health_times and max(health_times) < 1.0, health_times  # Label Studio's health timeout
+    print(f"/health during 50 in-flight predictions: max {max(health_times) * 1e3:.0f} ms, "
+          f"median {np.median(health_times) * 1e3:.0f} ms over {len(health_times)} probes")
