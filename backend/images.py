@@ -7,10 +7,8 @@ URL, or a ``data:`` URI. :class:`ImageFetcher` turns each into bytes, under thes
 
 - credentials (``Token <legacy key>``, or ``Bearer <access>`` exchanged for a personal access token at
   ``/api/token/refresh``) go only to the configured Label Studio origin, never along a redirect elsewhere;
-- http(s) only; every host is resolved here and refused when any address is loopback, private, link-local,
-  multicast, unspecified, reserved or otherwise non-public (the Label Studio host and operator-allowed hosts
-  excepted); the socket connects to exactly the checked address (no DNS rebinding); redirects are followed by hand
-  and each hop is checked again;
+- http(s) only, through :mod:`backend.netguard`: no non-public address (but the Label Studio host and operator-allowed
+  hosts), no DNS rebinding; redirects are followed by hand and each hop is checked again;
 - byte, pixel (read from the header, never by decoding), connect, read and overall time limits;
 - every refusal is one :class:`ImageFetchError` whose message Label Studio shows to the annotator as is.
 """
@@ -19,28 +17,36 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import io
-import ipaddress
 import json
 import re
-import socket
 import threading
 import time
-from collections.abc import Callable
-from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from PIL import Image, UnidentifiedImageError
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
-from urllib3.util.connection import create_connection
+from urllib3.exceptions import ReadTimeoutError
 
+from backend.netguard import (
+    AddressPolicy,
+    GuardError,
+    IPAddress,
+    Resolver,
+    _Deadline,
+    _Guard,
+    _guarded_session,
+    _origin,
+    _reason,
+    address_problem,
+    system_resolver,
+)
 from worker.protocol import image_hash
+
+__all__ = ["CLOUD_SCHEMES", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "IMAGE_FORMATS", "AddressPolicy",
+           "FetchSettings", "FetchedImage", "IPAddress", "ImageFetchError", "ImageFetcher", "Resolver",
+           "address_problem", "inspect_image", "system_resolver"]
 
 DEFAULT_MAX_BYTES = 50_000_000
 DEFAULT_MAX_PIXELS = 64_000_000  # the model's own limit (model/preprocess.py), so nothing is fetched in vain
@@ -49,10 +55,6 @@ CLOUD_SCHEMES = frozenset({"s3", "gs", "azure-blob", "azure-spi", "b2"})
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _HEADERS = {"User-Agent": "lisa-ls-backend", "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Resolver = Callable[[str, int], list[str]]
-AddressPolicy = Callable[[IPAddress], "str | None"]
 
 
 class ImageFetchError(Exception):
@@ -96,27 +98,6 @@ class FetchedImage:
     width: int
     height: int
     source: str  # the image value, shortened and without query strings (presigned URLs carry signatures)
-
-
-def system_resolver(host: str, port: int) -> list[str]:
-    """All addresses ``host`` resolves to (the default resolver)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def address_problem(ip: IPAddress) -> str | None:
-    """Why the backend refuses to connect to ``ip`` (e.g. ``"a loopback address"``), or None for a public one."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        # IPv4 embedded in IPv6 (mapped, 6to4, NAT64) reaches the IPv4 address, so judge that one.
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in ipaddress.IPv6Network("64:ff9b::/96"):
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            return address_problem(embedded)
-    for kind in ("loopback", "link-local", "multicast", "unspecified", "private network", "reserved"):
-        if getattr(ip, "is_" + kind.split()[0].replace("-", "_")):
-            return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
-    return None if ip.is_global else "a non-public address"
 
 
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "the image") -> tuple[str, int, int]:
@@ -168,125 +149,6 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str =
     return fmt, width, height
 
 
-class _Deadline:
-    """Shuts this fetch's sockets down when the overall deadline passes.
-
-    Per-read timeouts cannot stop a server that drips one byte at a time; shutting the socket down from a timer
-    wakes any blocked read, so no thread is held longer than the deadline.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.end = time.monotonic() + seconds
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(max(seconds, 0.0), self.add)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def remaining(self) -> float:
-        return self.end - time.monotonic()
-
-    def add(self, sock: socket.socket | None = None) -> None:
-        """Register a socket of this fetch; with no socket, the timer's call: shut them all down."""
-        with self._lock:
-            self._sockets += [sock] if sock else []
-            self.expired = self.expired or sock is None
-            for s in self._sockets if self.expired else ():
-                with contextlib.suppress(OSError):  # already closed
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
-_current = threading.local()  # the running fetch's _Deadline, for the connections it opens (same thread)
-
-
-class _Guard:
-    """Decides where a connection may go, and opens it to exactly the address it checked."""
-
-    def __init__(self, settings: FetchSettings, resolver: Resolver, policy: AddressPolicy) -> None:
-        origin = _origin(settings.label_studio_url) if settings.label_studio_url else None
-        self.ls_hostport = origin[1:] if origin else None
-        self.allowed = {h.lower() for h in settings.allowed_private_hosts}
-        self.resolver = resolver
-        self.policy = policy
-
-    def is_ls_host(self, url: str) -> bool:
-        origin = _origin(url)
-        return origin is not None and origin[1:] == self.ls_hostport
-
-    def addresses(self, host: str, port: int) -> list[str]:
-        host = host.lower().rstrip(".")
-        trusted = (host, port) == self.ls_hostport or host in self.allowed or f"{host}:{port}" in self.allowed
-        try:
-            ips = self.resolver(host, port)
-        except OSError as e:
-            raise ImageFetchError(f"cannot resolve the host name {host!r} ({e})", "unreachable") from e
-        if not ips:
-            raise ImageFetchError(f"the host name {host!r} has no address", "unreachable")
-        for ip in ips:
-            try:
-                address = ipaddress.ip_address(ip.split("%")[0])
-            except ValueError as e:
-                raise ImageFetchError(f"{host!r} resolved to an invalid address {ip!r}", "refused") from e
-            problem = None if trusted else self.policy(address)
-            if problem:
-                shown = host if host == str(address) else f"{host} ({address})"
-                raise ImageFetchError(f"the image URL points to {shown}, {problem}, which the backend refuses to "
-                                      "fetch from", "refused")
-        return ips
-
-    def connect(self, conn: HTTPConnection) -> socket.socket:
-        """Replaces urllib3's ``_new_conn``: resolve, check, then connect to the checked address only."""
-        last: OSError | None = None
-        for ip in self.addresses(conn.host, int(conn.port or 0)):
-            try:
-                sock = create_connection((ip, conn.port), conn.timeout, source_address=conn.source_address,
-                                         socket_options=conn.socket_options)
-            except TimeoutError as e:
-                raise ConnectTimeoutError(conn, f"connect timeout ({conn.timeout} s)") from e
-            except OSError as e:
-                last = e
-                continue
-            deadline = getattr(_current, "deadline", None)
-            if deadline is not None:
-                deadline.add(sock)
-            return sock
-        raise NewConnectionError(conn, f"Failed to establish a new connection: {last}") from last
-
-
-def _guarded_adapter_class(guard: _Guard) -> type[HTTPAdapter]:
-    """A requests adapter class whose connections go through ``guard``.
-
-    One adapter per fetch: its pool is not shared, so every socket a fetch uses was opened (and registered with
-    its deadline) by that fetch.
-    """
-
-    class Conn(HTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            return guard.connect(self)
-
-    class TLSConn(HTTPSConnection):  # TLS still verifies the certificate against the host name
-        def _new_conn(self) -> socket.socket:
-            return guard.connect(self)
-
-    class Pool(HTTPConnectionPool):
-        ConnectionCls = Conn
-
-    class TLSPool(HTTPSConnectionPool):
-        ConnectionCls = TLSConn
-
-    class Adapter(HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
-
-    return Adapter
-
-
 class ImageFetcher:
     """Fetches task images under :class:`FetchSettings`; one per process, safe to share between threads.
 
@@ -298,8 +160,7 @@ class ImageFetcher:
     def __init__(self, settings: FetchSettings, *, resolver: Resolver = system_resolver,
                  policy: AddressPolicy = address_problem) -> None:
         self.settings = settings
-        self._guard = _Guard(settings, resolver, policy)
-        self._adapter_class = _guarded_adapter_class(self._guard)
+        self._guard = _Guard(settings.label_studio_url, settings.allowed_private_hosts, resolver, policy)
         self._ls = settings.label_studio_url.rstrip("/")
         self._ls_origin = _origin(self._ls) if self._ls else None
         self._token_lock = threading.Lock()
@@ -367,21 +228,8 @@ class ImageFetcher:
         return self._ls + path
 
     def _download(self, url: str, source: str) -> bytes:
-        deadline = _Deadline(self.settings.deadline_s)
-        _current.deadline = deadline
-        session = requests.Session()
-        session.verify = self.settings.tls_verify
-        session.trust_env = False  # no proxies (they would bypass the address checks) and no ~/.netrc credentials
-        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # cookies are not port-scoped
-        adapter = self._adapter_class()
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        try:
+        with _guarded_session(self._guard, self.settings.deadline_s, self.settings.tls_verify) as (session, deadline):
             return self._follow(session, url, source, deadline)
-        finally:
-            session.close()
-            deadline.cancel()
-            _current.deadline = None
 
     def _follow(self, session: requests.Session, url: str, source: str, deadline: _Deadline) -> bytes:
         s = self.settings
@@ -404,10 +252,8 @@ class ImageFetcher:
                 response = session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
             except requests.RequestException as e:
                 raise self._transport_error(e, here, url, timeout, deadline) from e
-            except ImageFetchError as e:  # refused by the guard: say which redirect led there
-                if hops:
-                    raise ImageFetchError(f"{e.message} (redirected from {source})", e.code) from e
-                raise
+            except GuardError as e:  # refused by the guard: say which redirect led there
+                raise ImageFetchError(e.message + (f" (redirected from {source})" if hops else ""), e.code) from e
             with response:
                 status = response.status_code
                 if status in _REDIRECTS and response.headers.get("Location"):
@@ -474,6 +320,8 @@ class ImageFetcher:
                                         timeout=timeout, allow_redirects=False)
             except requests.RequestException as e:
                 raise self._transport_error(e, where, self._ls + where, timeout, deadline) from e
+            except GuardError as e:
+                raise ImageFetchError(e.message, e.code) from e
             if response.status_code in (401, 403):
                 raise ImageFetchError(f"Label Studio answered {response.status_code} to the personal access token "
                                       f"in LABEL_STUDIO_API_KEY ({where}): it is revoked, expired or from another "
@@ -529,16 +377,6 @@ class ImageFetcher:
             return ImageFetchError(f"the connection broke before {here} was complete ({reason})", "unreachable")
         return ImageFetchError(f"cannot fetch {here} from {urlsplit(url).netloc} ({reason})", "unreachable")
 
-
-def _origin(url: str) -> tuple[str, str, int] | None:
-    split = urlsplit(url)
-    try:
-        port = split.port or (443 if split.scheme.lower() == "https" else 80)
-    except ValueError:
-        return None
-    return split.scheme.lower(), (split.hostname or "").rstrip("."), port
-
-
 def _describe(value: str, ls_origin: tuple[str, str, int] | None) -> str:
     """The image value for messages: Label Studio URLs as paths, others without query strings or user info."""
     split = urlsplit(value)
@@ -560,23 +398,6 @@ def _jwt_claims(token: str) -> dict | None:
     except (ValueError, binascii.Error):
         return None
     return claims if isinstance(header, dict) and "alg" in header and isinstance(claims, dict) else None
-
-
-def _reason(e: BaseException | None) -> str:
-    """The innermost OS error's text ("Connection refused") rather than urllib3's nested repr."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [e] if e is not None else []
-    while stack:
-        err = stack.pop(0)
-        if id(err) in seen:
-            continue
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.strerror:
-            return err.strerror
-        stack += [a for a in err.args if isinstance(a, BaseException)]
-        stack += [x for x in (err.__cause__, err.__context__, getattr(err, "reason", None)) if x is not None]
-    return str(e)[:200] if e is not None else "unknown error"
-
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n % 1_000_000 else f"{n // 1_000_000} MB"
