@@ -200,9 +200,9 @@ class LisaPredictor:
 
     def seg_positions(self, ids: torch.Tensor, num_patches: int) -> list[int]:
         """Positions, in the image-expanded sequence, of the state *before* each ``[SEG]`` of ``ids``."""
-        seg = self.tokenizer.layout.seg_id
-        at = int((ids < 0).nonzero()[0, 0])
-        return [j - 1 + (num_patches - 1 if j - 1 > at else 0) for j in (ids == seg).nonzero()[:, 0].tolist()]
+        from model.training import seg_positions
+
+        return seg_positions(ids, self.tokenizer.layout.seg_id, num_patches)
 
     def _result(self, tokens, text, logits, iou, states, prompts, low_res) -> Segmentation:
         logits_np = logits.float().cpu().numpy()

@@ -1,0 +1,106 @@
+"""The differentiable teacher-forced forward pass that fine-tuning and evaluation share.
+
+It is LISA's ``model_forward`` on our modules: a batch of (image, query, answer with ``[SEG]``, ground-truth masks)
+goes through CLIP and the SAM image encoder (frozen, as LISA's recipe has it, unless asked otherwise), the LLM
+over the left-padded image-expanded sequences, the [SEG] projection and the SAM mask decoder, and ends in
+:func:`model.losses.lisa_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model.losses import DEFAULT_WEIGHTS, LossWeights, lisa_loss
+from model.modeling import LisaModel
+from model.preprocess import PreprocessedImage
+from model.prompts import teacher_forced_labels, teacher_forced_prompt
+from model.sam import decode_masks, upscale_masks
+from model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LisaTokenizer
+
+
+@dataclass
+class TrainExample:
+    """One conversation: an image, a question, an answer holding one ``[SEG]`` per ground-truth mask.
+
+    Attributes:
+        image: both preprocessed inputs of the image.
+        masks: ``n x H x W`` 0/1 (uint8 or bool) at the image's original size; pixels equal to 255 count as
+            background, as in LISA's training.
+    """
+
+    image: PreprocessedImage
+    query: str
+    answer: str
+    masks: torch.Tensor
+
+
+def seg_positions(ids: torch.Tensor, seg_id: int, num_patches: int) -> list[int]:
+    """Positions, in the image-expanded sequence, of the state *before* each ``[SEG]`` of ``ids``.
+
+    That state is the one whose logits predict ``[SEG]`` (LISA's one-token shift, see ``../shared/ref/lisa.md``).
+    """
+    at = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
+    return [j - 1 + (num_patches - 1 if j - 1 > at else 0) for j in (ids == seg_id).nonzero()[:, 0].tolist()]
+
+
+def expand_labels(labels: torch.Tensor, ids: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Labels over the image-expanded sequence: the image sentinel becomes ``num_patches`` ignored positions."""
+    at = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
+    ignore = labels.new_full((num_patches,), IGNORE_INDEX)
+    return torch.cat([labels[:at], ignore, labels[at + 1 :]])
+
+
+def forward_losses(
+    model: LisaModel,
+    tokenizer: LisaTokenizer,
+    examples: Sequence[TrainExample],
+    weights: LossWeights = DEFAULT_WEIGHTS,
+    train_vision: bool = False,
+) -> dict[str, torch.Tensor]:
+    """LISA's losses on a batch. ``train_vision`` lets gradients reach CLIP and the SAM image encoder (only for
+    models trained from scratch; LISA keeps both frozen)."""
+    device = model.mm_projector.weight.device
+    clip = torch.cat([ex.image.clip_pixels for ex in examples]).to(device)
+    sam = torch.cat([ex.image.sam_pixels for ex in examples]).to(device)
+    with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
+        clip_feats = model.clip_features(clip)
+        embeddings = model.sam_embedding(sam)
+    feats = model.mm_projector(clip_feats.to(model.mm_projector.weight.dtype))
+    num_patches = feats.shape[1]
+    ids_list, labels_list = [], []
+    for ex in examples:
+        conversation = teacher_forced_prompt(ex.query, ex.answer)
+        ids = tokenizer.encode_with_image(conversation)
+        ids_list.append(torch.tensor(ids))
+        labels_list.append(torch.tensor(teacher_forced_labels(tokenizer, conversation, ids)))
+    embeds, mask, positions, pads = model.embed_sequences(ids_list, list(feats))
+    hidden = model.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                             use_cache=False).last_hidden_state
+    logits = model.llm.lm_head(hidden)
+    labels = torch.full(mask.shape, IGNORE_INDEX, dtype=torch.long, device=device)
+    for b, (ids, lab) in enumerate(zip(ids_list, labels_list)):
+        labels[b, pads[b]:] = expand_labels(lab, ids, num_patches).to(device)
+    seg_id = tokenizer.layout.seg_id
+    states, owners = [], []
+    for b, ids in enumerate(ids_list):
+        positions_b = seg_positions(ids, seg_id, num_patches)
+        if len(positions_b) != examples[b].masks.shape[0]:
+            raise ValueError(f"the answer {examples[b].answer!r} has {len(positions_b)} [SEG] but the example has "
+                             f"{examples[b].masks.shape[0]} masks; they must match")
+        states.extend(hidden[b, pads[b] + p] for p in positions_b)
+        owners.extend([b] * len(positions_b))
+    pred_masks: list[torch.Tensor] = []
+    if states:
+        prompts = model.project_seg(torch.stack(states))
+        low_res, _ = decode_masks(model.sam, embeddings[owners], prompts)
+    start = 0
+    for ex in examples:
+        n = ex.masks.shape[0]
+        part = low_res[start : start + n] if n else embeddings.new_zeros((0, 1, 4, 4))
+        pred_masks.append(upscale_masks(model.sam, part, ex.image.resized_hw, ex.image.original_hw))
+        start += n
+    targets = [(ex.masks == 1).to(device) for ex in examples]
+    return lisa_loss(logits, labels, pred_masks, targets, weights)
