@@ -33,3 +33,29 @@ def random_lisa(config: LisaConfig, clip_config: CLIPVisionConfig | None = None,
     torch.manual_seed(seed)
     model = LisaModel(config, CLIPVisionModel(clip_config))
     return model.eval().requires_grad_(False)
+
+
+def tiny_config(vocab_size: int = 704) -> tuple[LisaConfig, CLIPVisionConfig]:
+    """The tiny LISA trained from scratch on synthetic scenes (learning proof, offline demo model).
+
+    Same structure as LISA at toy scale: 128 px SAM input (16x16 embedding), a 112 px CLIP with 49 patch tokens,
+    a 2-layer LLM of width 128.
+    """
+    config = LisaConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, max_sequence_length=512, mm_hidden_size=64, out_dim=64,
+        vision_tower="clip_tower", mm_vision_tower="clip_tower", torch_dtype="float32",
+        sam_image_size=128, sam_patch_size=8, sam_encoder_embed_dim=64, sam_encoder_depth=2,
+        sam_encoder_num_heads=2, sam_encoder_global_attn_indexes=[1], sam_window_size=8,
+        sam_decoder_mlp_dim=256, sam_decoder_num_heads=4, sam_iou_head_hidden_dim=64,
+    )
+    return config, tiny_clip_config(hidden=64, image_size=112, patch_size=16)
+
+
+def save_random_tiny(out: str, tokenizer_dir: str, seed: int = 0) -> str:
+    """Write an untrained tiny LISA (:func:`tiny_config`) in release format, with ``tokenizer_dir``'s tokenizer."""
+    from model.release import save_release
+    from model.tokenizer import LisaTokenizer
+
+    config, clip = tiny_config(len(LisaTokenizer(tokenizer_dir)))
+    return str(save_release(random_lisa(config, clip, seed), tokenizer_dir, out))

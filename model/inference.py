@@ -95,7 +95,7 @@ class LisaPredictor:
     @torch.inference_mode()
     def encode_batch(self, images: Sequence[np.ndarray | PreprocessedImage]) -> list[EncodedImage]:
         """Encode images (``H x W x 3`` uint8 RGB arrays or :class:`PreprocessedImage`) in one CLIP/SAM call."""
-        pre = [im if isinstance(im, PreprocessedImage) else preprocess(im) for im in images]
+        pre = [im if isinstance(im, PreprocessedImage) else self.preprocess(im) for im in images]
         if not pre:
             return []
         clip = torch.cat([p.clip_pixels for p in pre]).to(self.device)
@@ -106,6 +106,10 @@ class LisaPredictor:
             EncodedImage(feats[i].clone(), embs[i : i + 1].clone(), p.original_hw, p.resized_hw)
             for i, p in enumerate(pre)
         ]
+
+    def preprocess(self, image: np.ndarray) -> PreprocessedImage:
+        """Both model inputs of an RGB image, at this model's CLIP and SAM input sizes."""
+        return preprocess(image, self.model.clip_size, self.model.config.sam_image_size)
 
     def encode(self, image: np.ndarray | PreprocessedImage) -> EncodedImage:
         """Encode one image; see :meth:`encode_batch`."""

@@ -63,6 +63,11 @@ class LisaModel(nn.Module):
     def sam_dtype(self) -> torch.dtype:
         return self.sam.image_encoder.patch_embed.proj.weight.dtype
 
+    @property
+    def clip_size(self) -> int:
+        """Input side of the CLIP tower (224 for LISA's ViT-L/14)."""
+        return int(self.vision_tower.config.image_size)
+
     def clip_features(self, clip_pixels: torch.Tensor) -> torch.Tensor:
         """CLIP patch features as LLaVA selects them (layer ``mm_vision_select_layer``, CLS dropped, no post-LN).
 

@@ -89,23 +89,24 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
-def clip_preprocess(image: np.ndarray) -> torch.Tensor:
+def clip_preprocess(image: np.ndarray, size: int = CLIP_SIZE) -> torch.Tensor:
     """CLIP branch (openai processor semantics of transformers 4.31, PIL resampling).
 
     Args:
         image: ``H x W x 3`` uint8 RGB.
+        size: the tower's input side (224 for LISA's CLIP ViT-L/14).
     Returns:
-        ``1 x 3 x 224 x 224`` float32.
+        ``1 x 3 x size x size`` float32.
     """
     h, w = image.shape[:2]
     short, long = (w, h) if w <= h else (h, w)
-    if short != CLIP_SIZE:
-        new_short, new_long = CLIP_SIZE, int(CLIP_SIZE * long / short)
+    if short != size:
+        new_short, new_long = size, int(size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=Image.BICUBIC, reducing_gap=None))
     h, w = image.shape[:2]
-    top, left = (h - CLIP_SIZE) // 2, (w - CLIP_SIZE) // 2
-    image = image[top : top + CLIP_SIZE, left : left + CLIP_SIZE]
+    top, left = (h - size) // 2, (w - size) // 2
+    image = image[top : top + size, left : left + size]
     x = (image * (1 / 255)).astype(np.float32)
     x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
@@ -117,24 +118,24 @@ def sam_resize_shape(h: int, w: int, target: int = SAM_SIZE) -> tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def sam_resize(image: np.ndarray) -> np.ndarray:
+def sam_resize(image: np.ndarray, size: int = SAM_SIZE) -> np.ndarray:
     """``ResizeLongestSide(1024).apply_image``: ``H x W x 3`` uint8 -> ``h' x w' x 3`` uint8 (PIL bilinear)."""
-    nh, nw = sam_resize_shape(*image.shape[:2])
+    nh, nw = sam_resize_shape(*image.shape[:2], size)
     return np.asarray(Image.fromarray(image).resize((nw, nh), resample=Image.BILINEAR))
 
 
-def sam_preprocess(resized: np.ndarray) -> torch.Tensor:
-    """Normalise then zero-pad to 1024x1024.
+def sam_preprocess(resized: np.ndarray, size: int = SAM_SIZE) -> torch.Tensor:
+    """Normalise then zero-pad to ``size`` x ``size`` (1024 for LISA's SAM).
 
     Args:
         resized: ``h' x w' x 3`` uint8 from :func:`sam_resize`.
     Returns:
-        ``1 x 3 x 1024 x 1024`` float32.
+        ``1 x 3 x size x size`` float32.
     """
     x = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).float()
     x = (x - torch.tensor(SAM_MEAN).view(3, 1, 1)) / torch.tensor(SAM_STD).view(3, 1, 1)
     h, w = x.shape[-2:]
-    return torch.nn.functional.pad(x, (0, SAM_SIZE - w, 0, SAM_SIZE - h))[None]
+    return torch.nn.functional.pad(x, (0, size - w, 0, size - h))[None]
 
 
 @dataclass
@@ -154,8 +155,8 @@ class PreprocessedImage:
     resized_hw: tuple[int, int]
 
 
-def preprocess(image: np.ndarray) -> PreprocessedImage:
-    """Run both branches on an ``H x W x 3`` uint8 RGB image."""
+def preprocess(image: np.ndarray, clip_size: int = CLIP_SIZE, sam_size: int = SAM_SIZE) -> PreprocessedImage:
+    """Run both branches on an ``H x W x 3`` uint8 RGB image (sizes: LISA's unless a smaller model says so)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise InputError(f"expected an H x W x 3 uint8 RGB array, got {image.dtype} of shape {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
@@ -163,10 +164,10 @@ def preprocess(image: np.ndarray) -> PreprocessedImage:
     h, w = image.shape[:2]
     if max(h, w) / min(h, w) > MAX_ASPECT_RATIO:
         raise InputError(f"the image is {w}x{h}, a side ratio above {MAX_ASPECT_RATIO}:1; crop it into tiles first.")
-    resized = sam_resize(image)
+    resized = sam_resize(image, sam_size)
     return PreprocessedImage(
-        clip_pixels=clip_preprocess(image),
-        sam_pixels=sam_preprocess(resized),
+        clip_pixels=clip_preprocess(image, clip_size),
+        sam_pixels=sam_preprocess(resized, sam_size),
         original_hw=(int(image.shape[0]), int(image.shape[1])),
         resized_hw=(int(resized.shape[0]), int(resized.shape[1])),
     )

@@ -62,6 +62,16 @@ def forward_losses(
 ) -> dict[str, torch.Tensor]:
     """LISA's losses on a batch. ``train_vision`` lets gradients reach CLIP and the SAM image encoder (only for
     models trained from scratch; LISA keeps both frozen)."""
+    logits, labels, pred_masks = teacher_forced_forward(model, tokenizer, examples, train_vision)
+    device = logits.device
+    targets = [(ex.masks == 1).to(device) for ex in examples]
+    return lisa_loss(logits, labels, pred_masks, targets, weights)
+
+
+def teacher_forced_forward(
+    model: LisaModel, tokenizer: LisaTokenizer, examples: Sequence[TrainExample], train_vision: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One forward pass: ``(logits B x T x V, labels B x T, per example n x H x W mask logits)``."""
     device = model.mm_projector.weight.device
     clip = torch.cat([ex.image.clip_pixels for ex in examples]).to(device)
     sam = torch.cat([ex.image.sam_pixels for ex in examples]).to(device)
@@ -102,5 +112,4 @@ def forward_losses(
         part = low_res[start : start + n] if n else embeddings.new_zeros((0, 1, 4, 4))
         pred_masks.append(upscale_masks(model.sam, part, ex.image.resized_hw, ex.image.original_hw))
         start += n
-    targets = [(ex.masks == 1).to(device) for ex in examples]
-    return lisa_loss(logits, labels, pred_masks, targets, weights)
+    return logits, labels, pred_masks

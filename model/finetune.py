@@ -1,0 +1,272 @@
+"""Fine-tuning LISA with its own recipe, resumable, on our datasets or on synthetic scenes.
+
+Read top to bottom: the configuration (every default in one place), the data, the trainable parameters (LoRA on
+the LLM's q/v projections plus the fully trained mask decoder, [SEG] projection, ``lm_head`` and embeddings - or
+everything, for a tiny model trained from scratch), the loop (AdamW, warm-up then linear decay, gradient
+accumulation, clipping), evaluation, and the artifact.
+
+Unlike LISA's ``train_ds.py``, starting from a released checkpoint keeps its SAM and [SEG] projection (LISA
+re-initialises them, issue #159) and sets the loss weights (LISA leaves them ``None``, issue #188).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import load_lisa
+from model.losses import LossWeights
+from model.metrics import IoUMeter
+from model.modeling import LisaModel
+from model.preprocess import preprocess
+from model.tokenizer import LisaTokenizer
+from model.training import TrainExample, forward_losses, teacher_forced_forward
+
+log = logging.getLogger(__name__)
+
+#: LISA's LoRA targets: the LLM's attention q/v projections only (never CLIP's or SAM's).
+LORA_TARGETS = r".*llm\.model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
+#: Trained in full and saved with the adapter, as in LISA's recipe.
+FULLY_TRAINED = ("mask_decoder", "text_hidden_fcs", "lm_head", "embed_tokens")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tune run needs; stored as ``config.json`` in the run folder."""
+
+    base: str = field(metadata={"help": "LISA checkpoint folder or Hub id to start from"})
+    out: str = field(metadata={"help": "run folder: checkpoints, logs, the final artifact"})
+    data: list[str] = field(default_factory=lambda: ["synthetic"],
+                            metadata={"help": "dataset folders, or 'synthetic' for generated scenes"})
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP override (default: the base's)"})
+    mode: str = field(default="lora", metadata={"help": "lora (LISA's recipe) or full (tiny models from scratch)"})
+    steps: int = field(default=500, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=2, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=10, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, betas 0.9/0.95)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up from 0, then linear decay to 0"})
+    weight_decay: float = 0.0
+    clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    train_vision: bool = field(default=False, metadata={"help": "also train CLIP and the SAM image encoder"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    dtype: str = field(default="auto", metadata={"help": "fp32 or bf16 (auto: bf16 on CUDA, fp32 on CPU)"})
+    eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
+    eval_examples: int = field(default=200, metadata={"help": "held-out masks per evaluation (synthetic data)"})
+    save_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
+    time_limit_s: float | None = field(default=None, metadata={"help": "stop (and save) after this many seconds"})
+    seed: int = 0
+    weights: dict[str, float] = field(default_factory=lambda: dataclasses.asdict(LossWeights()))
+
+
+# ----------------------------------------------------------------------------------------------------- data
+SYNTHETIC_VAL_SEED = 10_000_000  # held-out scenes come from a seed range training never reaches
+
+
+def _question(query: str) -> str:
+    """LISA's validation phrasing: short phrase vs sentence."""
+    if query.rstrip().endswith((".", "?", "!")):
+        return f"{query} Please output segmentation mask."
+    return f"What is {query} in this image? Please output segmentation mask."
+
+
+def synthetic_examples(model: LisaModel, seed: int, val: bool = False) -> Iterator[TrainExample]:
+    """An endless stream of synthetic (scene, query, mask) examples; ``val`` draws from the held-out seeds."""
+    from model.synthetic import answer, make_scene, question
+
+    rng = random.Random(seed + (SYNTHETIC_VAL_SEED if val else 0))
+    size, clip = model.config.sam_image_size, model.clip_size
+    i = 0
+    while True:
+        scene = make_scene(rng.randrange(SYNTHETIC_VAL_SEED) + (SYNTHETIC_VAL_SEED if val else 0), size=size)
+        pre = preprocess(scene.image, clip, size)
+        queries = scene.queries if val else rng.sample(scene.queries, min(2, len(scene.queries)))
+        for q in queries:
+            mask = torch.from_numpy(scene.target_mask(q)[None].astype(np.uint8))
+            text = _question(q.phrase) if val else question(q.phrase, rng)
+            yield TrainExample(pre, text, "[SEG]." if val else answer(rng), mask)
+        i += 1
+
+
+def dataset_examples(model: LisaModel, dirs: list[str], split: str, seed: int) -> list[TrainExample]:
+    """Examples of our dataset folders (see ``model/data.py``); one per (sample, query)."""
+    from model.data import load_samples
+
+    examples = []
+    for sample in load_samples(dirs, split=split):
+        pre = preprocess(sample.image, model.clip_size, model.config.sam_image_size)
+        answer = " ".join(["[SEG]"] * len(sample.masks)) + "."
+        masks = torch.from_numpy(np.stack(sample.masks))
+        examples.extend(TrainExample(pre, _question(q), answer, masks) for q in sample.queries)
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+# ------------------------------------------------------------------------------------------------ training
+def trainable_model(model: LisaModel, cfg: FinetuneConfig) -> torch.nn.Module:
+    """Mark what trains. LoRA mode wraps the model with peft; full mode trains every module (CLIP and the SAM
+    image encoder only with ``train_vision``)."""
+    if cfg.mode == "full":
+        for name, p in model.named_parameters():
+            vision = name.startswith(("vision_tower.", "sam.image_encoder."))
+            p.requires_grad_(cfg.train_vision or not vision)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=LORA_TARGETS, modules_to_save=list(FULLY_TRAINED))
+    return get_peft_model(model, lora)
+
+
+def lr_lambda(cfg: FinetuneConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return step / max(1, cfg.warmup_steps)
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
+
+    return f
+
+
+@torch.no_grad()
+def evaluate(model: LisaModel, tokenizer: LisaTokenizer, examples: list[TrainExample], batch: int = 8) -> dict:
+    """gIoU / cIoU of teacher-forced masks (``logits > 0``), LISA's validation path."""
+    was_training = model.training
+    model.eval()
+    meter = IoUMeter()
+    for i in range(0, len(examples), batch):
+        chunk = examples[i : i + batch]
+        _, _, preds = teacher_forced_forward(model, tokenizer, chunk)
+        for ex, pred in zip(chunk, preds):
+            for p, t in zip(pred, ex.masks):
+                meter.add((p > 0).cpu().numpy(), t.cpu().numpy())
+    model.train(was_training)
+    return meter.report()
+
+
+def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume) a fine-tune; returns the final metrics. See the module docstring."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_lisa(cfg.base, cfg.vision_tower, dtype=dtype, device=device)
+    net = trainable_model(model, cfg)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    weights = LossWeights(**cfg.weights)
+    step = _resume(out, net, optimizer, scheduler)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if cfg.data == ["synthetic"]:
+        train_iter = synthetic_examples(model, cfg.seed + step)
+        val_iter = synthetic_examples(model, cfg.seed, val=True)
+        val = [next(val_iter) for _ in range(cfg.eval_examples)]
+    else:
+        train_list = dataset_examples(model, cfg.data, "train", cfg.seed)
+        val = dataset_examples(model, cfg.data, "val", cfg.seed)
+        if not train_list:
+            raise ValueError(f"no training samples in {cfg.data}")
+        train_iter = (train_list[i % len(train_list)] for i in range(step * cfg.batch_size * cfg.grad_accum, 10**12))
+    logfile = (out / "log.jsonl").open("a")
+    start = time.time()
+    metrics: dict[str, Any] = {}
+    if step == 0 and val:
+        metrics = {"step": 0, **evaluate(model, tokenizer, val)}
+        logfile.write(json.dumps({"eval": metrics}) + "\n")
+        log.info("step 0: held-out gIoU %.3f cIoU %.3f", metrics["giou"], metrics["ciou"])
+    net.train()
+    bar = _progress(cfg.steps, step)
+    while step < cfg.steps:
+        parts: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            batch = [next(train_iter) for _ in range(cfg.batch_size)]
+            losses = forward_losses(model, tokenizer, batch, weights, train_vision=cfg.train_vision)
+            (losses["loss"] / cfg.grad_accum).backward()
+            for k, v in losses.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - start
+        logfile.write(json.dumps({"step": step, "lr": scheduler.get_last_lr()[0], "elapsed_s": elapsed, **parts})
+                      + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.3f}")
+        out_of_time = cfg.time_limit_s is not None and elapsed > cfg.time_limit_s
+        if val and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
+            metrics = {"step": step, "elapsed_s": elapsed, **evaluate(model, tokenizer, val)}
+            logfile.write(json.dumps({"eval": metrics}) + "\n")
+            log.info("step %d: held-out gIoU %.3f cIoU %.3f (%.0f s)", step, metrics["giou"], metrics["ciou"], elapsed)
+        logfile.flush()
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+            _checkpoint(out, net, optimizer, scheduler, step)
+        if out_of_time:
+            break
+    if bar is not None:
+        bar.close()
+    logfile.close()
+    return {"step": step, **metrics}
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="finetune", unit="step")
+
+
+def _checkpoint(out: Path, net, optimizer, scheduler, step: int) -> None:
+    """Resumable state, written to a temporary folder then renamed, so a crash never leaves half a checkpoint."""
+    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    tmp.mkdir(exist_ok=True)
+    torch.save({"trainable": _trainable_state(net), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "rng": torch.get_rng_state()}, tmp / "state.pt")
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _resume(out: Path, net, optimizer, scheduler) -> int:
+    state_file = out / "checkpoint" / "state.pt"
+    if not state_file.is_file():
+        return 0
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    named = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    log.info("resumed %s at step %d", out, state["step"])
+    return int(state["step"])
+
+
+def count_steps_per_second(log_path: Path) -> float:
+    """Optimizer steps per second in a run's log (for reports)."""
+    rows = [json.loads(x) for x in log_path.read_text().splitlines() if '"step"' in x and '"eval"' not in x]
+    return rows[-1]["step"] / rows[-1]["elapsed_s"] if rows and rows[-1]["elapsed_s"] else math.nan
