@@ -88,7 +88,7 @@ def synthetic_examples(model: LisaModel, seed: int, val: bool = False) -> Iterat
     from model.synthetic import answer, make_scene, question
 
     rng = random.Random(seed + (SYNTHETIC_VAL_SEED if val else 0))
-    size, clip = model.config.sam_image_size, model.clip_size
+    size, clip = model.lisa_config.sam_image_size, model.clip_size
     i = 0
     while True:
         scene = make_scene(rng.randrange(SYNTHETIC_VAL_SEED) + (SYNTHETIC_VAL_SEED if val else 0), size=size)
@@ -107,7 +107,7 @@ def dataset_examples(model: LisaModel, dirs: list[str], split: str, seed: int) -
 
     examples = []
     for sample in load_samples(dirs, split=split):
-        pre = preprocess(sample.image, model.clip_size, model.config.sam_image_size)
+        pre = preprocess(sample.image, model.clip_size, model.lisa_config.sam_image_size)
         answer = " ".join(["[SEG]"] * len(sample.masks)) + "."
         masks = torch.from_numpy(np.stack(sample.masks))
         examples.extend(TrainExample(pre, _question(q), answer, masks) for q in sample.queries)
@@ -226,7 +226,27 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     logfile.close()
+    if step >= cfg.steps:
+        _write_artifact(out, cfg, net, model, tokenizer, metrics)
     return {"step": step, **metrics}
+
+
+def _write_artifact(out: Path, cfg: FinetuneConfig, net, model: LisaModel, tokenizer: LisaTokenizer,
+                    metrics: dict[str, Any]) -> None:
+    """The run's product: a peft adapter (LoRA mode) or a whole release (full mode), plus metadata."""
+    from model.adapters import adapter_version, data_fingerprint, write_metadata
+    from model.checkpoint import resolve_model_dir
+    from model.release import save_release
+
+    base_dir = resolve_model_dir(cfg.base)
+    if cfg.mode == "full":
+        save_release(model, base_dir, out / "model")
+        version = f"{out.name}@full"
+    else:
+        net.save_pretrained(str(out / "adapter"))
+        version = adapter_version(out)
+    write_metadata(out, base=cfg.base, mode=cfg.mode, version=version, data=cfg.data,
+                   data_fingerprint=data_fingerprint(cfg.data), metrics=metrics, steps=cfg.steps)
 
 
 def _progress(total: int, initial: int):

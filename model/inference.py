@@ -109,7 +109,7 @@ class LisaPredictor:
 
     def preprocess(self, image: np.ndarray) -> PreprocessedImage:
         """Both model inputs of an RGB image, at this model's CLIP and SAM input sizes."""
-        return preprocess(image, self.model.clip_size, self.model.config.sam_image_size)
+        return preprocess(image, self.model.clip_size, self.model.lisa_config.sam_image_size)
 
     def encode(self, image: np.ndarray | PreprocessedImage) -> EncodedImage:
         """Encode one image; see :meth:`encode_batch`."""
@@ -119,7 +119,7 @@ class LisaPredictor:
     def prompt_ids(self, prompts: Sequence[str], images: Sequence[EncodedImage], extra: int) -> list[torch.Tensor]:
         """Token ids (with the image sentinel) of each prompt; refuses prompts that leave no room for ``extra``
         new tokens in the context window."""
-        window = self.model.config.max_position_embeddings
+        window = self.model.lisa_config.max_position_embeddings
         ids_list = []
         for prompt, image in zip(prompts, images):
             ids = self.tokenizer.encode_with_image(prompt)

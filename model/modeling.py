@@ -42,7 +42,8 @@ class LisaModel(nn.Module):
         self, config: LisaConfig, vision_tower: CLIPVisionModel | None, llm: LlamaForCausalLM | None = None
     ) -> None:
         super().__init__()
-        self.config = config
+        # Not "config": peft treats a module with a .config.model_type as a transformers model and remaps keys.
+        self.lisa_config = config
         self.llm = llm if llm is not None else LlamaForCausalLM(config.llama_config())
         self.vision_tower = vision_tower
         self.mm_projector = nn.Linear(config.mm_hidden_size, config.hidden_size)
@@ -79,8 +80,8 @@ class LisaModel(nn.Module):
         tower = self.vision_tower
         dtype = next(tower.parameters()).dtype
         out = tower(clip_pixels.to(dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.config.mm_vision_select_layer]
-        return feats[:, 1:] if self.config.mm_vision_select_feature == "patch" else feats
+        feats = out.hidden_states[self.lisa_config.mm_vision_select_layer]
+        return feats[:, 1:] if self.lisa_config.mm_vision_select_feature == "patch" else feats
 
     def image_features(self, clip_pixels: torch.Tensor) -> torch.Tensor:
         """Projected CLIP features, ``B x P x H``: the rows that replace the image sentinel."""
@@ -129,4 +130,4 @@ class LisaModel(nn.Module):
 
     def project_seg(self, hidden: torch.Tensor) -> torch.Tensor:
         """[SEG] hidden states (``n x H``) -> SAM prompt embeddings (``n x out_dim``)."""
-        return self.text_hidden_fcs(hidden.to(self.text_hidden_fcs[0].weight.dtype))
+        return self.text_hidden_fcs(hidden.to(self.mm_projector.weight.dtype))

@@ -43,7 +43,7 @@ def save_release(model: LisaModel, tokenizer_dir: str | Path, out: str | Path, c
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).is_file():
             shutil.copy(Path(tokenizer_dir) / name, out / name)
-    config = model.config.to_dict()
+    config = model.lisa_config.to_dict()
     if clip_name is None:
         model.vision_tower.save_pretrained(out / "clip_tower", safe_serialization=False)
         clip_name = "clip_tower"

@@ -43,3 +43,37 @@ def test_full_finetune_learns_and_resumes(tmp_path):
     again = finetune(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert again["step"] == 8 and [r["step"] for r in rows if "loss" in r][-2:] == [7, 8]
+
+
+def test_lora_adapter_equals_merged_checkpoint(tmp_path):
+    """LISA's recipe on the fixture model: adapter + base in a worker == the merged release folder."""
+    import subprocess
+    import sys
+
+    from conftest import CLIP_TOWER
+    from redis_fixtures import ROOT
+
+    from model.adapters import apply_adapter, read_metadata
+
+    run = tmp_path / "lora"
+    cfg = FinetuneConfig(base=str(CHECKPOINT), vision_tower=str(CLIP_TOWER), out=str(run), mode="lora", steps=2,
+                         batch_size=1, grad_accum=1, lr=1e-2, warmup_steps=0, eval_every=2, eval_examples=2,
+                         device="cpu")
+    finetune(cfg)
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    meta = read_metadata(run)
+    assert meta["mode"] == "lora" and meta["base"] == str(CHECKPOINT) and "giou" in meta["metrics"]
+    proc = subprocess.run([sys.executable, "-m", "worker.cli", "merge", "--base", str(CHECKPOINT), "--vision-tower",
+                           str(CLIP_TOWER), "--adapter", str(run), "--out", str(tmp_path / "merged")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    base, tok = load_lisa(CHECKPOINT, str(CLIP_TOWER))
+    adapted = LisaPredictor(apply_adapter(base, run), tok)
+    merged = LisaPredictor(*load_lisa(tmp_path / "merged"))
+    untouched = LisaPredictor(*load_lisa(CHECKPOINT, str(CLIP_TOWER)))
+    image = load_image(case_image(2))
+    a = adapted.segment_teacher_forced([(adapted.encode(image), *CASES[2])])[0]
+    b = merged.segment_teacher_forced([(merged.encode(image), *CASES[2])])[0]
+    c = untouched.segment_teacher_forced([(untouched.encode(image), *CASES[2])])[0]
+    np.testing.assert_allclose(a.mask_logits, b.mask_logits, atol=1e-4)
+    assert np.abs(a.mask_logits - c.mask_logits).max() > 1e-3  # the adapter changed the model

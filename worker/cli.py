@@ -23,11 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=lambda _a, e=e: _missing("segment", e))
     else:
         add_segment_parser(sub)
+        from model.cli_train import add_training_parsers
         from worker.run import add_worker_parser
         from worker.up import add_up_parser
 
         add_worker_parser(sub)
         add_up_parser(sub)
+        add_training_parsers(sub)
     return parser
 
 

@@ -1,0 +1,117 @@
+"""``lisa-ls finetune``, ``lisa-ls eval`` and ``lisa-ls merge``: the training side of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from model.errors import LisaError
+
+
+def add_training_parsers(sub: argparse._SubParsersAction) -> None:
+    from model.finetune import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="fine-tune LISA (LoRA, LISA's recipe) on dataset folders; resumable")
+    p.add_argument("--base", required=True, help="LISA checkpoint folder or Hub id")
+    p.add_argument("--data", nargs="+", required=True, help="dataset folders (lisa-ls export / capture) or 'synthetic'")
+    p.add_argument("--out", required=True, help="run folder (re-running resumes from its last checkpoint)")
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in ("base", "data", "out", "weights"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = {int: int, float: float, bool: None}.get(type(f.default), str)
+        helptext = f.metadata.get("help", "")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", help=helptext)
+        elif f.name == "time_limit_s":
+            p.add_argument(flag, type=float, default=None, help=helptext)
+        else:
+            p.add_argument(flag, type=kind, default=f.default, help=f"{helptext} (default {f.default})")
+    p.set_defaults(func=run_finetune)
+
+    e = sub.add_parser("eval", help="gIoU / cIoU of a model (and adapter) on a dataset's held-out split")
+    e.add_argument("--model", required=True)
+    e.add_argument("--adapter", default=None, help="run folder or adapter folder of a fine-tune")
+    e.add_argument("--vision-tower", default=None)
+    e.add_argument("--data", nargs="+", required=True, help="dataset folders or 'synthetic'")
+    e.add_argument("--split", default="val", choices=["train", "val"])
+    e.add_argument("--examples", type=int, default=200, help="synthetic data: how many held-out masks")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--report", default=None, help="write the JSON report here (default: print it)")
+    e.set_defaults(func=run_eval)
+
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base and write a LISA release folder")
+    m.add_argument("--base", required=True)
+    m.add_argument("--adapter", required=True, help="run folder or adapter folder")
+    m.add_argument("--vision-tower", default=None)
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=run_merge)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from model.finetune import FinetuneConfig, finetune
+
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"weights"}
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        result = finetune(cfg)
+    except (LisaError, ValueError) as e:
+        print(f"lisa-ls finetune: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+def load_for_eval(model: str, adapter: str | None, vision_tower: str | None, device: str):
+    import torch
+
+    from model.adapters import apply_adapter
+    from model.checkpoint import load_lisa
+
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    net, tokenizer = load_lisa(model, vision_tower, dtype="bf16" if device.startswith("cuda") else "fp32",
+                               device=device)
+    return (apply_adapter(net, adapter) if adapter else net), tokenizer
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from model.finetune import dataset_examples, evaluate, synthetic_examples
+
+    try:
+        net, tokenizer = load_for_eval(args.model, args.adapter, args.vision_tower, args.device)
+        if args.data == ["synthetic"]:
+            stream = synthetic_examples(net, 0, val=True)
+            examples = [next(stream) for _ in range(args.examples)]
+        else:
+            examples = dataset_examples(net, args.data, args.split, 0)
+        if not examples:
+            raise ValueError(f"no {args.split} samples in {args.data}")
+        report = {"model": args.model, "adapter": args.adapter, "data": args.data, "split": args.split,
+                  **evaluate(net, tokenizer, examples)}
+    except (LisaError, ValueError) as e:
+        print(f"lisa-ls eval: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2)
+    if args.report:
+        Path(args.report).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from model.checkpoint import resolve_model_dir, resolve_vision_tower
+    from model.release import save_release
+
+    try:
+        net, _ = load_for_eval(args.base, args.adapter, args.vision_tower, "cpu")
+        tower = args.vision_tower or resolve_vision_tower(net.lisa_config.vision_tower, resolve_model_dir(args.base))
+        clip = None if Path(tower).is_dir() else tower  # a local tower travels with the release
+        out = save_release(net, resolve_model_dir(args.base), args.out, clip_name=clip)
+    except LisaError as e:
+        print(f"lisa-ls merge: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {args.adapter} into {args.base} -> {out}")
+    return 0
