@@ -54,11 +54,39 @@ class LisaHandler:
     """Batch function for :class:`worker.loop.WorkerLoop` around a loaded :class:`LisaPredictor`."""
 
     def __init__(self, predictor: LisaPredictor, version: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, load_options: dict | None = None) -> None:
         self.predictor = predictor
         self.version = version
         self.cache: EncodingCache[EncodedImage] = EncodingCache(cache_bytes)
         self.max_new_tokens = max_new_tokens
+        #: How to load a promoted model (vision tower, dtype, device, quantization) - as this one was loaded.
+        self.load_options = load_options or {}
+        self._next_check = 0.0
+
+    def maybe_switch(self, queue) -> str:
+        """Switch to the promoted model version if it changed (called by the worker loop between batches)."""
+        from worker import registry
+
+        if time.monotonic() < self._next_check:
+            return self.version
+        self._next_check = time.monotonic() + registry.CHECK_INTERVAL_S
+        entry = registry.current(queue)
+        if not entry or entry.get("version") == self.version:
+            return self.version
+        try:
+            predictor = LisaPredictor.from_pretrained(entry["base"], **self.load_options)
+            if entry.get("adapter"):
+                from model.adapters import apply_adapter
+
+                predictor = LisaPredictor(apply_adapter(predictor.model, entry["adapter"]), predictor.tokenizer)
+        except Exception:  # a bad promotion must not take the worker down: keep serving the current model
+            log.exception("cannot load promoted model %s; still serving %s", entry.get("version"), self.version)
+            return self.version
+        old = self.predictor
+        self.predictor, self.version = predictor, str(entry["version"])
+        self.cache = EncodingCache(self.cache.capacity_bytes)  # encodings of the old weights are wrong now
+        del old
+        return self.version
 
     def stats(self) -> dict[str, Any]:
         """Published with the worker's heartbeat."""
@@ -137,7 +165,9 @@ def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, 
     from model.checkpoint import resolve_model_dir
 
     hub_id = None if Path(model).expanduser().is_dir() else model
-    handler = LisaHandler(predictor, model_version(resolve_model_dir(model), version, hub_id), cache_bytes)
+    options = {"vision_tower": vision_tower, "dtype": dtype, "device": device, "quantize": quantize}
+    handler = LisaHandler(predictor, model_version(resolve_model_dir(model), version, hub_id), cache_bytes,
+                          load_options=options)
     log.info("model %s ready on %s as version %s (%s)", model, device, handler.version,
              json.dumps({"dtype": dtype, "quantize": quantize}))
     return handler

@@ -154,6 +154,14 @@ class WorkerLoop:
 
     def serve_once(self) -> int:
         """Reclaim stale jobs when due, read new ones up to B, and serve them as one batch; returns how many."""
+        switch = getattr(self.handler, "maybe_switch", None)
+        if switch is not None:
+            # Between batches only, so no batch ever mixes two model versions.
+            version = switch(self.queue)
+            if version and version != self.model_version:
+                log.info("worker %s now serves model version %s", self.name, version)
+                self.model_version = version
+                self._beat()
         jobs: list[Job] = []
         if time.monotonic() >= self._next_reclaim:
             jobs = self.queue.reclaim(self.name, self.batch_size)

@@ -1,0 +1,43 @@
+"""Which model version the workers serve: one Redis key, written by promotion, read by every worker.
+
+``lisa:model:current`` holds ``{"version", "base", "adapter", "promoted_at", "metrics"}``. A worker checks it between
+batches (at most every ``CHECK_INTERVAL_S``) and, when it names another version, loads it and switches without a
+restart; ``/setup`` then reports the new version and Label Studio re-predicts its tasks. Paths in the key must be
+readable by every worker (a shared volume).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from worker.queue import JobQueue
+
+CHECK_INTERVAL_S = 5.0
+"""How often a worker looks for a newly promoted version."""
+
+
+def current(queue: JobQueue) -> dict[str, Any] | None:
+    """The promoted model, or ``None`` when nothing was promoted (workers serve what they were started with)."""
+    raw = queue.redis.get(queue.key("model", "current"))
+    return json.loads(raw) if raw else None
+
+
+def promote(queue: JobQueue, version: str, base: str, adapter: str | None, metrics: dict[str, Any]) -> dict:
+    """Make ``version`` (``base`` + optional ``adapter``) the one every worker serves."""
+    entry = {"version": version, "base": base, "adapter": adapter, "promoted_at": time.time(), "metrics": metrics}
+    pipe = queue.redis.pipeline()
+    pipe.set(queue.key("model", "current"), json.dumps(entry))
+    pipe.rpush(queue.key("model", "history"), json.dumps(entry))
+    pipe.execute()
+    return entry
+
+
+def history(queue: JobQueue) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(x) for x in queue.redis.lrange(queue.key("model", "history"), 0, -1)]
+    except redis.RedisError:
+        return []
