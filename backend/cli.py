@@ -10,7 +10,8 @@ gunicorn is driven programmatically (``gunicorn.app.base.BaseApplication``) so t
 and each gunicorn worker process builds its own app with :func:`backend.app.create_app` (no ``--preload``: Redis
 connection pools are per process).
 
-:func:`add_backend_parsers` adds the subcommands to the ``lisa-ls`` parser; ``python -m backend.cli serve ...``
+:func:`add_backend_parsers` adds the subcommands to the ``lisa-ls`` parser (``serve``, and ``prelabel`` from
+:mod:`backend.prelabel`); ``python -m backend.cli serve ...``
 runs the same thing standalone. Importing this module imports neither Flask nor gunicorn, so it costs other
 subcommands nothing.
 """
@@ -33,7 +34,7 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 def add_backend_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """Add the backend's subcommands (``serve``) to a ``lisa-ls`` subparsers object."""
+    """Add the backend's subcommands (``serve``, ``prelabel``) to a ``lisa-ls`` subparsers object."""
     p = subparsers.add_parser(
         "serve",
         help="serve the Label Studio ML backend (gunicorn with threads)",
@@ -49,6 +50,67 @@ def add_backend_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=None, help=f"threads per process (default: $THREADS or {settings.THREADS})"
     )
     p.set_defaults(func=run_serve)
+    _add_prelabel_parser(subparsers)
+    _add_export_parser(subparsers)
+
+
+def _add_prelabel_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``prelabel``: pre-label a whole Label Studio project through the queue (see :mod:`backend.prelabel`)."""
+    p = subparsers.add_parser(
+        "prelabel",
+        help="pre-label every task of a Label Studio project through the job queue",
+        description="Pre-label a whole Label Studio project: each task's image and query become a queued LISA job "
+        "and the masks become predictions written through Label Studio's API with the workers' model version. "
+        "Tasks that already have a prediction of that version are skipped, so re-running the command resumes "
+        "an interrupted run. Reads LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, REDIS_URL, MODEL_DIR and the other "
+        "settings of backend/config.py. Exit code: 0 all pre-labelled or skipped, 1 some failed, 2 usage or "
+        "configuration error, 130 interrupted.",
+    )
+    p.add_argument("--project", type=int, required=True, metavar="ID", help="Label Studio project id")
+    p.add_argument("--query", default=None, metavar="TEXT",
+                   help="what to segment, for tasks without their own query field ($LISA_LS_QUERY_FIELD, default "
+                   "'query'; a task's own query wins). Phrased for LISA as in /predict")
+    p.add_argument("--label", default=None, metavar="L",
+                   help="brush label for every region (default: a label named in the query, else "
+                   "$LISA_LS_DEFAULT_LABEL, else the config's first label)")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="jobs submitted at once; at most 2N are in flight (default: $LISA_LS_BATCH_SIZE or "
+                   "the worker's default)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="pre-label at most N tasks this run (skipped tasks do not count)")
+    p.add_argument("--state", default=None, metavar="FILE",
+                   help="local record of task ids done and failed (default: $MODEL_DIR/prelabel/project-ID.json)")
+    p.set_defaults(func=_run_prelabel)
+
+
+def _run_prelabel(args: argparse.Namespace) -> int:
+    from backend.prelabel import run_prelabel  # imports Flask and requests: only for this subcommand
+
+    return run_prelabel(args)
+
+
+def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``export``: resync a Label Studio project into a training dataset (see :mod:`backend.export`)."""
+    p = subparsers.add_parser(
+        "export",
+        help="resync a Label Studio project's annotations into a training dataset",
+        description="Write every annotation of a Label Studio project as a training sample (the dataset format of "
+        "backend/dataset.py, the same samples /webhook capture writes), update changed ones, remove deleted ones, "
+        "and print a report with the reason for each skipped annotation. Reads LABEL_STUDIO_URL, "
+        "LABEL_STUDIO_API_KEY and LISA_LS_DATASET_DIR. Exit code: 0 done, 1 some annotations failed (run again), "
+        "2 usage, configuration or Label Studio error.",
+    )
+    p.add_argument("--project", type=int, required=True, metavar="ID", help="Label Studio project id")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="dataset folder (default: $LISA_LS_DATASET_DIR/project-ID, where capture writes)")
+    p.add_argument("--page-size", type=int, default=100, metavar="N", help="tasks per API page (default: 100)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from backend.export import run_export  # imports numpy, Pillow and requests: only for this subcommand
+
+    return run_export(args)
 
 
 def config_from_args(args: argparse.Namespace) -> BackendConfig:
@@ -120,7 +182,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m backend.cli serve [--host H] [--port P] ...``."""
+    """Standalone entry point: ``python -m backend.cli serve [--host H] [--port P] ...`` (or ``prelabel ...``)."""
     parser = argparse.ArgumentParser(prog="python -m backend.cli")
     add_backend_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
