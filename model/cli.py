@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.defaults import DEFAULT_MAX_NEW_TOKENS
 from model.errors import LisaError
-from model.inference import DEFAULT_MAX_NEW_TOKENS
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_device: str = "cpu", required: bool = True) -> None:

@@ -12,7 +12,7 @@ from model.errors import LisaError
 
 
 def add_training_parsers(sub: argparse._SubParsersAction) -> None:
-    from model.finetune import FinetuneConfig
+    from model.finetune_config import FinetuneConfig
 
     p = sub.add_parser("finetune", help="fine-tune LISA (LoRA, LISA's recipe) on dataset folders; resumable")
     p.add_argument("--base", required=True, help="LISA checkpoint folder or Hub id")
@@ -52,7 +52,8 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from model.finetune import FinetuneConfig, finetune
+    from model.finetune import finetune
+    from model.finetune_config import FinetuneConfig
 
     names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"weights"}
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})

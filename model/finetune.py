@@ -18,7 +18,6 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import load_lisa
+from model.finetune_config import FinetuneConfig
 from model.losses import LossWeights
 from model.metrics import IoUMeter
 from model.modeling import LisaModel
@@ -39,37 +39,6 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = r".*llm\.model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
 #: Trained in full and saved with the adapter, as in LISA's recipe.
 FULLY_TRAINED = ("mask_decoder", "text_hidden_fcs", "lm_head", "embed_tokens")
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything a fine-tune run needs; stored as ``config.json`` in the run folder."""
-
-    base: str = field(metadata={"help": "LISA checkpoint folder or Hub id to start from"})
-    out: str = field(metadata={"help": "run folder: checkpoints, logs, the final artifact"})
-    data: list[str] = field(default_factory=lambda: ["synthetic"],
-                            metadata={"help": "dataset folders, or 'synthetic' for generated scenes"})
-    vision_tower: str | None = field(default=None, metadata={"help": "CLIP override (default: the base's)"})
-    mode: str = field(default="lora", metadata={"help": "lora (LISA's recipe) or full (tiny models from scratch)"})
-    steps: int = field(default=500, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=2, metadata={"help": "examples per micro-batch"})
-    grad_accum: int = field(default=10, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, betas 0.9/0.95)"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up from 0, then linear decay to 0"})
-    weight_decay: float = 0.0
-    clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    train_vision: bool = field(default=False, metadata={"help": "also train CLIP and the SAM image encoder"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    dtype: str = field(default="auto", metadata={"help": "fp32 or bf16 (auto: bf16 on CUDA, fp32 on CPU)"})
-    eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
-    eval_examples: int = field(default=200, metadata={"help": "held-out masks per evaluation (synthetic data)"})
-    save_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
-    time_limit_s: float | None = field(default=None, metadata={"help": "stop (and save) after this many seconds"})
-    seed: int = 0
-    weights: dict[str, float] = field(default_factory=lambda: dataclasses.asdict(LossWeights()))
 
 
 # ----------------------------------------------------------------------------------------------------- data

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from model.defaults import DEFAULT_MAX_NEW_TOKENS
 from model.errors import InputError
 from model.generation import greedy_generate
 from model.modeling import LisaModel
@@ -24,9 +25,6 @@ from model.preprocess import PreprocessedImage, preprocess
 from model.prompts import chat_prompt, teacher_forced_prompt
 from model.sam import decode_masks, upscale_masks
 from model.tokenizer import SEG_TOKEN, LisaTokenizer
-
-#: LISA's ``evaluate`` default; released v1 answers ("Sure, [SEG].") need fewer than 10 tokens.
-DEFAULT_MAX_NEW_TOKENS = 32
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""The configuration of a fine-tune run, in one dataclass with help text (no torch import: the CLI reads it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tune run needs; stored as ``config.json`` in the run folder."""
+
+    base: str = field(metadata={"help": "LISA checkpoint folder or Hub id to start from"})
+    out: str = field(metadata={"help": "run folder: checkpoints, logs, the final artifact"})
+    data: list[str] = field(default_factory=lambda: ["synthetic"],
+                            metadata={"help": "dataset folders, or 'synthetic' for generated scenes"})
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP override (default: the base's)"})
+    mode: str = field(default="lora", metadata={"help": "lora (LISA's recipe) or full (tiny models from scratch)"})
+    steps: int = field(default=500, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=2, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=10, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, betas 0.9/0.95)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up from 0, then linear decay to 0"})
+    weight_decay: float = 0.0
+    clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    train_vision: bool = field(default=False, metadata={"help": "also train CLIP and the SAM image encoder"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    dtype: str = field(default="auto", metadata={"help": "fp32 or bf16 (auto: bf16 on CUDA, fp32 on CPU)"})
+    eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
+    eval_examples: int = field(default=200, metadata={"help": "held-out masks per evaluation (synthetic data)"})
+    save_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
+    time_limit_s: float | None = field(default=None, metadata={"help": "stop (and save) after this many seconds"})
+    seed: int = 0
+    weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "bce": 2.0, "dice": 0.5},
+                                      metadata={"help": "loss weights (LISA: CE 1.0, BCE 2.0, DICE 0.5)"})
