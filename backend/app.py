@@ -36,7 +36,9 @@ def create_app(config: BackendConfig | None = None) -> Flask:
     config = config or BackendConfig.from_env()
     app = Flask("lisa_ls_backend")
     app.json.sort_keys = False  # keep "status" first in /health, where people look
-    app.extensions[EXTENSION] = BackendState.build(config)
+    app.extensions[EXTENSION] = state = BackendState.build(config)
+    if config.capture:
+        state.start_capture()  # after gunicorn's fork (no --preload): threads do not survive a fork
     register_error_handlers(app)
     if config.basic_auth is not None:
         app.before_request(_require_basic_auth)

@@ -33,6 +33,15 @@ Variable                        Default         Meaning
 ``LISA_LS_SPLIT_INSTANCES``     ``0``           1: one region per connected instance instead of one per mask
 ``LISA_LS_PHRASE_TEMPLATE``     see phrasing    question for a short phrase; ``{}`` is the phrase
 ``LISA_LS_SENTENCE_TEMPLATE``   see phrasing    question for a sentence; ``{}`` is the sentence
+``LISA_LS_CAPTURE``             ``1``           1: ``/webhook`` stores submitted annotations as training samples
+                                                (:mod:`backend.capture`); 0: it acknowledges and drops them
+``LISA_LS_DATASET_DIR``         (unset)         where captured datasets live, one ``project-<id>/`` each
+                                                (default ``$MODEL_DIR/dataset``)
+``LISA_LS_VAL_PERCENT``         ``10``          share of images (by content hash) in a new dataset's val split
+``LISA_LS_CAPTURE_BACKLOG``     ``100000``      webhook events stored but not yet processed, above which
+                                                ``/webhook`` answers 503 rather than grow Redis without bound
+``LISA_LS_CAPTURE_RECLAIM_S``   ``120``         an event a backend process took but has not finished for this
+                                                long (the process died) is processed by another
 ==============================  ==============  ===================================================================
 
 Bad values raise :class:`ValueError` naming the variable, at start-up rather than on the first request.
@@ -63,6 +72,9 @@ LOG_LEVEL = "INFO"
 PREDICT_DEADLINE_S = 60.0
 HEALTH_TIMEOUT_S = 0.5
 QUERY_FIELD = "query"
+VAL_PERCENT = 10
+CAPTURE_BACKLOG = 100_000
+CAPTURE_RECLAIM_S = 120.0  # above an image fetch's 30 s deadline, so a live process keeps its events
 
 
 def _env(name: str, doc: str) -> dict[str, str]:
@@ -109,6 +121,19 @@ class BackendConfig:
     sentence_template: str = dataclasses.field(
         default=SENTENCE_TEMPLATE, metadata=_env(ENV_PREFIX + "SENTENCE_TEMPLATE", "question for a sentence")
     )
+    capture: int = dataclasses.field(default=1, metadata=_env(ENV_PREFIX + "CAPTURE", "1: capture annotations"))
+    dataset_dir: str = dataclasses.field(
+        default="", metadata=_env(ENV_PREFIX + "DATASET_DIR", "captured datasets (default $MODEL_DIR/dataset)")
+    )
+    val_percent: int = dataclasses.field(
+        default=VAL_PERCENT, metadata=_env(ENV_PREFIX + "VAL_PERCENT", "val share of a new dataset's images")
+    )
+    capture_backlog: int = dataclasses.field(
+        default=CAPTURE_BACKLOG, metadata=_env(ENV_PREFIX + "CAPTURE_BACKLOG", "most unprocessed webhook events")
+    )
+    capture_reclaim_s: float = dataclasses.field(
+        default=CAPTURE_RECLAIM_S, metadata=_env(ENV_PREFIX + "CAPTURE_RECLAIM_S", "retake a dead process's events")
+    )
     queue: QueueConfig = dataclasses.field(default_factory=QueueConfig)
     """The job queue's settings (``REDIS_URL`` and the queue's ``LISA_LS_*`` variables)."""
 
@@ -124,6 +149,10 @@ class BackendConfig:
             raise ValueError(f"{ENV_PREFIX}PORT={self.port} is not a TCP port")
         if self.predict_deadline_s <= 0 or self.health_timeout_s <= 0:
             raise ValueError(f"{ENV_PREFIX}PREDICT_DEADLINE_S and {ENV_PREFIX}HEALTH_TIMEOUT_S must be positive")
+        if not 0 <= self.val_percent <= 100:
+            raise ValueError(f"{ENV_PREFIX}VAL_PERCENT={self.val_percent} must be 0-100")
+        if self.capture_backlog < 1 or self.capture_reclaim_s <= 0:
+            raise ValueError(f"{ENV_PREFIX}CAPTURE_BACKLOG and {ENV_PREFIX}CAPTURE_RECLAIM_S must be positive")
         # Only one of the two is almost certainly a typo; serving without auth then would be a silent hole.
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
@@ -137,6 +166,11 @@ class BackendConfig:
     def redis_url_redacted(self) -> str:
         """:attr:`redis_url` with any password masked, for logs and ``/health``."""
         return redact_url(self.redis_url)
+
+    @property
+    def dataset_root(self) -> str:
+        """Where captured datasets live (``LISA_LS_DATASET_DIR``, else ``MODEL_DIR/dataset``)."""
+        return self.dataset_dir or os.path.join(self.model_dir, "dataset")
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:

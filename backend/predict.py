@@ -19,6 +19,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from backend import capture
 from backend.errors import json_error
 from backend.images import ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
@@ -178,7 +179,12 @@ def predict() -> Response | tuple[Response, int]:
 
 @bp.post("/webhook")
 def webhook() -> Response | tuple[Response, int]:
-    """Acknowledge at once (Label Studio waits 1 s); capturing corrections is the fine-tune issue's work."""
+    """Store a submitted, updated or deleted annotation for capture, then answer (Label Studio waits 1 s).
+
+    The answer comes only once the event is in Redis (:func:`backend.capture.store_event`); the capture thread
+    turns it into a dataset sample later. Other events (Label Studio sends every kind) are answered and dropped.
+    """
+    state = current_state()
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("action"), str):
         return json_error(400, "a webhook body must be a JSON object with an 'action'")
@@ -186,5 +192,10 @@ def webhook() -> Response | tuple[Response, int]:
     annotation = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}
     task = body.get("task") if isinstance(body.get("task"), dict) else {}
     log.info("webhook %s annotation=%s task=%s", action, annotation.get("id"), task.get("id") or annotation.get("task"))
-    known = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING"}
-    return jsonify({"status": "ok" if action in known else "Unknown event"})
+    if action not in capture.ACTIONS:
+        return jsonify({"status": "Unknown event"})
+    if not state.config.capture:
+        return jsonify({"status": "ok", "captured": False})
+    entry = capture.store_event(state.status_queue.redis, state.config, request.get_data(),
+                                state.status_queue.config.socket_timeout_s)
+    return jsonify({"status": "ok", "event": entry})

@@ -61,6 +61,6 @@ def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, lab
     regions = []
     for mask, score in zip(masks, scores):
         for part in split_instances(mask) if split else ([mask] if mask.any() else []):
-            regions.append(brush_region(part, setup, label, score, {"prompt": query}))
+            regions.append(brush_region(part, setup, label, score, {"prompt": query, "model_version": model_version}))
     best = max((r["score"] for r in regions), default=0.0)
     return {"result": regions, "score": best, "model_version": model_version}

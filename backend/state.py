@@ -15,6 +15,7 @@ import dataclasses
 
 from flask import current_app
 
+from backend.capture import CaptureConsumer
 from backend.config import BackendConfig
 from backend.images import FetchSettings, ImageFetcher
 from worker.connection import connect
@@ -36,6 +37,8 @@ class BackendState:
     """The same queue on a fast-failing client, for ``/health``, ``/metrics`` and ``/versions``."""
     fetcher: ImageFetcher
     """Fetches task images (one per process, so its Label Studio access token is shared by all threads)."""
+    capture: CaptureConsumer | None = None
+    """The thread turning stored webhook events into dataset samples (:mod:`backend.capture`), once started."""
 
     @classmethod
     def build(cls, config: BackendConfig) -> BackendState:
@@ -49,8 +52,16 @@ class BackendState:
                                                api_key=config.label_studio_api_key)),
         )
 
+    def start_capture(self) -> None:
+        """Start this process's capture thread (each gunicorn process builds its own app, so each gets one)."""
+        if self.capture is None:
+            self.capture = CaptureConsumer(self.config, self.fetcher)
+            self.capture.start()
+
     def close(self) -> None:
-        """Release the connection pools (tests create many apps in one process)."""
+        """Stop the capture thread and release the connection pools (tests create many apps in one process)."""
+        if self.capture is not None:
+            self.capture.stop()
         self.queue.redis.close()
         self.status_queue.redis.close()
 

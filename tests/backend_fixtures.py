@@ -48,7 +48,7 @@ class BackendProcess:
             try:
                 requests.get(self.url + "/health", auth=auth, timeout=1)
                 return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # gunicorn listens before its worker has booted
                 time.sleep(0.05)
         raise AssertionError(f"backend did not answer within {START_TIMEOUT_S} s:\n{self.log()}")
 

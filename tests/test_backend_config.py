@@ -50,6 +50,11 @@ def test_every_variable_is_read() -> None:
         "LISA_LS_SPLIT_INSTANCES": "1",
         "LISA_LS_PHRASE_TEMPLATE": "Where is {}? Please output segmentation mask.",
         "LISA_LS_SENTENCE_TEMPLATE": "{} Please respond with segmentation mask.",
+        "LISA_LS_CAPTURE": "0",
+        "LISA_LS_DATASET_DIR": "/srv/datasets",
+        "LISA_LS_VAL_PERCENT": "20",
+        "LISA_LS_CAPTURE_BACKLOG": "500",
+        "LISA_LS_CAPTURE_RECLAIM_S": "30",
     }
     config = BackendConfig.from_env(env)
     assert config.label_studio_url == "http://ls.example:8080"  # trailing slash dropped
@@ -62,6 +67,8 @@ def test_every_variable_is_read() -> None:
     assert (config.query_field, config.default_label, config.split_instances) == ("question", "Target", 1)
     assert config.phrase_template.startswith("Where is")
     assert config.sentence_template.endswith("respond with segmentation mask.")
+    assert (config.capture, config.dataset_root, config.val_percent) == (0, "/srv/datasets", 20)
+    assert (config.capture_backlog, config.capture_reclaim_s) == (500, 30.0)
     assert set(BackendConfig.variables()) == set(env) - {"REDIS_URL", "LISA_LS_BATCH_SIZE"}
 
 
@@ -88,6 +95,7 @@ def test_label_studio_host_is_a_fallback() -> None:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"BASIC_AUTH_USER": "only-the-user"}, "BASIC_AUTH_PASS"),
         ({"LISA_LS_BATCH_SIZE": "x"}, "LISA_LS_BATCH_SIZE"),
+        ({"LISA_LS_VAL_PERCENT": "101"}, "LISA_LS_VAL_PERCENT"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:

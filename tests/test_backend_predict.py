@@ -76,7 +76,8 @@ def stack(tmp_path_factory):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(LabelStudioFiles))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     ls_url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    backend = BackendProcess(config, tmp, {"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN}, threads=64)
+    backend = BackendProcess(config, tmp, {"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
+                                           "MODEL_DIR": str(tmp)}, threads=64)
     backend.wait_ready()
     queue = JobQueue(connect(config=config), config)
     wait_for(queue.live_workers, timeout=90, what="the model worker")

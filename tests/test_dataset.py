@@ -1,0 +1,233 @@
+"""The dataset format: built from annotations (``backend.samples``), written (``backend.dataset``), read back by the
+model's torch-free reader (``model.data``), and LISA's ReasonSeg folders read beside it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend import dataset as ds
+from backend.brush import mask_to_rle
+from backend.images import FetchedImage, ImageFetchError, inspect_image
+from backend.samples import RetryLater, SkipSample, build_sample
+from model.data import load_samples, rasterize
+
+CONFIG = """<View><Image name="image" value="$image"/><TextArea name="query" toName="image"/>
+<BrushLabels name="mask" toName="image"><Label value="Target"/><Label value="Other"/><Label value="Ignore"/>
+</BrushLabels></View>"""
+H, W = 24, 32
+
+
+def png(width: int = W, height: int = H, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def rotated_jpeg() -> bytes:
+    """A 32 x 24 JPEG whose EXIF says "rotate 90°": Label Studio (and the masks) see it as 24 x 32."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.new("RGB", (W, H), (200, 30, 30)).save(out, format="JPEG", exif=exif)
+    return out.getvalue()
+
+
+def fetcher(data: bytes):
+    def fetch(value: str, task_id: int | None) -> FetchedImage:
+        fmt, width, height = inspect_image(data)
+        return FetchedImage(data, hashlib.sha256(data).hexdigest(), fmt, width, height, value)
+
+    return fetch
+
+
+def rect(y0: int, y1: int, x0: int, x1: int, h: int = H, w: int = W) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def region(mask: np.ndarray, label: str = "Target", origin: str = "manual", **extra) -> dict:
+    h, w = mask.shape
+    return {"type": "brushlabels", "from_name": "mask", "to_name": "image", "origin": origin, "original_width": w,
+            "original_height": h, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+            **extra}
+
+
+def annotation(*regions: dict, query: str | None = "the red thing", aid: int = 7, **extra) -> dict:
+    result = [{"type": "textarea", "from_name": "query", "to_name": "image", "value": {"text": [query]}}] if query \
+        else []
+    return {"id": aid, "task": 3, "project": 1, "completed_by": 2, "result": result + list(regions),
+            "created_at": "2026-01-02T10:00:00.000000Z", "updated_at": "2026-01-02T10:05:00.000000Z", **extra}
+
+
+TASK = {"id": 3, "data": {"image": "/data/upload/1/a.png"}}
+
+
+def test_backend_writes_what_the_model_reads(tmp_path: Path) -> None:
+    a, b = rect(2, 10, 3, 12), rect(8, 20, 10, 25)
+    ann = annotation(region(a, origin="prediction", meta={"model_version": "v3"}),
+                     region(b, origin="manual"), region(rect(0, 4, 0, 4), "Other", origin="prediction"),
+                     region(rect(9, 12, 0, 32), "Ignore"))
+    draft = build_sample(ann, TASK, CONFIG, fetcher(png()))
+    data = ds.Dataset.open(tmp_path / "d", project_id=1, val_percent=10)
+    with data.lock():
+        assert data.commit(draft, "webhook") == "written"
+        assert data.commit(draft, "webhook") == "unchanged"
+    record = data.read_sample("ls-1-7")
+    assert record["labels"] == ["Target", "Other"] and record["masks"] == ["masks/ls-1-7_0.png", "masks/ls-1-7_1.png"]
+    assert record["origins"] == ["prediction-changed", "prediction"] and record["model_versions"] == ["v3", None]
+    assert record["ignore"] == "masks/ls-1-7_ignore.png" and (record["width"], record["height"]) == (W, H)
+    assert record["split"] == ds.split_for(record["image"][7:71], 10) and record["annotator"] == 2
+    assert list(record) == [k for k in ds.FIELDS if k in record]
+    assert not list((tmp_path / "d").rglob("*.tmp"))
+
+    [sample] = load_samples(tmp_path / "d")
+    assert sample.id == "ls-1-7" and sample.queries == ["the red thing"] and sample.labels == ["Target", "Other"]
+    assert sample.image.shape == (H, W, 3) and np.array_equal(sample.image, np.asarray(Image.open(io.BytesIO(png()))))
+    target, other = sample.masks
+    ignore = rect(9, 12, 0, 32)
+    assert target.dtype == np.uint8 and set(np.unique(target)) <= {0, 1, 255}
+    assert np.array_equal(target == 255, ignore) and np.array_equal(other == 255, ignore)
+    assert np.array_equal(target == 1, (a | b) & ~ignore) and np.array_equal(other == 1, rect(0, 4, 0, 4) & ~ignore)
+    assert load_samples([tmp_path / "d"], split="val" if sample.split == "train" else "train") == []
+
+
+def test_exif_rotated_images_keep_label_studios_orientation(tmp_path: Path) -> None:
+    mask = rect(0, 5, 0, 24, h=W, w=H)  # Label Studio shows the image 24 wide, 32 high
+    draft = build_sample(annotation(region(mask)), TASK, CONFIG, fetcher(rotated_jpeg()))
+    data = ds.Dataset.open(tmp_path)
+    with data.lock():
+        data.commit(draft, "export")
+    assert data.read_sample("ls-1-7")["image"].endswith(".jpg")
+    [sample] = load_samples(tmp_path)
+    assert sample.image.shape == (W, H, 3) and sample.masks[0].shape == (W, H)
+    assert np.array_equal(sample.masks[0] == 1, mask)
+
+
+def test_split_is_by_image_and_fixed_by_the_dataset(tmp_path: Path) -> None:
+    shas = [f"{i:08x}" + "0" * 56 for i in (0, 5, 99, 100, 109, 110)]  # int % 100: 0, 5, 99, 0, 9, 10
+    assert [ds.split_for(s, 10) for s in shas] == ["val", "val", "train", "val", "val", "train"]
+    ds.Dataset.open(tmp_path, val_percent=30)
+    assert ds.Dataset.open(tmp_path, val_percent=10).val_percent == 30  # the samples written keep their split
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "dataset.json").write_text(json.dumps({"format": ds.FORMAT, "version": 2}))
+    with pytest.raises(ds.DatasetError, match="version 2"):
+        ds.Dataset.open(tmp_path / "other")
+
+
+def test_a_failed_write_leaves_the_previous_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = ds.Dataset.open(tmp_path)
+    first = build_sample(annotation(region(rect(0, 5, 0, 5))), TASK, CONFIG, fetcher(png()))
+    with data.lock():
+        data.commit(first, "webhook")
+    second = build_sample(annotation(region(rect(5, 20, 5, 20)), query="changed"), TASK, CONFIG, fetcher(png()))
+    real = ds.atomic_write
+
+    def crash_on_the_sample(path: Path, payload: bytes) -> None:
+        if path.parent.name == "samples":
+            raise OSError("disk full")
+        real(path, payload)
+
+    monkeypatch.setattr(ds, "atomic_write", crash_on_the_sample)
+    with pytest.raises(OSError), data.lock():
+        data.commit(second, "webhook")
+    assert data.read_sample("ls-1-7")["queries"] == ["the red thing"]  # the old version, whole
+    assert not list(tmp_path.rglob("*.tmp"))
+    left = tmp_path / "masks" / ".ls-1-7_0.png.123.456.tmp"  # what a writer killed mid-write leaves
+    left.write_bytes(b"partial")
+    assert [s.id for s in load_samples(tmp_path)] == ["ls-1-7"] and data.sweep() == 0  # too young to be dead
+    os.utime(left, (time.time() - 7200, time.time() - 7200))
+    assert data.sweep() == 1 and not left.exists()
+
+
+@pytest.mark.parametrize(
+    ("ann", "task", "code"),
+    [
+        (annotation(region(rect(0, 5, 0, 5)), query=None), TASK, "no_query"),
+        (annotation(), TASK, "no_mask"),
+        (annotation(region(rect(0, 5, 0, 5)), was_cancelled=True), TASK, "cancelled"),
+        (annotation(region(rect(0, 5, 0, 5)) | {"value": {"format": "rle", "rle": [1, 2, 3],
+                                                         "brushlabels": ["Target"]}}), TASK, "bad_rle"),
+        (annotation(region(rect(0, 5, 0, 5)) | {"value": {"format": "rle", "rle": ["x"],
+                                                         "brushlabels": ["Target"]}}), TASK, "bad_rle"),
+        (annotation(region(rect(0, 5, 0, 5, h=10, w=10))), TASK, "size_mismatch"),
+        (annotation(region(rect(0, 5, 0, 5, h=10, w=10)) | {"original_width": None}), TASK, "size_mismatch"),
+        (annotation(region(rect(0, 5, 0, 5)) | {"value": {"format": "rle", "rle": mask_to_rle(rect(0, 5, 0, 5))}}),
+         TASK, "bad_region"),
+        (annotation(region(rect(0, 5, 0, 5))) | {"id": None}, TASK, "missing_field"),
+        (annotation(region(rect(0, 5, 0, 5))), {"id": 3}, "missing_field"),
+        (annotation(region(rect(0, 5, 0, 5))), {"id": 3, "data": {"img": "x"}}, "missing_field"),
+    ],
+)
+def test_bad_annotations_are_skipped_with_a_reason(ann: dict, task: dict, code: str) -> None:
+    with pytest.raises(SkipSample) as info:
+        build_sample(ann, task, CONFIG, fetcher(png()))
+    assert info.value.code == code and info.value.reason
+
+
+def test_image_failures_skip_or_retry() -> None:
+    def failing(code: str):
+        def fetch(value: str, task_id: int | None) -> FetchedImage:
+            raise ImageFetchError(f"image failed ({code})", code)
+        return fetch
+
+    ann = annotation(region(rect(0, 5, 0, 5)))
+    with pytest.raises(SkipSample, match="image_gone"):
+        build_sample(ann, TASK, CONFIG, failing("not_found"))
+    with pytest.raises(RetryLater):
+        build_sample(ann, TASK, CONFIG, failing("unreachable"))
+
+
+def _polygon_json(path: Path, shapes: list[dict], text: object, encoding: str = "utf-8", **extra) -> None:
+    path.write_bytes(json.dumps({"text": text, "is_sentence": True, "shapes": shapes, **extra},
+                                ensure_ascii=False).encode(encoding))
+
+
+def test_reasonseg_folders_read_like_lisa_and_mix_with_ours(tmp_path: Path) -> None:
+    val = tmp_path / "val"
+    val.mkdir()
+    Image.new("RGB", (40, 30), "white").save(val / "a.jpg")
+    Image.new("RGB", (40, 30), "white").save(val / "b.jpg")
+    Image.new("RGB", (40, 30), "white").save(val / "c.png")  # no JSON: not a sample
+    hole = {"label": "ignore", "points": [[10, 10], [20, 10], [20, 20], [10, 20]]}
+    big = {"label": "target", "points": [[5.9, 5], [30, 5], [30, 25], [5.9, 25]]}
+    flag = {"label": "flag", "points": [[0, 0], [39, 0], [39, 29], [0, 29]]}
+    _polygon_json(val / "a.json", [hole, big, flag], ["the café table", "where one eats"])  # hole listed first
+    _polygon_json(val / "b.json", [big], "a single phrase", encoding="cp1252", is_sentence=False)
+
+    a, b = load_samples(val)
+    assert (a.id, a.split, a.is_sentence, a.labels) == ("reasonseg-a", "val", True, ["target"])
+    assert a.queries == ["the café table", "where one eats"] and b.queries == ["a single phrase"]
+    assert b.is_sentence is False
+    [mask] = a.masks
+    assert mask.shape == (30, 40) and set(np.unique(mask)) == {0, 1, 255}
+    assert (mask[10:21, 10:21] == 255).all()  # drawn after the larger target: the hole stays ignored
+    assert mask[5, 5] == 1 and mask[5, 4] == 0 and mask[0, 0] == 0  # points truncated like int32; flag dropped
+    assert mask[25, 30] == 1 and mask[26, 30] == 0  # the outline is part of the polygon
+    assert np.array_equal(rasterize([big, hole], 30, 40), mask)  # order in the file does not matter
+
+    ours = tmp_path / "ours"
+    data = ds.Dataset.open(ours, val_percent=100)  # every image in val
+    with data.lock():
+        data.commit(build_sample(annotation(region(rect(0, 5, 0, 5))), TASK, CONFIG, fetcher(png())), "export")
+    mixed = load_samples([ours, val], split="val")
+    assert [s.id for s in mixed] == ["ls-1-7", "reasonseg-a", "reasonseg-b"]
+    with pytest.raises(ValueError, match="neither"):
+        load_samples(tmp_path / "nothing")
+
+
+def test_the_model_reader_needs_no_torch() -> None:
+    code = "import sys, model.data; assert 'torch' not in sys.modules and 'backend' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True, timeout=60)
