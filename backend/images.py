@@ -19,7 +19,6 @@ import base64
 import binascii
 import dataclasses
 import io
-import json
 import re
 import threading
 import time
@@ -29,6 +28,7 @@ import requests
 from PIL import Image, UnidentifiedImageError
 from urllib3.exceptions import ReadTimeoutError
 
+from backend.lsclient import jwt_claims
 from backend.netguard import (
     AddressPolicy,
     GuardError,
@@ -303,7 +303,7 @@ class ImageFetcher:
     def _authorization(self, session: requests.Session, deadline: _Deadline) -> str:
         """``Token <key>`` for a legacy token; for a personal access token, ``Bearer <access>`` (exchanged, cached)."""
         key = self.settings.api_key
-        if _jwt_claims(key) is None:
+        if jwt_claims(key) is None:
             return f"Token {key}"
         # One exchange at a time, the others then use its result; but wait no longer than this fetch may take.
         if not self._token_lock.acquire(timeout=max(deadline.remaining(), 0.0)):
@@ -333,7 +333,7 @@ class ImageFetcher:
             if not isinstance(access, str) or not access:
                 raise ImageFetchError(f"Label Studio answered {response.status_code} without an access token to "
                                       f"{where}: check LABEL_STUDIO_URL, or use a legacy token", "auth")
-            exp = (_jwt_claims(access) or {}).get("exp")
+            exp = (jwt_claims(access) or {}).get("exp")
             ttl = float(exp) - time.time() if isinstance(exp, (int, float)) else 120.0
             # Stop using it 30 s before it expires (LS issues ~5 min tokens); short-lived ones only half-way.
             self._access = (access, time.monotonic() + max(0.0, ttl - 30.0 if ttl > 60.0 else ttl / 2))
@@ -387,17 +387,6 @@ def _describe(value: str, ls_origin: tuple[str, str, int] | None) -> str:
         text = (f"{split.scheme}:" if split.scheme else "") + (f"//{netloc}" if netloc else "") + split.path
     return text if len(text) <= 200 else text[:197] + "..."
 
-
-def _jwt_claims(token: str) -> dict | None:
-    """The unverified claims of a JWT (only to tell a personal access token apart and to cache until ``exp``)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        header, claims = (json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4))) for p in parts[:2])
-    except (ValueError, binascii.Error):
-        return None
-    return claims if isinstance(header, dict) and "alg" in header and isinstance(claims, dict) else None
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n % 1_000_000 else f"{n // 1_000_000} MB"
