@@ -46,4 +46,23 @@ def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
         assert (tmp_path / "data" / "appendonly.aof").exists() or any((tmp_path / "data").iterdir())
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.kill()  # its children get SIGTERM through PR_SET_PDEATHSIG (see worker/up.py)
+
+
+def test_children_do_not_outlive_a_killed_up(tmp_path):
+    port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "up", "--port", str(port), "--redis-port", str(redis_port),
+         "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--device", "cpu"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    children: list[psutil.Process] = []
+    while time.time() < deadline and len(children) < 3:
+        children = psutil.Process(proc.pid).children()
+        time.sleep(0.2)
+    assert len(children) >= 3
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [c.cmdline() for c in alive]

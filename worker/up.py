@@ -44,6 +44,16 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_up)
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when ``lisa-ls up`` dies, even by SIGKILL (Linux), so no child is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: Ctrl-C and SIGTERM still stop the children in order
+        pass
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -57,7 +67,8 @@ class Stack:
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
-                                start_new_session=True)  # Ctrl-C reaches us only; we stop children in order
+                                start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+                                preexec_fn=_die_with_parent)
         threading.Thread(target=self._relay, args=(name, proc), daemon=True).start()
         self.children.append((name, proc))
         log.info("started %s (pid %d)", name, proc.pid)
