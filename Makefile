@@ -12,7 +12,14 @@ else
 TORCH := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean e2e-deps chromium
+
+# The end-to-end tests drive a real Label Studio in its own venv (it pins redis 5, numpy 2.2 and Django: keep it
+# apart from .venv) through the labeling UI in Debian's chromium (never a browser that a tool downloads itself).
+LSVENV := .lsvenv
+LS_STAMP := $(LSVENV)/.installed
+LS_VERSION := 1.23.2
+CHROMIUM := /usr/bin/chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,10 +28,25 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[all,dev]'
 	touch $(STAMP)
 
+$(LS_STAMP):
+	test -x $(LSVENV)/bin/python || python3 -m venv $(LSVENV)
+	$(LSVENV)/bin/pip install -qq label-studio==$(LS_VERSION)
+	touch $(LS_STAMP)
+
+# Debian's chromium, installed only when missing (CI runs as root on Debian); apt's output only on failure.
+chromium:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "$(CHROMIUM) is missing: install Debian's chromium as root (UI tests skip)"; \
+	  else echo "installing Debian's chromium"; log=$$(mktemp); \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >$$log 2>&1 \
+	      || { cat $$log; rm -f $$log; exit 1; }; rm -f $$log; fi; }
+
+e2e-deps: $(LS_STAMP) chromium
+
 run: $(STAMP)
 	$(VENV)/bin/lisa-ls up $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) e2e-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

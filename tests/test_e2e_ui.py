@@ -1,0 +1,203 @@
+"""End to end in Label Studio's labeling UI: headless Chromium types a query and submits LISA's suggestion.
+
+The steps are README's "Connect to Label Studio", done literally: the project and its image through the API (as
+the README allows), then in the UI: Settings → Model → Connect Model with Interactive preannotations on (the card
+shows Connected), open the task, switch Auto-Annotation on, type a short phrase and press Enter, see the
+suggestion, accept it (✓), Submit (201). Then the saved annotation is read back through the API: the brush region
+is the backend's mask, unchanged and with ``origin == "prediction"``, LISA's own mask for the question the backend
+made of the phrase, and the backend's ``/webhook`` logged its ``ANNOTATION_CREATED``.
+
+The browser is Debian's ``chromium`` driven by the Python ``playwright`` package (never a browser playwright
+downloads itself), with a fresh profile, and it can reach nothing but loopback. Screenshots of each step are saved
+to ``tests/artifacts/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from ls_fixtures import E2E, MAX_MASK_MISMATCH, PASSWORD, USERNAME, case_png, reference_mask
+from PIL import Image
+from redis_fixtures import wait_for
+
+from backend.brush import rle_to_mask
+
+pytest_plugins = ["ls_fixtures", "redis_fixtures"]
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    # Belt and braces: no name but loopback resolves, so the page cannot reach anything off the machine.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
+]
+#: What an annotator types; the backend asks LISA "What is the red object in this image? Please output segmentation
+#: mask.", a fixture query the tiny LISA answers with [SEG].
+QUERY = "the red object"
+STEP_TIMEOUT_MS = 60_000
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, list[str]]]:
+    """A fresh headless Chromium page (1440×900) and the list of off-machine requests it tried (all aborted)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing (dev extra)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` (make test does it when run as root)")
+    blocked: list[str] = []
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1440, "height": 900},
+        )
+
+        def only_loopback(route, request):
+            if urlsplit(request.url).hostname in LOOPBACK or request.url.startswith(("data:", "blob:")):
+                route.continue_()
+            else:
+                blocked.append(request.url)
+                route.abort()
+
+        context.route("**/*", only_loopback)
+        page = context.pages[0] if context.pages else context.new_page()
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        try:
+            yield page, blocked
+        finally:
+            context.close()
+    shutil.rmtree(profile, ignore_errors=True)
+    if blocked:
+        print(f"requests off the machine that were blocked: {blocked}")
+
+
+def test_typed_query_suggestion_accepted_and_submitted_in_the_labeling_ui(e2e: E2E, browser_page):
+    page, _blocked = browser_page
+    for old in e2e.artifacts.glob("ui_*.png"):
+        old.unlink()
+
+    def shot(name: str) -> None:
+        page.screenshot(path=str(e2e.artifacts / f"ui_{name}.png"))
+
+    try:
+        follow_the_readme(e2e, page, shot)
+    except Exception:
+        with contextlib.suppress(Exception):  # keep the test's own error, whatever the page's state
+            shot("failure")
+        raise
+    finally:
+        print(f"UI screenshots: {e2e.artifacts}/ui_*.png")
+
+
+def follow_the_readme(e2e: E2E, page, shot) -> None:
+    """README "Connect to Label Studio", steps 3 to 6, then what Label Studio and the backend kept."""
+    client = e2e.client
+
+    # Steps 3 and 5 through the API (as the README allows): a project with the recommended config, an image.
+    project = client.create_project("e2e ui")
+    [task] = client.upload_images(project["id"], [case_png(1)])
+    with Image.open(case_png(1)) as im:
+        width, height = im.size
+
+    # Log in.
+    page.goto(f"{e2e.ls.url}/user/login/")
+    page.fill("input[name=email]", USERNAME)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/user/login" not in url)
+
+    # Step 4 in the UI: Settings → Model → Connect Model, Interactive preannotations on, Validate and Save.
+    page.goto(f"{e2e.ls.url}/projects/{project['id']}/settings/ml")
+    page.get_by_role("button", name="Add machine learning model").first.click()
+    page.fill("input[name=title]", "LISA (e2e ui)")
+    page.fill("input[name=url]", e2e.stack.url)
+    interactive = page.locator("input[name=is_interactive]")
+    if not interactive.is_checked():
+        page.get_by_text("Interactive preannotations", exact=True).click()
+    assert interactive.is_checked()
+    shot("01_connect_model")
+    with page.expect_response(lambda r: r.url.split("?")[0].endswith("/api/ml") and r.request.method == "POST") as info:
+        page.get_by_role("button", name="Save machine learning form").click()
+    assert info.value.status == 201, info.value.text()
+    ml = info.value.json()
+    page.get_by_text("Connected", exact=True).first.wait_for()
+    shot("02_model_connected")
+    ml = client.ml_backend(ml["id"])
+    assert ml["state"] == "CO" and ml["is_interactive"] is True and ml["url"] == e2e.stack.url, ml
+
+    # Step 6: open the task in the labeling UI.
+    page.goto(f"{e2e.ls.url}/projects/{project['id']}/data?task={task['id']}")
+    submit = page.get_by_test_id("bottombar-submit-button")
+    submit.wait_for()
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('img')).some("
+        "i => i.src.includes('/data/upload/') && i.complete && i.naturalWidth > 0)"
+    )
+    shot("03_task_opened")
+
+    # Switch Auto-Annotation on (the choice persists in the browser, so look before clicking).
+    toggle = page.get_by_test_id("bottombar-auto-annotation-toggle")
+    if not toggle.is_checked():
+        page.get_by_text("Auto-Annotation", exact=True).click()
+    wait_for(toggle.is_checked, 10, "Auto-Annotation to be on")
+    shot("04_auto_annotation_on")
+
+    # Type the query and press Enter: the UI posts interactive-annotating, LS forwards it to /predict.
+    prompt = page.get_by_test_id("textarea-input")
+    prompt.fill(QUERY)
+    with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=STEP_TIMEOUT_MS) as info:
+        prompt.press("Enter")
+    response = info.value
+    assert response.status == 200
+    body = response.json()
+    assert "errors" not in body, body
+    [suggested] = body["data"]["result"]
+    assert suggested["origin"] == "prediction"
+    assert (suggested["original_width"], suggested["original_height"]) == (width, height)
+
+    # The suggestion appears (bottom bar: "1 suggestions" with ✗/✓); accept it.
+    page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for()
+    shot("05_suggestion_shown")
+    page.get_by_test_id("bottombar-accept-suggestions-button").click()
+    page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for(state="detached")
+    regions = page.evaluate(
+        "() => Htx.annotationStore.selected.regions.map(r => [r.type, r.origin, r.fromSuggestion])"
+    )
+    assert ["brushregion", "prediction"] in [r[:2] for r in regions], regions
+    shot("06_suggestion_accepted")
+
+    # Submit: Label Studio saves the annotation (201).
+    with page.expect_response(
+        lambda r: r.url.split("?")[0].endswith(f"/api/tasks/{task['id']}/annotations") and r.request.method == "POST"
+    ) as info:
+        submit.click()
+    assert info.value.status == 201, info.value.text()
+    annotation_id = info.value.json()["id"]
+    page.get_by_text("Annotation saved successfully", exact=True).wait_for()
+    shot("07_submitted")
+
+    # The saved annotation: the typed query and the backend's brush, unchanged, with origin "prediction".
+    [saved] = [a for a in client.annotations(task["id"]) if a["id"] == annotation_id]
+    by_type = {r["type"]: r for r in saved["result"]}
+    assert by_type["textarea"]["value"]["text"] == [QUERY]
+    brush = by_type["brushlabels"]
+    assert brush["origin"] == "prediction"
+    assert brush["value"]["brushlabels"] == ["Target"]
+    assert (brush["original_width"], brush["original_height"]) == (width, height)
+    mask = rle_to_mask(brush["value"]["rle"], height, width)
+    assert np.array_equal(mask, rle_to_mask(suggested["value"]["rle"], height, width))
+    assert brush["meta"]["prompt"] == QUERY
+    # LISA's own mask for the question the backend made of the phrase (the fixture's case 1).
+    assert float(np.mean(mask != reference_mask(1))) <= MAX_MASK_MISMATCH
+
+    # And the backend's /webhook received it.
+    wait_for(lambda: any("webhook ANNOTATION_CREATED" in line and f"annotation={annotation_id}" in line
+                         for line in e2e.stack.backend_log().splitlines()), 10, "the ANNOTATION_CREATED webhook")
