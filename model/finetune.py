@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,10 @@ def _question(query: str) -> str:
     return f"What is {query} in this image? Please output segmentation mask."
 
 
-def synthetic_examples(model: LisaModel, seed: int, val: bool = False) -> Iterator[TrainExample]:
-    """An endless stream of synthetic (scene, query, mask) examples; ``val`` draws from the held-out seeds."""
+def synthetic_examples(model: LisaModel, seed: int, val: bool = False, queries_per_scene: int = 2
+                       ) -> Iterator[TrainExample]:
+    """An endless stream of synthetic (scene, query, mask) examples; ``val`` draws from the held-out seeds (every
+    query of each scene), training draws ``queries_per_scene`` queries of each scene, one after the other."""
     from model.synthetic import answer, make_scene, question
 
     rng = random.Random(seed + (SYNTHETIC_VAL_SEED if val else 0))
@@ -62,7 +64,7 @@ def synthetic_examples(model: LisaModel, seed: int, val: bool = False) -> Iterat
     while True:
         scene = make_scene(rng.randrange(SYNTHETIC_VAL_SEED) + (SYNTHETIC_VAL_SEED if val else 0), size=size)
         pre = preprocess(scene.image, clip, size)
-        queries = scene.queries if val else rng.sample(scene.queries, min(2, len(scene.queries)))
+        queries = scene.queries if val else rng.sample(scene.queries, min(queries_per_scene, len(scene.queries)))
         for q in queries:
             mask = torch.from_numpy(scene.target_mask(q)[None].astype(np.uint8))
             text = _question(q.phrase) if val else question(q.phrase, rng)
@@ -100,11 +102,17 @@ def trainable_model(model: LisaModel, cfg: FinetuneConfig) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
-def lr_lambda(cfg: FinetuneConfig):
+def lr_lambda(cfg: FinetuneConfig, elapsed_s: Callable[[], float] = lambda: 0.0):
+    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``steps`` - or, with ``time_limit_s``, at
+    whichever of the two comes first (``elapsed_s`` is the clock of this invocation), so that a run cut by its
+    time limit still ends with its learning rate decayed instead of stopping at the peak."""
+
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return step / max(1, cfg.warmup_steps)
-        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
+        by_step = (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps)
+        by_time = 1.0 - elapsed_s() / cfg.time_limit_s if cfg.time_limit_s else 1.0
+        return max(0.0, min(by_step, by_time))
 
     return f
 
@@ -140,12 +148,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     net = trainable_model(model, cfg)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    clock: dict[str, float] = {}  # set when the loop starts: evaluation and loading do not eat the decay
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg, lambda: time.time() - clock["start"] if "start" in clock else 0.0))
     weights = LossWeights(**cfg.weights)
     step = _resume(out, net, optimizer, scheduler)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if cfg.data == ["synthetic"]:
-        train_iter = synthetic_examples(model, cfg.seed + step)
+        train_iter = synthetic_examples(model, cfg.seed + step, queries_per_scene=cfg.queries_per_scene)
         val_iter = synthetic_examples(model, cfg.seed, val=True)
         val = [next(val_iter) for _ in range(cfg.eval_examples)]
     else:
@@ -163,6 +173,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         log.info("step 0: held-out gIoU %.3f cIoU %.3f", metrics["giou"], metrics["ciou"])
     net.train()
     bar = _progress(cfg.steps, step)
+    clock["start"] = start
     while step < cfg.steps:
         parts: dict[str, float] = {}
         for _ in range(cfg.grad_accum):

@@ -31,7 +31,10 @@ class FinetuneConfig:
     eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
     eval_examples: int = field(default=200, metadata={"help": "held-out masks per evaluation (synthetic data)"})
     save_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
-    time_limit_s: float | None = field(default=None, metadata={"help": "stop (and save) after this many seconds"})
+    queries_per_scene: int = field(default=2, metadata={"help": "synthetic data: queries asked of each training scene"})
+    time_limit_s: float | None = field(default=None, metadata={"help": "stop (and save) after this many seconds; the "
+                                                                      "learning rate then decays to 0 at this time "
+                                                                      "or at `steps`, whichever comes first"})
     seed: int = 0
     weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "bce": 2.0, "dice": 0.5},
                                       metadata={"help": "loss weights (LISA: CE 1.0, BCE 2.0, DICE 0.5)"})
