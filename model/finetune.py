@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -137,11 +138,45 @@ def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
 
 
+def _distributed(device: str) -> tuple[int, int, str]:
+    """``(rank, world size, device)``; joins the process group when started by ``torchrun`` / ``accelerate launch``
+    (one process per GPU, each on ``cuda:LOCAL_RANK``; gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Data parallelism by hand: sum every rank's gradients and divide (a rank whose batch had no mask for some
+    module contributes zeros, so every rank makes the same all-reduce calls in the same order)."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Run (or resume) a fine-tune; returns the final metrics. See the module docstring."""
+    """Run (or resume) a fine-tune; returns the final metrics. See the module docstring.
+
+    Under ``torchrun --nproc_per_node N`` each process trains on its own share of the data and gradients are
+    averaged before every optimizer step; rank 0 alone evaluates, logs and writes checkpoints and the artifact.
+    """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = _distributed(device)
+    main = rank == 0
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_lisa(cfg.base, cfg.vision_tower, dtype=dtype, device=device)
@@ -153,9 +188,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         optimizer, lr_lambda(cfg, lambda: time.time() - clock["start"] if "start" in clock else 0.0))
     weights = LossWeights(**cfg.weights)
     step = _resume(out, net, optimizer, scheduler)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if cfg.data == ["synthetic"]:
-        train_iter = synthetic_examples(model, cfg.seed + step, queries_per_scene=cfg.queries_per_scene)
+        train_iter = synthetic_examples(model, cfg.seed + step + 7919 * rank, queries_per_scene=cfg.queries_per_scene)
         val_iter = synthetic_examples(model, cfg.seed, val=True)
         val = [next(val_iter) for _ in range(cfg.eval_examples)]
     else:
@@ -163,8 +199,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         val = dataset_examples(model, cfg.data, "val", cfg.seed)
         if not train_list:
             raise ValueError(f"no training samples in {cfg.data}")
-        train_iter = (train_list[i % len(train_list)] for i in range(step * cfg.batch_size * cfg.grad_accum, 10**12))
-    logfile = (out / "log.jsonl").open("a")
+        first = step * cfg.batch_size * cfg.grad_accum
+        train_iter = (train_list[(i * world + rank) % len(train_list)] for i in range(first, 10**12))
+    if not main:
+        val = []  # rank 0 evaluates; the others wait for it at the next gradient average
+    logfile = (out / "log.jsonl").open("a") if main else open(os.devnull, "w")  # noqa: SIM115 - closed below
     start = time.time()
     metrics: dict[str, Any] = {}
     if step == 0 and val:
@@ -172,7 +211,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         logfile.write(json.dumps({"eval": metrics}) + "\n")
         log.info("step 0: held-out gIoU %.3f cIoU %.3f", metrics["giou"], metrics["ciou"])
     net.train()
-    bar = _progress(cfg.steps, step)
+    bar = _progress(cfg.steps, step) if main else None
     clock["start"] = start
     while step < cfg.steps:
         parts: dict[str, float] = {}
@@ -182,6 +221,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             (losses["loss"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        if world > 1:
+            _average_gradients(params, world)
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         optimizer.step()
         scheduler.step()
@@ -194,21 +235,32 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss']:.3f}")
         out_of_time = cfg.time_limit_s is not None and elapsed > cfg.time_limit_s
+        if world > 1 and cfg.time_limit_s is not None:  # every rank must stop at the same step
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(out_of_time)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
         if val and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
             metrics = {"step": step, "elapsed_s": elapsed, **evaluate(model, tokenizer, val)}
             logfile.write(json.dumps({"eval": metrics}) + "\n")
             log.info("step %d: held-out gIoU %.3f cIoU %.3f (%.0f s)", step, metrics["giou"], metrics["ciou"], elapsed)
         logfile.flush()
-        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+        if main and (step % cfg.save_every == 0 or step == cfg.steps or out_of_time):
             _checkpoint(out, net, optimizer, scheduler, step)
         if out_of_time:
             break
     if bar is not None:
         bar.close()
     logfile.close()
-    if step >= cfg.steps:
+    if main and step >= cfg.steps:
         _write_artifact(out, cfg, net, model, tokenizer, metrics)
-    return {"step": step, **metrics}
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"step": step, "rank": rank, "world_size": world, **metrics}
 
 
 def _write_artifact(out: Path, cfg: FinetuneConfig, net, model: LisaModel, tokenizer: LisaTokenizer,

@@ -77,3 +77,27 @@ def test_lora_adapter_equals_merged_checkpoint(tmp_path):
     c = untouched.segment_teacher_forced([(untouched.encode(image), *CASES[2])])[0]
     np.testing.assert_allclose(a.mask_logits, b.mask_logits, atol=1e-4)
     assert np.abs(a.mask_logits - c.mask_logits).max() > 1e-3  # the adapter changed the model
+
+
+def test_two_process_data_parallel_run(tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo on CPU here, NCCL on GPUs): both ranks step together; rank 0 writes."""
+    import shutil
+    import subprocess
+
+    from conftest import CLIP_TOWER
+    from redis_fixtures import ROOT
+
+    torchrun = shutil.which("torchrun", path=str(ROOT / ".venv" / "bin")) or shutil.which("torchrun")
+    run = tmp_path / "ddp"
+    proc = subprocess.run(
+        [torchrun or "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "worker.cli", "finetune",
+         "--base", str(CHECKPOINT), "--vision-tower", str(CLIP_TOWER), "--data", "synthetic", "--out", str(run),
+         "--mode", "lora", "--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--warmup-steps", "0",
+         "--eval-every", "2", "--eval-examples", "2", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted((r["rank"], r["world_size"], r["step"]) for r in results) == [(0, 2, 2), (1, 2, 2)]
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # one log, written by rank 0 only
+    assert (run / "adapter" / "adapter_config.json").is_file()
