@@ -56,7 +56,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from backend.phrasing import PHRASE_TEMPLATE, SENTENCE_TEMPLATE
-from worker.defaults import ENV_PREFIX, QueueConfig
+from worker.defaults import ENV_PREFIX, QueueConfig, parse_env_value
 
 MODEL_CLASS = "LisaBackend"
 """What ``/health`` reports as ``model_class`` (Label Studio's backends report their Python class there)."""
@@ -193,7 +193,7 @@ class BackendConfig:
             if name == "LABEL_STUDIO_URL" and not raw:
                 raw = env.get("LABEL_STUDIO_HOST", "")
             if raw.strip():
-                values[f.name] = _parse(name, raw.strip(), type(f.default))
+                values[f.name] = parse_env_value(name, raw.strip(), type(f.default))
         if "queue" not in overrides:
             values["queue"] = QueueConfig.from_env(env)
         values.update(overrides)
@@ -203,18 +203,6 @@ class BackendConfig:
     def variables(cls) -> dict[str, str]:
         """Environment variable name → field name, for every backend setting (the queue's are in QueueConfig)."""
         return {f.metadata["env"]: f.name for f in dataclasses.fields(cls) if "env" in f.metadata}
-
-
-def _parse(name: str, raw: str, kind: type) -> Any:
-    """Convert one environment string to the field's type; the error names the variable."""
-    try:
-        if kind is int:
-            return int(raw)
-        if kind is float:
-            return float(raw)
-        return raw
-    except ValueError as exc:
-        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
 
 
 def redact_url(url: str) -> str:

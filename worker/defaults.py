@@ -159,13 +159,14 @@ class QueueConfig:
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            values[f.name] = _parse(f.name, raw, type(f.default))
+            values[f.name] = parse_env_value(ENV_PREFIX + f.name.upper(), raw, type(f.default))
         values.update(overrides)
         return cls(**values)
 
 
-def _parse(name: str, raw: str, kind: type) -> Any:
-    """Convert one environment string to the type of the field's default; name the variable when it is bad."""
+def parse_env_value(variable: str, raw: str, kind: type) -> Any:
+    """Convert one environment string to ``kind`` (int, float, tuple of floats or str); a bad value raises
+    ``ValueError`` naming the variable (shared with ``backend.config``)."""
     try:
         if kind is tuple:
             return tuple(float(part) for part in raw.split(",") if part.strip())
@@ -175,4 +176,4 @@ def _parse(name: str, raw: str, kind: type) -> Any:
             return float(raw)
         return raw
     except ValueError as exc:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+        raise ValueError(f"{variable}={raw!r} is not a valid {kind.__name__}") from exc
