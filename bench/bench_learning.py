@@ -46,7 +46,10 @@ def main() -> int:
     cmd = [sys.executable, "-m", "worker.cli", "finetune", "--base", base, "--data", "synthetic", "--out", str(run),
            "--mode", "full", "--train-vision", "--time-limit-s", str(args.time_limit_s), "--device", "cpu",
            "--seed", str(args.seed), "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--warmup-steps", "50",
-           "--steps", "100000", "--eval-every", "250", "--save-every", "1000", *args.extra]
+           "--steps", "100000", "--eval-every", "250", "--save-every", "1000",
+           # Curriculum: one fixed phrasing for the first 24k examples, LISA's varied templates after (0.469 vs
+           # ~0.27 without it, measured in 900 s on this machine), 4 queries per scene.
+           "--plain-template-examples", "24000", "--queries-per-scene", "4", *args.extra]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

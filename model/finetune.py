@@ -53,24 +53,30 @@ def _question(query: str) -> str:
     return f"What is {query} in this image? Please output segmentation mask."
 
 
-def synthetic_examples(model: LisaModel, seed: int, val: bool = False, queries_per_scene: int = 2
-                       ) -> Iterator[TrainExample]:
+def synthetic_examples(model: LisaModel, seed: int, val: bool = False, queries_per_scene: int = 2,
+                       plain_first: int = 0) -> Iterator[TrainExample]:
     """An endless stream of synthetic (scene, query, mask) examples; ``val`` draws from the held-out seeds (every
-    query of each scene), training draws ``queries_per_scene`` queries of each scene, one after the other."""
+    query of each scene), training draws ``queries_per_scene`` queries of each scene, one after the other.
+
+    ``plain_first``: a curriculum for models trained from scratch - the first that many training examples use the
+    validation phrasing ("What is ... in this image? Please output segmentation mask." / "[SEG].") and only later
+    LISA's varied question and answer templates, whose variety otherwise drowns the query in noise early on.
+    """
     from model.synthetic import answer, make_scene, question
 
     rng = random.Random(seed + (SYNTHETIC_VAL_SEED if val else 0))
     size, clip = model.lisa_config.sam_image_size, model.clip_size
-    i = 0
+    drawn = 0
     while True:
         scene = make_scene(rng.randrange(SYNTHETIC_VAL_SEED) + (SYNTHETIC_VAL_SEED if val else 0), size=size)
         pre = preprocess(scene.image, clip, size)
         queries = scene.queries if val else rng.sample(scene.queries, min(queries_per_scene, len(scene.queries)))
         for q in queries:
             mask = torch.from_numpy(scene.target_mask(q)[None].astype(np.uint8))
-            text = _question(q.phrase) if val else question(q.phrase, rng)
-            yield TrainExample(pre, text, "[SEG]." if val else answer(rng), mask)
-        i += 1
+            plain = val or drawn < plain_first
+            text = _question(q.phrase) if plain else question(q.phrase, rng)
+            yield TrainExample(pre, text, "[SEG]." if plain else answer(rng), mask)
+            drawn += 1
 
 
 def dataset_examples(model: LisaModel, dirs: list[str], split: str, seed: int) -> list[TrainExample]:
@@ -191,7 +197,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if cfg.data == ["synthetic"]:
-        train_iter = synthetic_examples(model, cfg.seed + step + 7919 * rank, queries_per_scene=cfg.queries_per_scene)
+        done = step * cfg.batch_size * cfg.grad_accum  # a resumed run continues the curriculum where it was
+        train_iter = synthetic_examples(model, cfg.seed + step + 7919 * rank, queries_per_scene=cfg.queries_per_scene,
+                                        plain_first=max(0, cfg.plain_template_examples - done))
         val_iter = synthetic_examples(model, cfg.seed, val=True)
         val = [next(val_iter) for _ in range(cfg.eval_examples)]
     else:

@@ -31,6 +31,9 @@ class FinetuneConfig:
     eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
     eval_examples: int = field(default=200, metadata={"help": "held-out masks per evaluation (synthetic data)"})
     save_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
+    plain_template_examples: int = field(default=0, metadata={
+        "help": "synthetic data: the first N examples use one fixed question/answer phrasing (a curriculum for "
+                "models trained from scratch)"})
     queries_per_scene: int = field(default=2, metadata={"help": "synthetic data: queries asked of each training scene"})
     time_limit_s: float | None = field(default=None, metadata={"help": "stop (and save) after this many seconds; the "
                                                                       "learning rate then decays to 0 at this time "
