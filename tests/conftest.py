@@ -33,3 +33,11 @@ def tiny_predictor():
     from model.inference import LisaPredictor
 
     return LisaPredictor.from_pretrained(str(CHECKPOINT), vision_tower=str(CLIP_TOWER))
+
+
+def tiny_worker_argv(version: str) -> list[str]:
+    """The command line of a `lisa-ls worker` serving the fixture LISA on CPU under ``version``."""
+    import sys
+
+    return [sys.executable, "-m", "worker.cli", "worker", "--model", str(CHECKPOINT), "--vision-tower",
+            str(CLIP_TOWER), "--device", "cpu", "--model-version", version]

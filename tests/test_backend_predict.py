@@ -7,7 +7,6 @@ import functools
 import http.server
 import os
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 from backend_fixtures import BackendProcess
-from conftest import CASES, CHECKPOINT, CLIP_TOWER, FIXTURE
+from conftest import CASES, FIXTURE, tiny_worker_argv
 from redis_fixtures import ROOT, RedisServer, config_env, make_config, wait_for
 
 from backend.brush import rle_to_mask
@@ -45,9 +44,7 @@ def stack(tmp_path_factory):
                          max_queue_length=500, batch_size=8)
     env = {**os.environ, **config_env(config), "PYTHONPATH": str(ROOT)}
     worker_log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - closed at teardown
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "worker", "--model", str(CHECKPOINT), "--vision-tower", str(CLIP_TOWER),
-         "--device", "cpu", "--model-version", "tiny-test"], env=env, stdout=worker_log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(tiny_worker_argv("tiny-test"), env=env, stdout=worker_log, stderr=subprocess.STDOUT)
     files = FIXTURE / "cases"
 
     class LabelStudioFiles(http.server.SimpleHTTPRequestHandler):

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from conftest import CASES, CHECKPOINT, CLIP_TOWER, FIXTURE
+from conftest import CASES, FIXTURE, tiny_worker_argv
 from PIL import Image
 from redis_fixtures import ROOT, RedisServer, config_env, free_port, make_config, wait_for
 
@@ -185,9 +185,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
                          max_queue_length=500, batch_size=8)
     env = {**os.environ, **config_env(config), "PYTHONPATH": str(ROOT)}
     worker_log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - closed at teardown
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "worker", "--model", str(CHECKPOINT), "--vision-tower", str(CLIP_TOWER),
-         "--device", "cpu", "--model-version", VERSION], env=env, stdout=worker_log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(tiny_worker_argv(VERSION), env=env, stdout=worker_log, stderr=subprocess.STDOUT)
     fake = FakeLabelStudio()
     queue = JobQueue(connect(config=config), config)
     wait_for(queue.live_workers, timeout=90, what="the model worker")
