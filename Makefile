@@ -12,7 +12,7 @@ else
 TORCH := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: run test lint bench clean e2e-deps chromium
+.PHONY: run test lint bench clean e2e-deps chromium demo-model
 
 # The end-to-end tests drive a real Label Studio in its own venv (it pins redis 5, numpy 2.2 and Django: keep it
 # apart from .venv) through the labeling UI in Debian's chromium (never a browser that a tool downloads itself).
@@ -49,6 +49,12 @@ run: $(STAMP)
 test: $(STAMP) e2e-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# Re-make the offline demo model that `make run` serves (models/demo, committed): a tiny LISA trained from scratch
+# on synthetic shape scenes, about DEMO_MINUTES of 2 CPU cores. See model/demo.py.
+DEMO_MINUTES := 90
+demo-model: $(STAMP)
+	$(PY) -m model.demo --out models/demo --time-limit-s $$(( $(DEMO_MINUTES) * 60 ))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

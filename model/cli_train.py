@@ -19,12 +19,17 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", required=True, help="dataset folders (lisa-ls export / capture) or 'synthetic'")
     p.add_argument("--out", required=True, help="run folder (re-running resumes from its last checkpoint)")
     for f in dataclasses.fields(FinetuneConfig):
-        if f.name in ("base", "data", "out", "weights"):
+        if f.name in ("base", "data", "out"):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = {int: int, float: float, bool: None}.get(type(f.default), str)
         helptext = f.metadata.get("help", "")
-        if isinstance(f.default, bool):
+        if f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), dict):
+            default = f.default_factory()
+            shown = ",".join(f"{k}={v}" for k, v in default.items()) or "none"
+            p.add_argument(flag, type=_mapping, default=default, metavar="KEY=VALUE[,KEY=VALUE]",
+                           help=f"{helptext} (default {shown})")
+        elif isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", help=helptext)
         elif f.name == "time_limit_s":
             p.add_argument(flag, type=float, default=None, help=helptext)
@@ -51,18 +56,35 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=run_merge)
 
 
+def _mapping(text: str) -> dict[str, float]:
+    """``"sam.=3,llm.=0.5"`` -> ``{"sam.": 3.0, "llm.": 0.5}`` (for --weights and --lr-scales)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.rpartition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=NUMBER") from None
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=NUMBER")
+    return out
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     from model.finetune import finetune
     from model.finetune_config import FinetuneConfig
 
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"weights"}
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
     try:
         result = finetune(cfg)
     except (LisaError, ValueError) as e:
         print(f"lisa-ls finetune: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    # One write per line: under torchrun every rank prints its result to the same pipe, and print() writes the text
+    # and the newline separately, so two ranks' lines could interleave.
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
     return 0
 
 

@@ -109,6 +109,17 @@ def trainable_model(model: LisaModel, cfg: FinetuneConfig) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
+def param_groups(net: torch.nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: one per learning-rate multiplier of ``cfg.lr_scales`` (matched by substring of the
+    parameter name, first match wins), the rest at ``cfg.lr``."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
+            groups.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr": cfg.lr * scale} for scale, ps in groups.items()]
+
+
 def lr_lambda(cfg: FinetuneConfig, elapsed_s: Callable[[], float] = lambda: 0.0):
     """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``steps`` - or, with ``time_limit_s``, at
     whichever of the two comes first (``elapsed_s`` is the clock of this invocation), so that a run cut by its
@@ -188,7 +199,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model, tokenizer = load_lisa(cfg.base, cfg.vision_tower, dtype=dtype, device=device)
     net = trainable_model(model, cfg)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(net, cfg), lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
     clock: dict[str, float] = {}  # set when the loop starts: evaluation and loading do not eat the decay
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg, lambda: time.time() - clock["start"] if "start" in clock else 0.0))
@@ -221,6 +233,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     net.train()
     bar = _progress(cfg.steps, step) if main else None
     clock["start"] = start
+    out_of_time = False
     while step < cfg.steps:
         parts: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
@@ -261,8 +274,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     logfile.close()
-    if main and step >= cfg.steps:
-        _write_artifact(out, cfg, net, model, tokenizer, metrics)
+    if main and (step >= cfg.steps or out_of_time):  # a run ended by its time limit is finished too (lr at 0)
+        _write_artifact(out, cfg, net, model, tokenizer, metrics, step)
     if world > 1:
         import torch.distributed as dist
 
@@ -272,7 +285,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def _write_artifact(out: Path, cfg: FinetuneConfig, net, model: LisaModel, tokenizer: LisaTokenizer,
-                    metrics: dict[str, Any]) -> None:
+                    metrics: dict[str, Any], step: int) -> None:
     """The run's product: a peft adapter (LoRA mode) or a whole release (full mode), plus metadata."""
     from model.adapters import adapter_version, data_fingerprint, write_metadata
     from model.checkpoint import resolve_model_dir
@@ -286,7 +299,7 @@ def _write_artifact(out: Path, cfg: FinetuneConfig, net, model: LisaModel, token
         net.save_pretrained(str(out / "adapter"))
         version = adapter_version(out)
     write_metadata(out, base=cfg.base, mode=cfg.mode, version=version, data=cfg.data,
-                   data_fingerprint=data_fingerprint(cfg.data), metrics=metrics, steps=cfg.steps)
+                   data_fingerprint=data_fingerprint(cfg.data), metrics=metrics, steps=step)
 
 
 def _progress(total: int, initial: int):

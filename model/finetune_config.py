@@ -20,6 +20,8 @@ class FinetuneConfig:
     grad_accum: int = field(default=10, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, betas 0.9/0.95)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up from 0, then linear decay to 0"})
+    lr_scales: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "learning-rate multipliers by parameter-name substring, e.g. sam.=3; the first match wins"})
     weight_decay: float = 0.0
     clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     lora_r: int = 8

@@ -150,6 +150,18 @@ def make_scene(seed: int, size: int = 128) -> Scene:
     return Scene(image.clip(0, 255).astype(np.uint8), masks, shapes, queries)
 
 
+def query_kind(text: str) -> str:
+    """What a query (or a question around it) asks about: ``position``, ``size``, ``shape`` or ``colour`` - for
+    reporting which inferences a model has learnt."""
+    if "leftmost" in text:
+        return "position"
+    if "largest" in text or "smallest" in text:
+        return "size"
+    if "corners" in text or "not a " in text or any(kind in text for kind in KINDS):
+        return "shape"
+    return "colour"
+
+
 def question(phrase: str, rng: random.Random) -> str:
     """One of LISA's short-phrase question templates around ``phrase``."""
     return rng.choice([

@@ -73,11 +73,17 @@ def teacher_forced_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """One forward pass: ``(logits B x T x V, labels B x T, per example n x H x W mask logits)``."""
     device = model.mm_projector.weight.device
-    clip = torch.cat([ex.image.clip_pixels for ex in examples]).to(device)
-    sam = torch.cat([ex.image.sam_pixels for ex in examples]).to(device)
+    # Several queries about one image share its encodings (SAM's "embed once, prompt many times"): each distinct
+    # image goes through CLIP and the SAM encoder once, and indexing hands the result (and gradients) to every
+    # example that asked about it.
+    slot: dict[int, int] = {}
+    index = [slot.setdefault(id(ex.image), len(slot)) for ex in examples]
+    images = list({id(ex.image): ex.image for ex in examples}.values())
+    clip = torch.cat([image.clip_pixels for image in images]).to(device)
+    sam = torch.cat([image.sam_pixels for image in images]).to(device)
     with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
-        clip_feats = model.clip_features(clip)
-        embeddings = model.sam_embedding(sam)
+        clip_feats = model.clip_features(clip)[index]
+        embeddings = model.sam_embedding(sam)[index]
     feats = model.mm_projector(clip_feats.to(model.mm_projector.weight.dtype))
     num_patches = feats.shape[1]
     ids_list, labels_list = [], []

@@ -101,3 +101,57 @@ def test_two_process_data_parallel_run(tmp_path):
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # one log, written by rank 0 only
     assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lr_scales_make_parameter_groups(tmp_path):
+    from model.finetune import param_groups, trainable_model
+
+    model, _ = load_lisa(save_random_tiny(str(tmp_path / "tiny"), str(CHECKPOINT)))
+    cfg = FinetuneConfig(base="unused", out="unused", mode="full", train_vision=True, lr=1e-3,
+                         lr_scales={"sam.mask_decoder": 5.0, "sam.": 3.0})
+    groups = {g["lr"]: g["params"] for g in param_groups(trainable_model(model, cfg), cfg)}
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(groups) == [1e-3, 3e-3, 5e-3]
+    assert all(named[id(p)].startswith("sam.mask_decoder.") for p in groups[5e-3])  # first match wins
+    assert all(named[id(p)].startswith("sam.image_encoder.") or named[id(p)].startswith("sam.prompt_encoder.")
+               for p in groups[3e-3])
+    assert not any(named[id(p)].startswith("sam.") for p in groups[1e-3])
+    assert sum(len(v) for v in groups.values()) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_time_limited_run_writes_its_artifact(tmp_path):
+    """A run ended by --time-limit-s is finished (its learning rate reached 0): it writes the model like any other."""
+    from model.adapters import read_metadata
+
+    base = save_random_tiny(str(tmp_path / "tiny"), str(CHECKPOINT))
+    cfg = FinetuneConfig(base=base, out=str(tmp_path / "run"), mode="full", steps=1000, batch_size=2, grad_accum=1,
+                         warmup_steps=0, eval_every=1000, eval_examples=4, device="cpu", time_limit_s=0.01)
+    result = finetune(cfg)
+    assert result["step"] < 1000
+    meta = read_metadata(tmp_path / "run")
+    assert meta["steps"] == result["step"] and meta["mode"] == "full"
+    assert LisaPredictor(*load_lisa(tmp_path / "run" / "model")).model is not None
+
+
+def test_shared_images_are_encoded_once_with_the_same_result(tiny_predictor):
+    """Queries about one image reuse its encodings; the losses equal those of separately encoded copies."""
+    import dataclasses
+
+    from model.finetune import synthetic_examples
+    from model.training import forward_losses
+
+    model, tok = tiny_predictor.model, tiny_predictor.tokenizer
+    stream = synthetic_examples(model, 0, queries_per_scene=3)
+    batch = [next(stream) for _ in range(3)]
+    assert len({id(ex.image) for ex in batch}) == 1
+    copies = [dataclasses.replace(ex, image=dataclasses.replace(ex.image)) for ex in batch]
+    calls = []
+    hook = model.sam.image_encoder.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    try:
+        shared = forward_losses(model, tok, batch)
+        separate = forward_losses(model, tok, copies)
+    finally:
+        hook.remove()
+    assert calls == [1, 3]
+    for key in shared:
+        torch.testing.assert_close(shared[key], separate[key], rtol=1e-5, atol=1e-6)

@@ -26,7 +26,7 @@ from pathlib import Path
 log = logging.getLogger("lisa-ls.up")
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Served when no model is configured (until the trained demo model exists): LISA's format, random weights.
+#: Served when no model is configured and the demo model is missing: LISA's format, random weights.
 TINY_MODEL = ROOT / "tests" / "fixtures" / "lisa_tiny" / "checkpoint"
 
 
@@ -130,9 +130,18 @@ def start_embedded_redis(stack: Stack, port: int, data_dir: Path) -> str:
 def run_up(args: argparse.Namespace) -> int:
     model = args.model or os.environ.get("MODEL_DIR")
     if not model:
-        model = str(TINY_MODEL)
-        log.warning("no --model or MODEL_DIR given: serving the UNTRAINED tiny LISA from %s; its masks are "
-                    "random shapes, for trying the stack only. Pass --model xinlai/LISA-7B-v1 for real masks.", model)
+        from model.demo import DEMO_DIR  # stdlib-only module: no torch in this process
+
+        if (DEMO_DIR / "config.json").is_file():
+            model = str(DEMO_DIR)
+            log.warning("no --model or MODEL_DIR given: serving the offline DEMO model from %s - a tiny LISA trained "
+                        "on synthetic scenes of coloured shapes only (examples to import: models/demo/examples/). "
+                        "Pass --model xinlai/LISA-7B-v1 for real images.", model)
+        else:
+            model = str(TINY_MODEL)
+            log.warning("no --model or MODEL_DIR given and %s is missing (make demo-model): serving the UNTRAINED "
+                        "tiny LISA from %s; its masks are random shapes, for trying the stack only. Pass --model "
+                        "xinlai/LISA-7B-v1 for real masks.", DEMO_DIR, model)
     stack = Stack()
     stopping = threading.Event()
 
