@@ -50,7 +50,9 @@ from worker.protocol import BUSY, QueueError
 log = logging.getLogger(__name__)
 
 CREATED, UPDATED, DELETED = "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"
-ACTIONS = (CREATED, UPDATED, DELETED)
+#: Label Studio's bulk creation (annotations imported with tasks): lists of annotations and of their tasks, in order.
+BULK_CREATED = "ANNOTATIONS_CREATED"
+ACTIONS = (CREATED, BULK_CREATED, UPDATED, DELETED)
 GROUP = "lisa-capture"
 BATCH = 8
 BLOCK_S = 1.0  # also how late a stopping consumer notices
@@ -256,14 +258,16 @@ class CaptureConsumer:
             except (TypeError, ValueError):
                 event = None
             if not isinstance(event, dict):
-                outcome = self._skip_event(entry_id, "bad_json", "the webhook body is not a JSON object", None)
+                outcomes = [self._skip_event(entry_id, "bad_json", "the webhook body is not a JSON object", None)]
             elif event.get("action") in (CREATED, UPDATED):
-                outcome = self._upsert(event, entry_id, final)
+                outcomes = [self._upsert(event, entry_id, final)]
+            elif event.get("action") == BULK_CREATED:
+                outcomes = self._bulk(event, entry_id, final)
             elif event.get("action") == DELETED:
-                outcome = self._delete(event, entry_id)
+                outcomes = [self._delete(event, entry_id)]
             else:
-                outcome = self._skip_event(entry_id, "unknown_action", f"action {event.get('action')!r} is not "
-                                           "captured", event)
+                outcomes = [self._skip_event(entry_id, "unknown_action", f"action {event.get('action')!r} is not "
+                                             "captured", event)]
         except CONNECTION_ERRORS:
             raise
         except RetryLater as e:  # only raised before the last delivery (see _upsert)
@@ -275,16 +279,17 @@ class CaptureConsumer:
                 log.warning("capture: event %s failed (delivery %d): %s", entry_id, deliveries, e, exc_info=True)
                 self.redis.hset(self.keys["errors"], entry_id, f"{type(e).__name__}: {e}")
                 return None
-            outcome = self._skip_event(entry_id, "failed", f"gave up after {deliveries} tries: "
-                                       f"{type(e).__name__}: {e}", None)
+            outcomes = [self._skip_event(entry_id, "failed", f"gave up after {deliveries} tries: "
+                                         f"{type(e).__name__}: {e}", None)]
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(self.keys["stream"], GROUP, entry_id)
         pipe.xdel(self.keys["stream"], entry_id)  # the stream's length stays the backlog
         pipe.hdel(self.keys["errors"], entry_id)
-        for name in {outcome.partition(":")[0], outcome}:
-            pipe.hincrby(self.keys["stats"], name, 1)
+        for outcome in outcomes:
+            for name in {outcome.partition(":")[0], outcome}:
+                pipe.hincrby(self.keys["stats"], name, 1)
         pipe.execute()
-        return outcome
+        return ",".join(outcomes)
 
     def _dataset(self, project_id: int) -> Dataset:
         return Dataset.open(self.root / f"project-{project_id}", project_id=project_id,
@@ -337,6 +342,18 @@ class CaptureConsumer:
         log.warning("capture: annotation %s of project %s skipped: %s", aid, pid, skip)
         return f"skipped:{skip.code}"
 
+    def _bulk(self, event: dict[str, Any], entry_id: str, final: bool) -> list[str]:
+        """``ANNOTATIONS_CREATED``: each listed annotation as its own ``ANNOTATION_CREATED`` with its task. Applying
+        the event again after a retry is harmless (versions make each annotation's write idempotent)."""
+        annotations, tasks = event.get("annotation"), event.get("task")
+        if not isinstance(annotations, list) or not annotations:
+            return [self._skip_event(entry_id, "missing_field", "the bulk event lists no annotations", event)]
+        if not isinstance(tasks, list) or len(tasks) != len(annotations):
+            tasks = [None] * len(annotations)  # each annotation is then skipped with missing_field, as usual
+        return [self._upsert({"action": BULK_CREATED, "annotation": annotation, "task": task,
+                              "project": event.get("project"), "bulk_index": i}, entry_id, final)
+                for i, (annotation, task) in enumerate(zip(annotations, tasks))]
+
     def _delete(self, event: dict[str, Any], entry_id: str) -> str:
         listed = event.get("annotations")
         items = listed if isinstance(listed, list) else [event.get("annotation")]
@@ -368,9 +385,12 @@ class CaptureConsumer:
         folder = self.root / "skipped"
         folder.mkdir(parents=True, exist_ok=True)
         action = event.get("action") if isinstance(event, dict) else None
-        record = {"id": f"event-{entry_id}", "code": code, "reason": reason, "action": action, "event": entry_id,
+        name = f"event-{entry_id}"
+        if isinstance(event, dict) and "bulk_index" in event:  # one record per annotation of a bulk event
+            name += f"-{event['bulk_index']}"
+        record = {"id": name, "code": code, "reason": reason, "action": action, "event": entry_id,
                   "source": "webhook", "written_at": now_iso()}
-        atomic_write(folder / f"event-{entry_id}.json", (json.dumps(record, indent=1) + "\n").encode())
+        atomic_write(folder / f"{name}.json", (json.dumps(record, indent=1) + "\n").encode())
         log.warning("capture: event %s (%s) skipped: %s: %s", entry_id, action, code, reason)
         return f"skipped:{code}"
 

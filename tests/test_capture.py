@@ -306,6 +306,39 @@ def test_bad_webhooks_are_recorded_as_skipped_with_their_reason(queue_config, st
     ls.close()
 
 
+def test_bulk_created_annotations_are_each_captured(queue_config, start_backend, tmp_path) -> None:
+    """``ANNOTATIONS_CREATED`` (annotations imported with tasks) lists annotations and their tasks in order: each
+    becomes its own sample; one unusable annotation is skipped alone; a replay changes nothing."""
+    project, rng = Project(), np.random.default_rng(9)
+    for t in range(1, 4):
+        project.add_task(t)
+    masks = {aid: rect(rng) for aid in (21, 22)}
+    singles = [project.annotate(21, 1, [textarea("the cup"), brush(masks[21])], 1),
+               project.annotate(22, 3, [textarea("the plate"), brush(masks[22])], 1),
+               project.annotate(23, 2, [brush(rect(rng))], 1)]  # no query
+    bulk = {"action": "ANNOTATIONS_CREATED", "annotation": [e["annotation"] for e in singles],
+            "task": [e["task"] for e in singles], "project": singles[0]["project"]}
+    broken = {"action": "ANNOTATIONS_CREATED", "annotation": {"id": 5}, "project": {"id": 1}}
+    ls = FakeLabelStudio(project)
+    backend = start_backend(queue_config, env_for(ls, tmp_path))
+    for event in (bulk, bulk, broken):
+        status, body, _ = post(backend.url, event)
+        assert status == 200 and body["status"] == "ok"
+    drain(queue_config)
+    folder = tmp_path / "datasets" / "project-1"
+    samples = records(folder / "samples")
+    assert set(samples) == {"ls-1-21", "ls-1-22"}
+    for aid, query in ((21, "the cup"), (22, "the plate")):
+        assert samples[f"ls-1-{aid}"]["queries"] == [query]
+        assert np.array_equal(read_mask(folder / samples[f"ls-1-{aid}"]["masks"][0]), masks[aid])
+    assert {sid: r["code"] for sid, r in records(folder / "skipped").items()} == {"ls-1-23": "no_query"}
+    assert [r["code"] for r in records(tmp_path / "datasets" / "skipped").values()] == ["missing_field"]
+    counts = stats(queue_config)
+    assert counts["written"] == 2 and counts["unchanged"] == 2 and counts["skipped:no_query"] == 2
+    assert "Traceback" not in backend.log()
+    ls.close()
+
+
 def test_unreachable_images_are_retried_then_recorded_as_skipped(queue_config, tmp_path) -> None:
     project = Project()
     project.add_task(1)
