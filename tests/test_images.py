@@ -1,194 +1,41 @@
-"""backend.images against real HTTP servers on 127.0.0.1: one plays Label Studio, others play image hosts.
-
-Everything listens on loopback, which the default policy refuses (except the Label Studio host). Tests that need a
-"public" host inject an address policy (and, for host names, a resolver) that counts a loopback server as public.
-Private targets (10.x, 169.254.169.254, ...) are refused before any connection, so no packet leaves the machine.
-"""
+"""backend.images against real HTTP servers on 127.0.0.1 (see tests/image_fixtures.py): Label Studio paths and
+tokens, credentials and redirects, image content."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import io
-import ipaddress
 import json
 import shutil
 import socket
-import ssl
-import struct
 import subprocess
-import threading
 import time
-import zlib
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from PIL import Image
+from image_fixtures import (
+    IMAGE,
+    LEGACY,
+    PAT,
+    Server,
+    authed,
+    fetcher,
+    jpeg,
+    jwt,
+    only_loopback_public,
+    png,
+    public,
+    refused,
+    reply,
+)
 
-from backend.images import FetchSettings, ImageFetcher, ImageFetchError, address_problem, inspect_image
+from backend.images import FetchSettings, ImageFetcher, inspect_image
 
-LEGACY = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _b64url(obj: dict) -> str:
-    return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
-
-
-def jwt(**claims: object) -> str:
-    """An unsigned-looking JWT: the fetcher never verifies signatures, Label Studio does."""
-    return f"{_b64url({'alg': 'HS256', 'typ': 'JWT'})}.{_b64url(claims)}.c2ln"
-
-
-PAT = jwt(token_type="refresh", jti="pat1", exp=int(time.time()) + 86400)
-
-
-def png(width: int = 32, height: int = 24, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def jpeg(width: int = 40, height: int = 20, orientation: int | None = None) -> bytes:
-    buf = io.BytesIO()
-    exif = Image.Exif()
-    if orientation:
-        exif[0x0112] = orientation
-    Image.effect_noise((width, height), 40).convert("RGB").save(buf, "JPEG", exif=exif.tobytes())
-    return buf.getvalue()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG with only IHDR and IEND: it announces width x height but has no pixel data to decode."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-IMAGE = png()
-
-Handler = Callable[[BaseHTTPRequestHandler], None]
-
-
-def reply(h: BaseHTTPRequestHandler, status: int = 200, body: bytes = b"", **headers: str) -> None:
-    h.send_response(status)
-    for name, value in headers.items():
-        h.send_header(name.replace("_", "-"), value)
-    h.send_header("Content-Length", str(len(body)))
-    h.end_headers()
-    h.wfile.write(body)
-
-
-class Server:
-    """A threaded HTTP server on a free loopback port; ``routes`` maps a path (no query) to a handler."""
-
-    def __init__(self, tls: tuple[str, str] | None = None) -> None:
-        self.routes: dict[str, Handler] = {}
-        self.log: list[tuple[str, str, dict[str, str]]] = []
-        self.stop = threading.Event()
-        server = self
-
-        class H(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                server.log.append((self.command, self.path, dict(self.headers.items())))
-                route = server.routes.get(urlsplit(self.path).path)
-                with contextlib.suppress(OSError):  # the client hung up, as intended in several tests
-                    route(self) if route else reply(self, 404, b"not found")
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        if tls:  # handshake failures surface in accept(), which the server ignores quietly
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*tls)
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def requests(self, method: str = "GET") -> list[tuple[str, dict[str, str]]]:
-        return [(path, headers) for m, path, headers in self.log if m == method]
-
-    def close(self) -> None:
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture(autouse=True)
-def no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any test that would send a DNS query: only IP literals and localhost may be resolved here."""
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
-        name = host.decode() if isinstance(host, bytes) else str(host)
-        with contextlib.suppress(ValueError):
-            ipaddress.ip_address(name.split("%")[0])
-            name = "localhost"
-        assert name == "localhost" or name.isdigit(), f"the test tried to resolve {name!r} in DNS"
-        return real(host, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-
-
-@pytest.fixture
-def ls() -> Iterator[Server]:
-    server = Server()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def ext() -> Iterator[Server]:
-    server = Server()
-    yield server
-    server.close()
-
-
-def public(ip: object) -> None:
-    """Address policy for tests: every address is public (so loopback test servers stand in for the internet)."""
-    return None
-
-
-def only_loopback_public(ip: object) -> str | None:
-    return None if str(ip) == "127.0.0.1" else address_problem(ip)  # type: ignore[arg-type]
-
-
-def fetcher(ls: Server | None, key: str = LEGACY, **kw: object) -> ImageFetcher:
-    policy = kw.pop("policy", address_problem)
-    resolver = kw.pop("resolver", None)
-    settings = FetchSettings(label_studio_url=ls.url if ls else "", api_key=key, **kw)  # type: ignore[arg-type]
-    extra = {"resolver": resolver} if resolver else {}
-    return ImageFetcher(settings, policy=policy, **extra)  # type: ignore[arg-type]
-
-
-def refused(f: ImageFetcher, value: object, code: str, *words: str, task_id: int | None = None) -> str:
-    with pytest.raises(ImageFetchError) as info:
-        f.fetch(value, task_id)
-    message = str(info.value)
-    assert info.value.code == code, message
-    for word in words:
-        assert word in message, message
-    return message
-
-
-def authed(token: str, body: bytes = IMAGE) -> Handler:
-    def handle(h: BaseHTTPRequestHandler) -> None:
-        ok = h.headers.get("Authorization") == token
-        reply(h, 200 if ok else 401, body if ok else b'{"detail":"no"}')
-
-    return handle
-
+pytest_plugins = ["image_fixtures"]  # the fixtures ls and ext (loopback servers) and no_dns
+pytestmark = pytest.mark.usefixtures("no_dns")  # fail any test that would send a DNS query
 
 # --- Label Studio paths and tokens ---------------------------------------------------------------------------
 
@@ -329,128 +176,6 @@ def test_redirects_to_private_addresses_or_other_schemes_are_refused(ext: Server
     refused(f, f"{ext.url}/c", "refused", "file")
     refused(f, f"{ext.url}/d", "refused", "::1", "loopback")
     refused(f, f"{ext.url}/loop", "http", "more than 5 times")
-
-
-# --- address policy ---------------------------------------------------------------------------------------------
-
-
-def test_default_policy_refuses_loopback_other_than_label_studio(ls: Server, ext: Server) -> None:
-    ext.routes["/x.png"] = lambda h: reply(h, 200, IMAGE)
-    f = fetcher(ls)
-    refused(f, f"{ext.url}/x.png", "refused", "127.0.0.1", "loopback", "refuses")
-    refused(f, f"http://localhost:{ext.port}/x.png", "refused", "localhost (127.0.0.1)", "loopback")
-    assert ext.log == []  # refused before connecting
-
-
-@pytest.mark.parametrize("host", [
-    "10.0.0.5", "172.16.0.1", "192.168.1.1", "169.254.169.254", "127.0.0.2", "0.0.0.0", "224.0.0.1", "100.64.0.1",
-    "240.0.0.1", "2130706433", "[::1]", "[::]", "[fe80::1]", "[fd00::1]", "[ff02::1]", "[::ffff:10.0.0.5]",
-    "[64:ff9b::a00:5]", "[2002:a00:5::]",
-])
-def test_non_public_addresses_are_refused_before_connecting(host: str) -> None:
-    refused(fetcher(None), f"http://{host}/x.png", "refused", "which the backend refuses to fetch")
-
-
-def test_address_policy_lets_public_addresses_through() -> None:
-    for ip in ("8.8.8.8", "2001:4860:4860::8888", "::ffff:8.8.8.8"):
-        assert address_problem(ipaddress.ip_address(ip)) is None
-
-
-def test_connection_is_pinned_to_the_checked_address(ext: Server) -> None:
-    ext.routes["/x.png"] = lambda h: reply(h, 200, IMAGE)
-    seen: list[str] = []
-
-    def resolver(host: str, port: int) -> list[str]:
-        seen.append(host)
-        return {"cdn.example.test": ["127.0.0.1"], "mixed.example.test": ["127.0.0.1", "10.0.0.5"]}[host]
-
-    f = fetcher(None, resolver=resolver, policy=only_loopback_public)
-    # .test never resolves in DNS: success means the socket went to the address our resolver returned and we checked.
-    assert f.fetch(f"http://cdn.example.test:{ext.port}/x.png").data == IMAGE
-    assert ext.requests()[0][1]["Host"] == f"cdn.example.test:{ext.port}"
-    refused(f, f"http://mixed.example.test:{ext.port}/x.png", "refused", "mixed.example.test (10.0.0.5)")
-    assert seen == ["cdn.example.test", "mixed.example.test"] and len(ext.log) == 1
-
-
-@pytest.mark.parametrize("value", ["file:///etc/passwd", "ftp://example.com/x.png", "gopher://example.com/",
-                                   "javascript:alert(1)", "//example.com/x.png", "images/x.png"])
-def test_other_schemes_are_refused(value: str) -> None:
-    refused(fetcher(None), value, "bad_url", "only http(s) URLs")
-
-
-@pytest.mark.parametrize("value", ["http://[::1", "http://exa mple.com/x", "http:///x", "https://", "http://example.com:port/x",
-                                   "http://127.0.0.1:99999/x"])
-def test_malformed_urls(value: str) -> None:
-    refused(fetcher(None), value, "bad_url", "malformed")
-
-
-@pytest.mark.parametrize("value", [None, "", "   ", 42])
-def test_missing_image_value(value: object) -> None:
-    refused(fetcher(None), value, "bad_url", "no image URL")
-
-
-# --- limits -----------------------------------------------------------------------------------------------------
-
-
-def test_size_limit_from_content_length_and_mid_stream(ext: Server) -> None:
-    def announced(h: BaseHTTPRequestHandler) -> None:
-        h.send_response(200)
-        h.send_header("Content-Length", str(412_000_000))
-        h.end_headers()
-        h.wfile.write(b"\0" * 1000)
-
-    def unannounced(h: BaseHTTPRequestHandler) -> None:  # HTTP/1.0, no length: the body ends when we close
-        h.send_response(200)
-        h.end_headers()
-        for _ in range(48):
-            h.wfile.write(b"\0" * 65536)
-
-    ext.routes["/big.png"], ext.routes["/stream.png"] = announced, unannounced
-    f = fetcher(None, policy=public, max_bytes=1_000_000)
-    refused(f, f"{ext.url}/big.png", "too_large", "412 MB, above the 1 MB limit")
-    refused(f, f"{ext.url}/stream.png", "too_large", "larger than the 1 MB limit")
-    refused(f, "data:image/png;base64," + "A" * 2_000_000, "too_large", "above the 1 MB limit")
-
-
-def test_slow_server_read_timeout(ext: Server) -> None:
-    def slow(h: BaseHTTPRequestHandler) -> None:
-        ext.stop.wait(2.0)
-        reply(h, 200, IMAGE)
-
-    ext.routes["/slow.png"] = slow
-    start = time.monotonic()
-    refused(fetcher(None, policy=public, read_timeout_s=0.3), f"{ext.url}/slow.png", "timeout", "timed out after 0.3 s")
-    assert time.monotonic() - start < 1.5
-
-
-@pytest.mark.parametrize("where", ["body", "headers"])
-def test_dripping_server_hits_the_overall_deadline(ext: Server, where: str) -> None:
-    def drip(h: BaseHTTPRequestHandler) -> None:
-        # One byte every 50 ms never trips a 1 s read timeout; only the overall deadline stops it.
-        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
-        if where == "body":
-            h.wfile.write(b"Content-Length: 100000\r\n\r\n")
-        for _ in range(200):
-            if ext.stop.wait(0.05):
-                return
-            h.wfile.write(b"X-Drip: a\r\n" if where == "headers" else b"\0")
-
-    ext.routes["/drip.png"] = drip
-    start = time.monotonic()
-    refused(fetcher(None, policy=public, read_timeout_s=1.0, deadline_s=0.6), f"{ext.url}/drip.png", "timeout",
-            "took longer than 0.6 s")
-    assert time.monotonic() - start < 1.5
-
-
-def test_pixel_limit_is_read_from_the_header_without_decoding(ls: Server) -> None:
-    # Neither file has pixel data: decoding would fail with another message, so "MP" proves nothing was decoded.
-    ls.routes["/data/upload/1/bomb.png"] = lambda h: reply(h, 200, png_header(20000, 20000))
-    ls.routes["/data/upload/1/big.png"] = lambda h: reply(h, 200, png_header(9000, 9000))
-    f = fetcher(ls)
-    refused(f, "/data/upload/1/bomb.png", "too_large", "400.0 MP", "64 MP limit")
-    refused(f, "/data/upload/1/big.png", "too_large", "9000x9000 pixels (81.0 MP)", "64 MP limit")
-    refused(fetcher(ls, max_pixels=500), "data:image/png;base64," + base64.b64encode(IMAGE).decode(), "too_large",
-            "32x24")
 
 
 # --- image content ----------------------------------------------------------------------------------------------
