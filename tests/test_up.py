@@ -34,14 +34,14 @@ def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
             time.sleep(0.5)
         assert health and health["status"] == "UP", health
         [worker] = health["workers"]
-        assert worker["device"] == "cpu" and worker["model_version"].startswith("lisa_tiny/checkpoint@")
+        assert worker["device"] == "cpu" and worker["model_version"].startswith("models/demo@")  # the demo model
         assert health["redis"]["url"] == f"redis://127.0.0.1:{redis_port}/0"
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 3  # redis, backend (+ its gunicorn worker), model worker
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=60)[0].decode(errors="replace")
         assert proc.returncode == 0, out
-        assert "UNTRAINED tiny LISA" in out and f"REDIS_URL=redis://127.0.0.1:{redis_port}/0" in out
+        assert "offline DEMO model" in out and f"REDIS_URL=redis://127.0.0.1:{redis_port}/0" in out
         assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert (tmp_path / "data" / "appendonly.aof").exists() or any((tmp_path / "data").iterdir())
     finally:

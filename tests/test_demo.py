@@ -1,0 +1,83 @@
+"""The from-scratch recipe and the committed offline demo model (models/demo, served by `make run`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from model.cli_train import _mapping, add_training_parsers
+from model.demo import DEMO_DIR, FROM_SCRATCH, cli_flags, held_out_metrics
+from model.finetune_config import FinetuneConfig
+
+#: Mean IoU of the demo model on its example pictures must stay at least this (measured 0.795 on 37 queries).
+DEMO_EXAMPLES_MIN_IOU = 0.7
+
+
+def _finetune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_training_parsers(parser.add_subparsers())
+    return parser
+
+
+def test_recipe_flags_parse_back_to_the_recipe():
+    """bench_learning passes FROM_SCRATCH as command-line flags: the real parser must read back the same config."""
+    args = _finetune_parser().parse_args(["finetune", "--base", "b", "--data", "synthetic", "--out", "o",
+                                          *cli_flags(FROM_SCRATCH)])
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    for key, value in FROM_SCRATCH.items():
+        assert getattr(cfg, key) == value, key
+
+
+def test_mapping_flags():
+    assert _mapping("ce=1,bce=2.5, dice=0") == {"ce": 1.0, "bce": 2.5, "dice": 0.0}
+    assert _mapping("sam.mask_decoder=3") == {"sam.mask_decoder": 3.0}
+    assert _mapping("") == {}
+    for bad in ("sam.", "=3", "sam.=fast"):
+        with pytest.raises(argparse.ArgumentTypeError, match="KEY=NUMBER"):
+            _mapping(bad)
+    # Through the parser, a bad value is a usage error (exit status 2), not a traceback.
+    with pytest.raises(SystemExit) as exc:
+        _finetune_parser().parse_args(["finetune", "--base", "b", "--data", "d", "--out", "o", "--weights", "ce"])
+    assert exc.value.code == 2
+
+
+def test_committed_demo_model_is_small_and_segments_held_out_scenes():
+    """The shipped model: under 10 MB, its recorded figure meets the issue's 0.75, and a fresh evaluation on
+    held-out scenes (a smaller sample than the recorded 1000 masks) agrees with the record."""
+    size = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
+    assert size < 10e6
+    recorded = json.loads((DEMO_DIR / "metrics.json").read_text())
+    assert recorded["giou"] >= 0.75 and recorded["masks"] >= 1000 and recorded["train_seconds"] <= 7200
+    fresh = held_out_metrics(DEMO_DIR, examples=120)
+    assert fresh["masks"] == 120
+    assert abs(fresh["giou"] - recorded["giou"]) < 0.08  # same held-out distribution, smaller sample
+
+
+def test_demo_model_answers_queries_about_its_example_pictures():
+    """The serving path - generation, not teacher forcing - on the pictures shipped in models/demo/examples/ (256 px,
+    twice the training size, as a user would import them): one [SEG] per answer, masks that match the scenes'
+    ground truth."""
+    import numpy as np
+    from PIL import Image
+
+    from model.finetune import SYNTHETIC_VAL_SEED, _question
+    from model.inference import LisaPredictor
+    from model.synthetic import make_scene
+
+    predictor = LisaPredictor.from_pretrained(str(DEMO_DIR))
+    listed = json.loads((DEMO_DIR / "examples" / "queries.json").read_text())
+    ious = []
+    for name, phrases in listed.items():
+        scene = make_scene(2 * SYNTHETIC_VAL_SEED + int(name.split("_")[1].split(".")[0]), size=256)
+        image = np.asarray(Image.open(DEMO_DIR / "examples" / name).convert("RGB"))
+        assert np.array_equal(image, scene.image) and phrases == [q.phrase for q in scene.queries]
+        encoded = predictor.encode(image)
+        for query, result in zip(scene.queries, predictor.segment([(encoded, _question(p)) for p in phrases])):
+            assert result.masks.shape == (1, 256, 256), result.text
+            truth = scene.target_mask(query)
+            ious.append((result.masks[0] & truth).sum() / max(1, (result.masks[0] | truth).sum()))
+    assert len(ious) >= 12 and float(np.mean(ious)) >= DEMO_EXAMPLES_MIN_IOU, np.round(ious, 2)
