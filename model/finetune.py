@@ -136,19 +136,26 @@ def lr_lambda(cfg: FinetuneConfig, elapsed_s: Callable[[], float] = lambda: 0.0)
 
 
 @torch.no_grad()
-def evaluate(model: LisaModel, tokenizer: LisaTokenizer, examples: list[TrainExample], batch: int = 8) -> dict:
-    """gIoU / cIoU of teacher-forced masks (``logits > 0``), LISA's validation path."""
+def evaluate(model: LisaModel, tokenizer: LisaTokenizer, examples: list[TrainExample], batch: int = 8,
+             group: Callable[[TrainExample], str] | None = None) -> dict:
+    """gIoU / cIoU of teacher-forced masks (``logits > 0``), LISA's validation path. With ``group``, the same pass
+    also reports the gIoU of each group of examples: ``"by_group": {name: gIoU}``."""
     was_training = model.training
     model.eval()
-    meter = IoUMeter()
+    meter, groups = IoUMeter(), {}
     for i in range(0, len(examples), batch):
         chunk = examples[i : i + batch]
         _, _, preds = teacher_forced_forward(model, tokenizer, chunk)
         for ex, pred in zip(chunk, preds):
             for p, t in zip(pred, ex.masks):
-                meter.add((p > 0).cpu().numpy(), t.cpu().numpy())
+                iou = meter.add((p > 0).cpu().numpy(), t.cpu().numpy())
+                if group is not None:
+                    groups.setdefault(group(ex), []).append(iou)
     model.train(was_training)
-    return meter.report()
+    report = meter.report()
+    if group is not None:
+        report["by_group"] = {name: round(float(np.mean(ious)), 3) for name, ious in sorted(groups.items())}
+    return report
 
 
 def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -53,7 +53,8 @@ def test_committed_demo_model_is_small_and_segments_held_out_scenes():
     recorded = json.loads((DEMO_DIR / "metrics.json").read_text())
     assert recorded["giou"] >= 0.75 and recorded["masks"] >= 1000 and recorded["train_seconds"] <= 7200
     fresh = held_out_metrics(DEMO_DIR, examples=120)
-    assert fresh["masks"] == 120
+    assert fresh["masks"] == 120 and set(fresh["by_kind"]) <= {"colour", "position", "shape", "size"}
+    assert min(fresh["by_kind"].values()) <= fresh["giou"] <= max(fresh["by_kind"].values())
     assert abs(fresh["giou"] - recorded["giou"]) < 0.08  # same held-out distribution, smaller sample
 
 
