@@ -7,7 +7,7 @@ real command line as a subprocess::
 
 and prints the held-out gIoU (teacher-forced, LISA's metric, ``model.finetune.evaluate``) before and after, read
 from the run's ``log.jsonl``, against the goal: >= 0.6 within 15 minutes on 2 CPU cores.
-Run: ``.venv/bin/python bench/bench_learning.py [--time-limit-s 900] [--out DIR] [--keep]``
+Run: ``.venv/bin/python bench/bench_learning.py [--time-limit-s 900] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = ROOT / "tests" / "fixtures" / "lisa_tiny" / "checkpoint"
 GOAL = 0.6
 
 
@@ -33,13 +32,13 @@ def main() -> int:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `lisa-ls finetune` flags")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from model.demo import FROM_SCRATCH, cli_flags, held_out_metrics
+    from model.demo import FROM_SCRATCH, TOKENIZER_DIR, cli_flags, held_out_metrics
     from model.factory import save_random_tiny
 
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="bench_learning_")
     work = Path(args.out or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    base = save_random_tiny(str(work / "base"), str(TOKENIZER), seed=args.seed)
+    base = save_random_tiny(str(work / "base"), str(TOKENIZER_DIR), seed=args.seed)
     run = work / "run"
     # The from-scratch recipe (model.demo.FROM_SCRATCH, shared with the demo model; FinetuneConfig's own defaults are
     # LISA's LoRA recipe). Its step count is only an upper bound: the time limit ends the run, and the learning rate
