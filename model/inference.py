@@ -23,7 +23,7 @@ from model.generation import greedy_generate
 from model.modeling import LisaModel
 from model.preprocess import PreprocessedImage, preprocess
 from model.prompts import chat_prompt, teacher_forced_prompt
-from model.sam import decode_masks, upscale_masks
+from model.sam import decode_masks, decode_prompted, sparse_prompts, upscale_masks
 from model.tokenizer import SEG_TOKEN, LisaTokenizer
 
 
@@ -193,6 +193,54 @@ class LisaPredictor:
             for b, (image, ids) in enumerate(zip(images, ids_list))
         ]
         return self._segmentations(images, states, [[] for _ in items], [a for _, _, a in items])
+
+    @torch.inference_mode()
+    def refine(self, image: EncodedImage, seg_prompts: torch.Tensor | None = None,
+               points: np.ndarray | None = None, labels: np.ndarray | None = None, box: np.ndarray | None = None,
+               multimask: bool | None = None) -> Segmentation:
+        """Masks from SAM's prompt encoder + decoder alone, on a cached image embedding: no CLIP, no LLM.
+
+        The annotator's clicks and box are added to the [SEG] prompts of an earlier answer (LISA's token order:
+        points, box corners, [SEG]); without [SEG] prompts this is plain SAM on LISA's SAM weights.
+
+        Args:
+            seg_prompts: ``n x C`` projected [SEG] embeddings (``Segmentation.prompt_embeddings``), or ``None``.
+            points: ``P x 2`` (x, y) in pixels of the EXIF-applied original image; labels: ``P``, 1 keep, 0 remove.
+            box: ``4`` (x0, y0, x1, y1) in original pixels.
+            multimask: SAM's 3-mask output, best kept; default: only for a single click without [SEG] or box.
+        Returns:
+            A :class:`Segmentation` with ``n`` masks (1 without [SEG] prompts); ``text`` and ``output_ids`` empty.
+        """
+        has_seg = seg_prompts is not None and seg_prompts.shape[0] > 0
+        n_points = 0 if points is None else len(points)
+        if not has_seg and n_points == 0 and box is None:
+            raise InputError("a refinement needs [SEG] prompts, points or a box")
+        scale = torch.tensor([image.resized_hw[1] / image.original_hw[1], image.resized_hw[0] / image.original_hw[0]])
+        sam = self.model.sam
+        device = self.device
+        point_arg = None
+        if n_points:
+            coords = torch.as_tensor(np.asarray(points, dtype=np.float32)).reshape(1, -1, 2) * scale
+            lab = torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(1, -1)
+            point_arg = (coords.to(device), lab.to(device))
+        box_arg = None
+        if box is not None:
+            box_arg = (torch.as_tensor(np.asarray(box, dtype=np.float32)).reshape(1, 2, 2) * scale).reshape(1, 4)
+            box_arg = box_arg.to(device)
+        prompts = seg_prompts.to(device) if has_seg else None
+        sparse = sparse_prompts(sam, prompts, point_arg, box_arg)
+        if multimask is None:
+            multimask = not has_seg and box is None and n_points == 1
+        low_res, iou = decode_prompted(sam, image.sam_embedding, sparse, multimask)
+        if multimask:  # SAM's advice for an ambiguous click: keep the mask it is most sure of
+            best = iou.argmax(dim=1)
+            rows = torch.arange(low_res.shape[0])
+            low_res, iou = low_res[rows, best][:, None], iou[rows, best]
+        else:
+            iou = iou[:, 0]
+        logits = upscale_masks(sam, low_res, image.resized_hw, image.original_hw)
+        used = prompts if has_seg else sparse.new_zeros((0, sparse.shape[-1]))
+        return self._result([], "", logits, iou, used.new_zeros((0,)), used, low_res.float())
 
     def teacher_forced_hidden(self, ids_list: list[torch.Tensor], feats: list[torch.Tensor]):
         """Final-layer post-norm hidden states of a left-padded batch: ``(B x T x H, pad lengths)``."""

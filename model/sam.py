@@ -98,3 +98,57 @@ def upscale_masks(
     if low_res.shape[0] == 0:
         return low_res.new_zeros((0, *original_hw), dtype=torch.float32)
     return sam.postprocess_masks(low_res.float(), input_size=resized_hw, original_size=original_hw)[:, 0]
+
+
+def sparse_prompts(
+    sam: Sam,
+    seg_prompts: torch.Tensor | None,
+    points: tuple[torch.Tensor, torch.Tensor] | None = None,
+    box: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sparse prompt tokens of one or more masks, concatenated as LISA's prompt encoder does.
+
+    LISA's ``PromptEncoder.forward(points, boxes, masks, text_embeds)`` builds ``[points (+ a not-a-point pad when
+    there is no box), box corners, text_embeds]``; upstream SAM builds the first two, so the projected [SEG]
+    embeddings are appended to upstream's output.
+
+    Args:
+        seg_prompts: ``n x C`` projected [SEG] embeddings (``None`` or ``0 x C``: points/box alone, plain SAM).
+        points: ``(coords 1 x P x 2, labels 1 x P)`` in SAM input pixels (x, y); label 1 keeps, 0 removes.
+        box: ``1 x 4`` (x0, y0, x1, y1) in SAM input pixels.
+    Returns:
+        ``n x T x C`` (``n = 1`` without [SEG] prompts): T = P (+1 pad without a box) + 2 (box) + 1 ([SEG]).
+    """
+    enc = sam.prompt_encoder
+    n = 1 if seg_prompts is None or seg_prompts.shape[0] == 0 else seg_prompts.shape[0]
+    if points is None and box is None:
+        sparse = torch.empty((1, 0, enc.embed_dim), device=enc.point_embeddings[0].weight.device)
+    else:
+        sparse, _ = enc(points=points, boxes=box, masks=None)  # 1 x T' x C
+    sparse = sparse.expand(n, -1, -1)
+    if seg_prompts is not None and seg_prompts.shape[0]:
+        sparse = torch.cat([sparse, seg_prompts[:, None, :].to(sparse.dtype)], dim=1)
+    return sparse
+
+
+def decode_prompted(
+    sam: Sam, image_embedding: torch.Tensor, sparse: torch.Tensor, multimask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder on one image for ``n`` prompts of any tokens (upstream ``MaskDecoder`` as-is).
+
+    Args:
+        image_embedding: ``1 x C x g x g`` (a cached :class:`~model.inference.EncodedImage` embedding).
+        sparse: ``n x T x C`` from :func:`sparse_prompts`.
+        multimask: SAM's three-mask output (for an ambiguous single click) instead of the single mask LISA uses.
+    Returns:
+        ``(low_res_logits n x k x 4g x 4g, iou n x k)`` with k = 3 or 1.
+    """
+    dtype = image_embedding.dtype
+    _, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
+    return sam.mask_decoder(
+        image_embeddings=image_embedding,
+        image_pe=sam.prompt_encoder.get_dense_pe().to(dtype),
+        sparse_prompt_embeddings=sparse.to(dtype),
+        dense_prompt_embeddings=dense.to(dtype),
+        multimask_output=multimask,
+    )

@@ -3,6 +3,11 @@
 This is where ``model/`` and the queue meet. For a batch it decodes each image once (or finds its encoding in the
 LRU cache), refuses the jobs the model cannot take with a ``bad_input`` answer of their own, and runs every
 remaining query as one batched generation (teacher-forced jobs as one forward pass).
+
+Every generated answer's projected [SEG] embeddings are kept in a second small LRU cache keyed by (image, query,
+model version). A :data:`~worker.protocol.REFINE` job reuses them as SAM prompts together with the annotator's
+clicks/box and runs SAM's prompt encoder + decoder only; when the answer is no longer cached its query is
+generated again first (and the image re-encoded), so a refinement never fails for having been evicted.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,7 @@ from model.errors import InputError
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
 from model.preprocess import load_image
 from worker.cache import EncodingCache
-from worker.protocol import BAD_INPUT, Job, Result
+from worker.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,20 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 1 << 30
 #: Upper bound on a job's ``max_new_tokens`` option; enough for explanatory answers.
 MAX_NEW_TOKENS_LIMIT = 512
+#: Bytes of [SEG] prompts kept for refinements (LISA-7B: 256 bf16 values, 512 B, per mask: ~100k answers).
+DEFAULT_ANSWER_CACHE_BYTES = 64 << 20
+
+
+@dataclass
+class CachedAnswer:
+    """What a refinement needs from an earlier answer: its projected [SEG] prompts (``n x C``) and its text."""
+
+    prompts: torch.Tensor
+    text: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.prompts.numel() * self.prompts.element_size() + len(self.text)
 
 
 def model_version(model_dir: str | Path, override: str | None = None, name: str | None = None) -> str:
@@ -58,6 +78,8 @@ class LisaHandler:
         self.predictor = predictor
         self.version = version
         self.cache: EncodingCache[EncodedImage] = EncodingCache(cache_bytes)
+        #: [SEG] prompts of recent answers, keyed by ("<image hash> <query>", version).
+        self.answers: EncodingCache[CachedAnswer] = EncodingCache(DEFAULT_ANSWER_CACHE_BYTES)
         self.max_new_tokens = max_new_tokens
         #: How to load a promoted model (vision tower, dtype, device, quantization) - as this one was loaded.
         self.load_options = load_options or {}
@@ -85,12 +107,13 @@ class LisaHandler:
         old = self.predictor
         self.predictor, self.version = predictor, str(entry["version"])
         self.cache = EncodingCache(self.cache.capacity_bytes)  # encodings of the old weights are wrong now
+        self.answers = EncodingCache(self.answers.capacity_bytes)
         del old
         return self.version
 
     def stats(self) -> dict[str, Any]:
         """Published with the worker's heartbeat."""
-        return self.cache.stats()
+        return {**self.cache.stats(), "answer_cache_items": len(self.answers)}
 
     def __call__(self, jobs: list[Job]) -> list[Result]:
         results: dict[str, Result] = {}
@@ -99,10 +122,16 @@ class LisaHandler:
         t_encode = time.perf_counter() - t0
         generate: dict[int, list[Job]] = defaultdict(list)
         forced: list[Job] = []
+        refines: list[Job] = []
         for job in jobs:
             if job.id in results:
                 continue
             try:
+                if job.kind == REFINE:
+                    self._check_refine(job, encoded[job.image])
+                    refines.append(job)
+                    if not job.query or self.answers.get(self._answer_key(job), self.version) is not None:
+                        continue  # no query, or its [SEG] prompts are cached: no LLM needed
                 limit = self._max_new_tokens(job)
                 self.predictor.validate(encoded[job.image], job.query, job.answer, limit)
             except InputError as e:
@@ -116,10 +145,45 @@ class LisaHandler:
         if forced:
             segs = self.predictor.segment_teacher_forced([(encoded[j.image], j.query, j.answer) for j in forced])
             self._collect(forced, segs, results)
-        timings = {"encode_s": t_encode, "model_s": time.perf_counter() - t1, "batch_jobs": float(len(jobs))}
+        t2 = time.perf_counter()
+        for job in refines:
+            if job.id not in results or results[job.id].ok:  # a regenerated answer is replaced by the refinement
+                results[job.id] = self._refine(job, encoded[job.image])
+        timings = {"encode_s": t_encode, "model_s": t2 - t1, "refine_s": time.perf_counter() - t2,
+                   "batch_jobs": float(len(jobs))}
         for result in results.values():
             result.timings.update(timings)
         return [results[job.id] for job in jobs]
+
+    @staticmethod
+    def _answer_key(job: Job) -> str:
+        return f"{job.image} {job.query}"
+
+    def _check_refine(self, job: Job, image: EncodedImage) -> None:
+        """Refuse clicks or a box outside the image (in pixels of the EXIF-applied image)."""
+        try:
+            points, box = refine_prompts(job.options)
+        except ValueError as e:
+            raise InputError(str(e)) from e
+        height, width = image.original_hw
+        for x, y, _ in points:
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise InputError(f"the point ({x:.0f}, {y:.0f}) is outside the {width}x{height} image")
+        if box is not None and not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
+            raise InputError(f"the box {[round(v) for v in box]} is not inside the {width}x{height} image")
+
+    def _refine(self, job: Job, image: EncodedImage) -> Result:
+        """SAM's prompt encoder + decoder on the cached image: [SEG] prompts of the last answer + clicks/box."""
+        points, box = refine_prompts(job.options)
+        answer = self.answers.get(self._answer_key(job), self.version) if job.query else None
+        seg = self.predictor.refine(
+            image, None if answer is None else answer.prompts,
+            np.array([p[:2] for p in points], dtype=np.float32) if points else None,
+            np.array([p[2] for p in points], dtype=np.int64) if points else None,
+            None if box is None else np.array(box, dtype=np.float32),
+        )
+        return Result.from_masks(job.id, seg.masks, seg.scores.tolist(), text="" if answer is None else answer.text,
+                                 model_version=self.version)
 
     def _max_new_tokens(self, job: Job) -> int:
         value = job.options.get("max_new_tokens", self.max_new_tokens)
@@ -152,6 +216,8 @@ class LisaHandler:
 
     def _collect(self, jobs: list[Job], segs: list, results: dict[str, Result]) -> None:
         for job, seg in zip(jobs, segs):
+            if job.answer is None:  # a generated answer: keep its [SEG] prompts for refinements
+                self.answers.put(self._answer_key(job), self.version, CachedAnswer(seg.prompt_embeddings, seg.text))
             results[job.id] = Result.from_masks(job.id, seg.masks, seg.scores.tolist(), text=seg.text,
                                                 model_version=self.version)
 

@@ -45,6 +45,15 @@ INTERNAL = "internal"
 """A bug or an unexpected failure in the worker or the model."""
 ERROR_CODES = frozenset({TIMEOUT, BUSY, DEAD_LETTER, BAD_INPUT, REDIS_DOWN, INTERNAL})
 
+SEGMENT = "segment"
+"""A text query: the LLM answers, each ``[SEG]`` becomes a mask (``query`` or a teacher-forced ``answer``)."""
+REFINE = "refine"
+"""A refinement: SAM's decoder alone on the cached image, prompted with the [SEG] embeddings of the last answer to
+``query`` (when given) plus the annotator's clicks and box in ``options`` (see :func:`refine_prompts`)."""
+KINDS = (SEGMENT, REFINE)
+#: Most clicks one refinement may carry (SAM was trained with a handful; more only slows the decoder down).
+MAX_POINTS = 64
+
 
 class QueueError(RuntimeError):
     """Base of the errors the queue raises to its callers; ``code`` is one of :data:`ERROR_CODES`."""
@@ -91,10 +100,12 @@ def _raw(fields: Mapping[Any, Any], name: str) -> bytes:
 class Job:
     """One segmentation request.
 
-    ``image`` is the content hash of image bytes stored by ``JobQueue.put_image``. Either ``query`` (the question
-    put to the model) or ``answer`` (a teacher-forced answer: the model is fed this text instead of generating) must
-    be given. ``deadline`` is an absolute unix time (wall clock: hosts are expected to be NTP-synchronised); ``None``
-    until submission, which fills in the queue's default. ``attempts`` counts deliveries to a worker including the
+    ``kind`` is :data:`SEGMENT` (a text query) or :data:`REFINE` (clicks/box on an earlier answer). ``image`` is
+    the content hash of image bytes stored by ``JobQueue.put_image``. A segment job needs ``query`` (the question
+    put to the model) or ``answer`` (a teacher-forced answer: the model is fed this text instead of generating); a
+    refine job needs clicks or a box in ``options`` and may name the ``query`` whose answer it refines.
+    ``deadline`` is an absolute unix time (wall clock: hosts are expected to be NTP-synchronised); ``None`` until
+    submission, which fills in the queue's default. ``attempts`` counts deliveries to a worker including the
     current one; the queue sets it from Redis. ``entry_id`` (the stream entry) and ``image_bytes`` (filled by the
     worker loop) are local to a worker and never serialised.
     """
@@ -102,6 +113,7 @@ class Job:
     image: str
     query: str = ""
     answer: str | None = None
+    kind: str = SEGMENT
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     model_version: str = ""
     deadline: float | None = None
@@ -114,8 +126,12 @@ class Job:
     def __post_init__(self) -> None:
         if not self.image:
             raise ValueError("a job needs an image hash")
-        if not self.query and self.answer is None:
+        if self.kind not in KINDS:
+            raise ValueError(f"a job's kind must be one of {KINDS}, not {self.kind!r}")
+        if self.kind == SEGMENT and not self.query and self.answer is None:
             raise ValueError("a job needs a query or a teacher-forced answer")
+        if self.kind == REFINE:
+            refine_prompts(self.options)  # malformed clicks are refused before they reach Redis
 
     def remaining(self, now: float | None = None) -> float:
         """Seconds left before the deadline (negative once it passed; infinite when no deadline is set)."""
@@ -135,6 +151,7 @@ class Job:
             "id": self.id.encode(),
             "image": self.image.encode(),
             "query": self.query.encode(),
+            "kind": self.kind.encode(),
             "options": _json(self.options),
             "model_version": self.model_version.encode(),
             "deadline": repr(float(self.deadline)).encode(),
@@ -154,6 +171,7 @@ class Job:
                 image=_text(fields, "image"),
                 query=_text(fields, "query", ""),
                 answer=_text(fields, "answer") if has_answer else None,
+                kind=_text(fields, "kind", SEGMENT),
                 options=json.loads(_text(fields, "options", "{}")),
                 model_version=_text(fields, "model_version", ""),
                 deadline=float(_text(fields, "deadline")),
@@ -163,6 +181,38 @@ class Job:
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed job fields: {exc}") from exc
+
+
+def refine_prompts(options: Mapping[str, Any]) -> tuple[list[tuple[float, float, int]], list[float] | None]:
+    """The clicks and box of a :data:`REFINE` job's options, checked: ``([(x, y, label), ...], box or None)``.
+
+    ``options["points"]`` is a list of ``[x, y, label]`` (pixels of the EXIF-applied image; label 1 adds, 0
+    removes) and ``options["box"]`` is ``[x0, y0, x1, y1]`` or absent. Raises ``ValueError`` with a message for
+    people; bounds against the image size are checked where the size is known (backend and worker).
+    """
+    raw_points = options.get("points") or []
+    box = options.get("box")
+    if not isinstance(raw_points, list):
+        raise ValueError("points must be a list of [x, y, label]")
+    if len(raw_points) > MAX_POINTS:
+        raise ValueError(f"a refinement takes at most {MAX_POINTS} points, got {len(raw_points)}: "
+                         "delete some key points and click again")
+    points = []
+    for p in raw_points:
+        if (not isinstance(p, (list, tuple)) or len(p) != 3 or p[2] not in (0, 1)
+                or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in p[:2])):
+            raise ValueError(f"a point must be [x, y, label] with label 0 or 1, got {p!r}")
+        points.append((float(p[0]), float(p[1]), int(p[2])))
+    if box is not None:
+        if (not isinstance(box, (list, tuple)) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in box)):
+            raise ValueError(f"a box must be [x0, y0, x1, y1], got {box!r}")
+        box = [float(v) for v in box]
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            raise ValueError("the box has no area: drag a rectangle at least one pixel wide and high")
+    if not points and box is None:
+        raise ValueError("a refinement needs at least one point or a box")
+    return points, box
 
 
 @dataclasses.dataclass
