@@ -31,6 +31,11 @@ Variable                        Default         Meaning
 ``LISA_LS_QUERY_FIELD``         ``query``       task data key holding the query of batch predictions
 ``LISA_LS_DEFAULT_LABEL``       (unset)         brush label used when the query names none (else the first)
 ``LISA_LS_SPLIT_INSTANCES``     ``0``           1: one region per connected instance instead of one per mask
+``LISA_LS_MIN_SCORE``           (off)           masks whose SAM score (predicted IoU) is below this are dropped;
+                                                off by default: LISA's training has no loss on SAM's IoU head,
+                                                so a released LISA's score is not calibrated
+``LISA_LS_MIN_AREA``            ``16``          regions of fewer pixels are dropped as noise; an answer left
+                                                with none says "LISA found nothing matching ..." in the UI
 ``LISA_LS_PHRASE_TEMPLATE``     see phrasing    question for a short phrase; ``{}`` is the phrase
 ``LISA_LS_SENTENCE_TEMPLATE``   see phrasing    question for a sentence; ``{}`` is the sentence
 ``LISA_LS_CAPTURE``             ``1``           1: ``/webhook`` stores submitted annotations as training samples
@@ -114,6 +119,12 @@ class BackendConfig:
     )
     split_instances: int = dataclasses.field(
         default=0, metadata=_env(ENV_PREFIX + "SPLIT_INSTANCES", "1: one region per connected instance")
+    )
+    min_score: float = dataclasses.field(
+        default=float("-inf"), metadata=_env(ENV_PREFIX + "MIN_SCORE", "drop masks scoring below this")
+    )
+    min_area: int = dataclasses.field(
+        default=16, metadata=_env(ENV_PREFIX + "MIN_AREA", "drop regions of fewer pixels")
     )
     phrase_template: str = dataclasses.field(
         default=PHRASE_TEMPLATE, metadata=_env(ENV_PREFIX + "PHRASE_TEMPLATE", "question for a short phrase")

@@ -17,6 +17,10 @@ RECOMMENDED_CONFIG = (Path(__file__).parent / "labeling_config.xml").read_text()
 MAX_CONFIG_BYTES = 256_000
 
 
+#: A KeyPointLabels label naming one of these (any case) makes a negative click; Alt-click also does.
+NEGATIVE_WORDS = ("exclude", "negative", "remove", "background", "not")
+
+
 class ConfigError(ValueError):
     """The labeling config cannot be served; the message says what to change."""
 
@@ -31,6 +35,10 @@ class LabelingSetup:
         query_name: ``name`` of the ``<TextArea>`` the annotator types queries into (``None``: batch only).
         brush_name: ``name`` of the ``<BrushLabels>`` (the ``from_name`` of our regions).
         labels: the BrushLabels' label values, in config order.
+        click_names: ``name`` of the ``<KeyPointLabels>``/``<RectangleLabels>`` on the image whose regions are
+            refinement prompts (clicks and boxes drawn with their smart tools).
+        negative_labels: KeyPointLabels values that mark a click as "not this" (see :data:`NEGATIVE_WORDS`).
+        message_name: ``name`` of a read-only ``<TextArea>`` where the backend's messages are shown, if any.
     """
 
     image_name: str
@@ -38,6 +46,9 @@ class LabelingSetup:
     query_name: str | None
     brush_name: str
     labels: tuple[str, ...]
+    click_names: tuple[str, ...] = ()
+    negative_labels: frozenset[str] = frozenset()
+    message_name: str | None = None
 
     def choose_label(self, query: str, default: str | None = None) -> str:
         """The label of a mask: one named in the query, else the configured default, else the first label."""
@@ -86,7 +97,14 @@ def parse_labeling_config(xml: str, require_query: bool = True) -> LabelingSetup
     labels = tuple(lab.get("value", "") for lab in brush.iter() if _tag(lab) == "label" and lab.get("value"))
     if not labels:
         raise ConfigError(f'the <BrushLabels name="{brush.get("name")}"> has no <Label value="..."/>; add one.')
-    texts = [el for el in elements if _tag(el) == "textarea" and image_name in (el.get("toName") or "").split(",")]
+    on_image = [el for el in elements if image_name in (el.get("toName") or "").split(",")]
+    # A read-only TextArea is where the backend writes messages ("LISA found nothing matching ..."), never a query.
+    texts = [el for el in on_image if _tag(el) == "textarea" and el.get("readonly", "").lower() != "true"]
+    notes = [el for el in on_image if _tag(el) == "textarea" and el.get("readonly", "").lower() == "true"]
+    clicks = [el for el in on_image if _tag(el) in ("keypointlabels", "rectanglelabels")]
+    negative = frozenset(
+        lab.get("value", "") for el in clicks if _tag(el) == "keypointlabels" for lab in el.iter()
+        if _tag(lab) == "label" and any(w in lab.get("value", "").lower().split() for w in NEGATIVE_WORDS))
     if not texts and require_query:
         raise ConfigError(
             "the labeling config has no <TextArea> for the query: add "
@@ -102,4 +120,7 @@ def parse_labeling_config(xml: str, require_query: bool = True) -> LabelingSetup
         query_name=texts[0].get("name") if texts else None,
         brush_name=brush.get("name", ""),
         labels=labels,
+        click_names=tuple(el.get("name", "") for el in clicks),
+        negative_labels=negative,
+        message_name=notes[0].get("name") if notes else None,
     )

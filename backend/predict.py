@@ -8,6 +8,9 @@ and submits one job per task (:mod:`worker.queue`); a worker answers with masks,
 
 Label Studio also calls ``/predict`` with ``context: null`` each time a task opens (twice) and after Submit;
 task loading waits for those calls, so a request with no query to run answers at once and stores nothing.
+
+A click or box of the smart tools arrives as an interactive call without a query: :func:`refine` turns it into a
+refine job on the task's last query (:mod:`backend.refine`), answered by SAM's decoder alone.
 """
 
 from __future__ import annotations
@@ -24,16 +27,18 @@ from backend.errors import json_error
 from backend.images import ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
 from backend.phrasing import Phrasing, QueryError
-from backend.regions import prediction
+from backend.refine import RefineError, TaskMemory, read_clicks
+from backend.regions import message_region, prediction
 from backend.state import BackendState, current_state
-from worker.protocol import Job
+from worker.protocol import REFINE, Job
 from worker.queue import JobQueue
 
 log = logging.getLogger(__name__)
 bp = Blueprint("protocol", __name__)
 
 #: Per-project settings a connection can carry in ``extra_params`` (JSON in Label Studio's model settings).
-PROJECT_KEYS = ("default_query", "query_field", "label", "split_instances", "phrase_template", "sentence_template")
+PROJECT_KEYS = ("default_query", "query_field", "label", "split_instances", "min_score", "min_area",
+                "phrase_template", "sentence_template")
 PROJECT_TTL_S = 30 * 24 * 3600
 
 
@@ -121,8 +126,11 @@ def predict() -> Response | tuple[Response, int]:
         return json_error(422, str(e))
     # 1. Which task gets which query. No query anywhere: answer at once (task loading waits for this call).
     wanted: list[tuple[int, dict, str]] = []
+    project_id = _project_id(body.get("project"))
     if interactive:
         query = _typed_query(context, setup)
+        if query is None and tasks and setup.click_names:
+            return refine(state, setup, project_id, project, phrasing, tasks[0], context, started)
         if query is not None and tasks:
             wanted.append((0, tasks[0], query))
     else:
@@ -151,7 +159,7 @@ def predict() -> Response | tuple[Response, int]:
         key = state.queue.put_image(image.data)
         jobs[i] = Job(image=key, query=question, deadline=deadline, options={"query": query, "task": task.get("id")})
     if interactive and problems:
-        return json_error(422, problems[0])
+        return interactive_error(setup, 422, problems[0])
     if jobs:
         state.queue.submit_many(list(jobs.values()))  # BusyError -> 503 "busy" (backend.errors)
     # 3. Wait and turn masks into regions, in task order.
@@ -163,18 +171,87 @@ def predict() -> Response | tuple[Response, int]:
         result = state.queue.wait(job, timeout=max(0.0, deadline - time.time()))
         if not result.ok:
             if interactive:
-                status = 504 if result.error_code == "timeout" else 422 if result.error_code == "bad_input" else 503
-                return json_error(status, f"{result.error_code}: {result.error_message}")
+                return interactive_error(setup, _status(result.error_code), f"{result.error_code}: "
+                                                                            f"{result.error_message}")
             results[i] = {"error": f"{result.error_code}: {result.error_message}"}
             log.warning("task %s: %s: %s", tasks[i].get("id"), result.error_code, result.error_message)
             continue
         query = job.options["query"]
-        label = setup.choose_label(query, project.get("label") or config.default_label)
-        split = bool(project.get("split_instances", config.split_instances))
-        results[i] = prediction(result.mask_array(), result.scores, setup, label, result.model_version, query, split)
+        results[i] = _prediction(result, setup, project, config, query, say_nothing=interactive)
+        if interactive:  # what a click on this task refines next
+            ids = [r["id"] for r in results[i]["result"] if r["type"] == "brushlabels"]
+            TaskMemory(query=query, image=job.image, regions=ids).save(state.queue, project_id, tasks[i].get("id"))
         log.info("task %s: %d region(s) for %r in %.2f s (%s)", tasks[i].get("id"), len(results[i]["result"]),
                  query, time.time() - started, result.model_version)
     return jsonify({"results": results})
+
+
+def _status(error_code: str) -> int:
+    return 504 if error_code == "timeout" else 422 if error_code == "bad_input" else 503
+
+
+def _prediction(result: Any, setup: LabelingSetup, project: dict[str, Any], config: Any, query: str,
+                say_nothing: bool, **kw: Any) -> dict[str, Any]:
+    """A worker's masks as a prediction, with the project's label, instance splitting and noise thresholds."""
+    label = setup.choose_label(query, project.get("label") or config.default_label)
+    return prediction(
+        result.mask_array(), result.scores, setup, label, result.model_version, query,
+        bool(project.get("split_instances", config.split_instances)),
+        min_score=float(project.get("min_score", config.min_score)),
+        min_area=int(project.get("min_area", config.min_area)), say_nothing=say_nothing, **kw)
+
+
+def interactive_error(setup: LabelingSetup, status: int, message: str) -> Response | tuple[Response, int]:
+    """An interactive call that cannot be answered. Label Studio does not show a backend's errors in the labeling
+    UI, so with a message TextArea in the config the message goes there (HTTP 200, plus ``error``); else it is an
+    HTTP error that Label Studio logs."""
+    if setup.message_name:
+        log.warning("interactive call refused: %s", message)
+        return jsonify({"results": [{"result": [message_region(setup, message)], "score": 0, "error": message}]})
+    return json_error(status, message)
+
+
+def refine(state: BackendState, setup: LabelingSetup, project_id: str, project: dict[str, Any], phrasing: Phrasing,
+           task: dict, context: dict, started: float) -> Response | tuple[Response, int]:
+    """A click or box on a task: the task's last query (if any) + all its clicks -> one refine job -> regions that
+    keep the ids of the regions they refine (so accepting replaces them)."""
+    memory = TaskMemory.load(state.queue, project_id, task.get("id"))
+    try:
+        value = (task.get("data") or {}).get(setup.image_field)
+        if not value:
+            raise ImageFetchError(f"the task has no '{setup.image_field}' field (the <Image> value)", "bad_url")
+        image = state.fetcher.fetch(value, task_id=task.get("id"))
+        clicks = read_clicks(context, setup, image.width, image.height)
+        if clicks is None:  # e.g. the call after Submit, with an empty context
+            return jsonify({"results": [{"result": [], "score": 0}]})
+        key = state.queue.put_image(image.data)
+        if memory.image not in (None, key):
+            memory = TaskMemory()  # the task's image changed: its query and clicks were about another picture
+        merged = memory.merge(clicks)
+        question = phrasing.question(memory.query) if memory.query else ""
+    except (ImageFetchError, RefineError, QueryError) as e:
+        return interactive_error(setup, 422, str(e))
+    memory.image, memory.points, memory.box = key, merged.points, merged.box
+    if not merged.points and merged.box is None:  # every click was deleted
+        memory.save(state.queue, project_id, task.get("id"))
+        return jsonify({"results": [{"result": [], "score": 0}]})
+    points = list(merged.points.values())
+    job = Job(image=key, kind=REFINE, query=question, deadline=started + state.config.predict_deadline_s,
+              options={"points": points, "box": merged.box, "query": memory.query, "task": task.get("id")})
+    state.queue.submit(job)  # BusyError -> 503 "busy" (backend.errors)
+    result = state.queue.wait(job, timeout=max(0.0, job.remaining()))
+    if not result.ok:
+        return interactive_error(setup, _status(result.error_code), f"{result.error_code}: {result.error_message}")
+    query = memory.query or ""
+    pred = _prediction(result, setup, project, state.config, query, say_nothing=True, ids=memory.regions,
+                       meta={"refined": {"points": points, "box": merged.box}})
+    if not query and not any(r["type"] == "brushlabels" for r in pred["result"]) and setup.message_name:
+        pred["result"] = [message_region(setup, "LISA found nothing at these clicks")]
+    memory.regions = [r["id"] for r in pred["result"] if r["type"] == "brushlabels"] or memory.regions
+    memory.save(state.queue, project_id, task.get("id"))
+    log.info("task %s: refined %r with %d point(s)%s -> %d region(s) in %.2f s", task.get("id"), query, len(points),
+             " and a box" if merged.box else "", len(pred["result"]), time.time() - started)
+    return jsonify({"results": [pred]})
 
 
 @bp.post("/webhook")

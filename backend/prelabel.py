@@ -369,7 +369,8 @@ class Prelabeler:
             self._fail(work.task_id, f"{result.error_code}: {result.error_message}")
             return
         pred = prediction(result.mask_array(), result.scores, self.setup, work.label,
-                          result.model_version or self.version, work.query, bool(self.config.split_instances))
+                          result.model_version or self.version, work.query, bool(self.config.split_instances),
+                          min_score=self.config.min_score, min_area=self.config.min_area)
         try:
             self.client.create_prediction(work.task_id, pred["result"], pred["score"], pred["model_version"])
         except LabelStudioError as e:

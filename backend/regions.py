@@ -48,19 +48,40 @@ def brush_region(mask: np.ndarray, setup: LabelingSetup, label: str, score: floa
     }
 
 
+def message_region(setup: LabelingSetup, text: str) -> dict[str, Any]:
+    """A text for the config's read-only message TextArea: Label Studio accepts such a suggestion at once and shows
+    it under the image, the one way a backend can say something in the labeling UI (errors are not shown)."""
+    return {"id": "lisa-message", "from_name": setup.message_name, "to_name": setup.image_name, "type": "textarea",
+            "value": {"text": [text]}, "readonly": True}
+
+
 def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, label: str, model_version: str,
-               query: str, split: bool = False) -> dict[str, Any]:
-    """A Label Studio prediction: one region per non-empty mask (or per connected instance with ``split``).
+               query: str, split: bool = False, *, ids: list[str] | None = None, min_score: float = float("-inf"),
+               min_area: int = 0, meta: dict[str, Any] | None = None, say_nothing: bool = False) -> dict[str, Any]:
+    """A Label Studio prediction: one region per kept mask (or per connected instance with ``split``).
 
     Args:
         masks: ``n x H x W`` bool, one per ``[SEG]`` of LISA's answer.
-        scores: ``n`` SAM IoU predictions.
+        scores: ``n`` SAM IoU predictions; a mask scoring under ``min_score``, or a region of fewer than
+            ``min_area`` pixels, is dropped as noise.
+        ids: region ids to reuse in order (a refinement answers with the ids of the regions it refines, so that
+            accepting it replaces them in the annotation instead of adding a copy).
+        meta: more to record in each region's ``meta`` (the clicks of a refinement).
+        say_nothing: when nothing is kept, answer with a "found nothing" text for the config's message TextArea.
     Returns:
-        ``{"result": [...], "score": ..., "model_version": ...}``; ``result`` is empty when every mask is empty.
+        ``{"result": [...], "score": ..., "model_version": ...}``; ``result`` is empty when nothing is kept.
     """
     regions = []
     for mask, score in zip(masks, scores):
-        for part in split_instances(mask) if split else ([mask] if mask.any() else []):
-            regions.append(brush_region(part, setup, label, score, {"prompt": query, "model_version": model_version}))
+        if score < min_score:
+            continue
+        for part in split_instances(mask, max(1, min_area)) if split else ([mask] if mask.sum() >= max(1, min_area)
+                                                                          else []):
+            info = {"prompt": query, "model_version": model_version, **(meta or {})}
+            regions.append(brush_region(part, setup, label, score, info))
+    for region, rid in zip(regions, ids or []):
+        region["id"] = rid
     best = max((r["score"] for r in regions), default=0.0)
+    if not regions and say_nothing and setup.message_name:
+        regions = [message_region(setup, f"LISA found nothing matching '{query}'")]
     return {"result": regions, "score": best, "model_version": model_version}

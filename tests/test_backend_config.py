@@ -48,6 +48,8 @@ def test_every_variable_is_read() -> None:
         "LISA_LS_QUERY_FIELD": "question",
         "LISA_LS_DEFAULT_LABEL": "Target",
         "LISA_LS_SPLIT_INSTANCES": "1",
+        "LISA_LS_MIN_SCORE": "0.5",
+        "LISA_LS_MIN_AREA": "64",
         "LISA_LS_PHRASE_TEMPLATE": "Where is {}? Please output segmentation mask.",
         "LISA_LS_SENTENCE_TEMPLATE": "{} Please respond with segmentation mask.",
         "LISA_LS_CAPTURE": "0",
@@ -65,6 +67,7 @@ def test_every_variable_is_read() -> None:
     assert (config.host, config.port) == ("127.0.0.1", 9191)
     assert config.predict_deadline_s == 45.5 and config.health_timeout_s == 0.3
     assert (config.query_field, config.default_label, config.split_instances) == ("question", "Target", 1)
+    assert (config.min_score, config.min_area) == (0.5, 64)
     assert config.phrase_template.startswith("Where is")
     assert config.sentence_template.endswith("respond with segmentation mask.")
     assert (config.capture, config.dataset_root, config.val_percent) == (0, "/srv/datasets", 20)

@@ -7,6 +7,7 @@ import functools
 import http.server
 import os
 import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,10 @@ from worker.queue import JobQueue
 pytest_plugins = ["redis_fixtures", "backend_fixtures"]
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 QUERY = CASES[1][0]
+#: More images the fake Label Studio serves at /data/upload/1/<name> (tests write them here).
+UPLOADS = Path(tempfile.mkdtemp(prefix="lisa_uploads_"))
+#: The recommended config as it was before the message TextArea: errors are then HTTP errors.
+NO_MESSAGES = RECOMMENDED_CONFIG.replace('<TextArea name="lisa"', '<Header name="lisa"')
 
 
 def textarea(text: str, name: str = "query") -> dict:
@@ -53,7 +58,8 @@ def stack(tmp_path_factory):
                 self.send_error(401)
                 return
             name = self.path.rsplit("/", 1)[-1]
-            data = (files / name).read_bytes() if (files / name).is_file() else None
+            found = [d / name for d in (files, UPLOADS) if (d / name).is_file()]
+            data = found[0].read_bytes() if found else None
             if self.path.startswith("/data/upload/1/") and data:
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
@@ -169,9 +175,16 @@ def test_project_default_query_from_extra_params(stack):
 ])
 def test_bad_input_is_a_readable_error(stack, tasks, query, message):
     backend, _ = stack
-    r = predict(backend, tasks, {"result": [textarea(query)]})
+    r = predict(backend, tasks, {"result": [textarea(query)]}, config=NO_MESSAGES)
     assert r.status_code in (400, 422), r.text
     assert message.lower() in r.json()["message"].lower()
+    # With the recommended config's message TextArea, the labeling UI shows it (Label Studio hides errors).
+    r = predict(backend, tasks, {"result": [textarea(query)]})
+    assert r.status_code == 200, r.text
+    [shown] = r.json()["results"][0]["result"]
+    assert (shown["type"], shown["from_name"]) == ("textarea", "lisa")
+    assert shown["value"]["text"][0] == r.json()["results"][0]["error"]
+    assert message.lower() in shown["value"]["text"][0].lower()
     assert requests.get(backend.url + "/health", timeout=1).status_code == 200  # still up
 
 

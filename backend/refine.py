@@ -1,0 +1,128 @@
+"""Refinement in the labeling UI: smart key points and boxes -> pixel prompts, and what each task remembers.
+
+With Auto-Annotation on, a click of the smart key-point tool or a box of the smart rectangle tool posts an
+interactive ``/predict`` whose ``context.result`` holds the image's dynamic regions (the clicks and boxes, not the
+query TextArea; measured on Label Studio 1.23.2). Their coordinates are percentages of the image the annotator
+sees - the EXIF-applied image - so :func:`read_clicks` converts them at that size.
+
+Accepting a suggestion deletes the clicks from the UI, so the backend keeps, per task, a small record
+(:class:`TaskMemory`, in Redis, expiring): the last query asked, the image it was asked about, the ids of the
+regions it answered with, and the clicks so far. A click adds to the clicks kept; a request that brings no new
+click means one was deleted, so what it carries is what the annotator keeps. A new query starts afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from backend.labeling import LabelingSetup
+from worker.protocol import MAX_POINTS
+
+#: How long a task remembers its last query and clicks (an annotator may come back to a task after lunch).
+MEMORY_TTL_S = 24 * 3600
+
+
+class RefineError(ValueError):
+    """The clicks cannot be used; the message is for the annotator."""
+
+
+@dataclasses.dataclass
+class Clicks:
+    """Prompts read from a context: ``points`` by region id -> ``[x, y, label]`` (pixels; 1 keep, 0 remove) and
+    the newest box ``[x0, y0, x1, y1]`` (pixels) or ``None``."""
+
+    points: dict[str, list[float]]
+    box: list[float] | None
+
+
+@dataclasses.dataclass
+class TaskMemory:
+    """What one task remembers between interactive calls (see the module docstring)."""
+
+    query: str | None = None
+    image: str | None = None
+    regions: list[str] = dataclasses.field(default_factory=list)
+    points: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    box: list[float] | None = None
+
+    @staticmethod
+    def key(queue: Any, project: str, task: object) -> str:
+        return queue.key("task-memory", f"{project or '-'}:{task}")
+
+    @classmethod
+    def load(cls, queue: Any, project: str, task: object) -> TaskMemory:
+        raw = queue.redis.get(cls.key(queue, project, task))
+        if not raw:
+            return cls()
+        try:
+            return cls(**{k: v for k, v in json.loads(raw).items() if k in {f.name for f in dataclasses.fields(cls)}})
+        except (TypeError, ValueError):
+            return cls()  # an unreadable record is forgotten, not an error for the annotator
+
+    def save(self, queue: Any, project: str, task: object) -> None:
+        queue.redis.set(self.key(queue, project, task), json.dumps(dataclasses.asdict(self)), ex=MEMORY_TTL_S)
+
+    def merge(self, clicks: Clicks) -> Clicks:
+        """The clicks to send: earlier ones plus new ones, or exactly the context's when none is new."""
+        if set(clicks.points) - set(self.points) or (clicks.box is not None and clicks.box != self.box):
+            points = {**self.points, **clicks.points}
+            box = clicks.box if clicks.box is not None else self.box
+        else:
+            points, box = dict(clicks.points), clicks.box
+        if len(points) > MAX_POINTS:
+            raise RefineError(f"{len(points)} points is more than the {MAX_POINTS} a refinement takes: type the "
+                              "query again to start over, or delete some points")
+        return Clicks(points, box)
+
+
+def _number(value: dict, key: str, what: str) -> float:
+    v = value.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise RefineError(f"the {what} has no valid '{key}' coordinate")
+    return float(v)
+
+
+def read_clicks(context: dict, setup: LabelingSetup, width: int, height: int) -> Clicks | None:
+    """The key points and box of an interactive context in pixels of the ``width x height`` (EXIF-applied) image;
+    ``None`` when the context holds none (a typed query, or an empty context after Submit)."""
+    points: dict[str, list[float]] = {}
+    box = None
+    found = False
+    for item in context.get("result") or []:
+        if not isinstance(item, dict) or item.get("type") not in ("keypointlabels", "rectanglelabels"):
+            continue
+        if setup.click_names and item.get("from_name") not in setup.click_names:
+            continue
+        found = True
+        value = item.get("value") if isinstance(item.get("value"), dict) else {}
+        rid = str(item.get("id") or f"anon-{len(points)}")
+        if item["type"] == "keypointlabels":
+            x, y = _number(value, "x", "point"), _number(value, "y", "point")
+            if not (0 <= x <= 100 and 0 <= y <= 100):
+                raise RefineError(f"the point at ({x:.1f}%, {y:.1f}%) is outside the image")
+            labels = value.get("keypointlabels") or []
+            negative = item.get("is_positive") is False or any(lab in setup.negative_labels for lab in labels)
+            points[rid] = [round(x / 100 * width, 3), round(y / 100 * height, 3), 0 if negative else 1]
+        else:
+            box = _box(value, width, height)
+    return Clicks(points, box) if found else None
+
+
+def _box(value: dict, width: int, height: int) -> list[float]:
+    """A rectangle (percent, rotated about its top-left corner by ``rotation`` degrees) -> its axis-aligned
+    bounding box in pixels, clipped to the image."""
+    x, y = _number(value, "x", "box") / 100 * width, _number(value, "y", "box") / 100 * height
+    w, h = _number(value, "width", "box") / 100 * width, _number(value, "height", "box") / 100 * height
+    if w < 1 or h < 1:
+        raise RefineError("the box has no area: drag a rectangle at least one pixel wide and high")
+    angle = math.radians(float(value.get("rotation") or 0))
+    cos, sin = math.cos(angle), math.sin(angle)
+    xs = [x + dx * cos - dy * sin for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    ys = [y + dx * sin + dy * cos for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    x0, y0, x1, y1 = max(0.0, min(xs)), max(0.0, min(ys)), min(float(width), max(xs)), min(float(height), max(ys))
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        raise RefineError("the box lies outside the image")
+    return [round(v, 3) for v in (x0, y0, x1, y1)]  # float noise of the rotation off
