@@ -10,12 +10,12 @@ once its outcome is on disk; an event whose process died is taken over after ``L
 
 Order. Events arrive late, twice, or out of order (redelivery, reclaim, several processes). Each annotation's
 newest version wins: a version is ``(updated_at, stream entry id)``, and a Lua compare-and-set on one Redis hash
-(``<prefix>capture:versions``, annotation id -> version) admits only a version at least as new as the last one.
-Deletion is final (Label Studio never reuses an annotation id): it leaves a tombstone, so a CREATED that arrives
-after its DELETE is dropped. The check and the file writes happen together under the dataset's lock
+(``{lisa}:capture:versions`` by default, annotation id -> version) admits only a version at least as new as the
+last one. Deletion is final (Label Studio never reuses an annotation id): it leaves a tombstone, so a CREATED that
+arrives after its DELETE is dropped. The check and the file writes happen together under the dataset's lock
 (:meth:`backend.dataset.Dataset.lock`), so a slow older event can never overwrite a newer one.
 
-Outcomes, counted in the hash ``<prefix>capture:stats``: ``written``/``updated``/``unchanged`` (a sample),
+Outcomes, counted in the hash ``{lisa}:capture:stats``: ``written``/``updated``/``unchanged`` (a sample),
 ``deleted``, ``stale`` (superseded), ``skipped`` plus ``skipped:<code>`` (written to ``skipped/<id>.json`` of the
 project's dataset, or of ``$LISA_LS_DATASET_DIR/skipped/`` when the event names no project or annotation).
 
@@ -45,6 +45,7 @@ from backend.images import ImageFetcher
 from backend.samples import RetryLater, SkipSample, annotation_identity, build_sample, ls_id
 from worker import scripts
 from worker.connection import CONNECTION_ERRORS, backoff_forever, call_with_retry, connect
+from worker.defaults import QueueConfig
 from worker.protocol import BUSY, QueueError
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,18 @@ class CaptureFull(QueueError):
     code = BUSY
 
 
-def keys(prefix: str) -> dict[str, str]:
-    """The Redis keys of capture, under the queue's key prefix."""
-    return {name: f"{prefix}capture{suffix}" for name, suffix in
-            (("stream", ""), ("versions", ":versions"), ("stats", ":stats"), ("errors", ":errors"))}
+def keys(config: QueueConfig) -> dict[str, str]:
+    """The Redis keys of capture, built by ``config.key``: in the queue's hash-tag slot, like every key the
+    scripts and transactions here touch together."""
+    return {name: config.key(kind) for name, kind in
+            (("stream", "capture"), ("versions", "capture:versions"), ("stats", "capture:stats"),
+             ("errors", "capture:errors"))}
 
 
 def store_event(client: redis.Redis, config: BackendConfig, raw: bytes, attempt_s: float) -> str:
     """Append a raw webhook body to the capture stream; returns its entry id. Raises :class:`CaptureFull`, or
     :class:`~worker.connection.RedisDown` within :data:`WEBHOOK_BUDGET_S`."""
-    stream = keys(config.queue.key_prefix)["stream"]
+    stream = keys(config.queue)["stream"]
     script = client.register_script(APPEND)
     args = [config.capture_backlog, raw, f"{time.time():.6f}"]
     q = config.queue
@@ -143,7 +146,7 @@ class CaptureConsumer:
         self.config, self.fetcher = config, fetcher
         q = config.queue
         self.redis = connect(q.redis_url, q, socket_timeout=BLOCK_S + q.socket_timeout_s)
-        self.keys = keys(q.key_prefix)
+        self.keys = keys(q)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.root = Path(config.dataset_root)
         self._offer = self.redis.register_script(OFFER)

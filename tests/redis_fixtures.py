@@ -61,11 +61,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class RedisServer:
-    """A ``redis-server`` subprocess on a fixed loopback port that can be stopped and started again."""
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (Redis 6 fixes it at the port + 10000) is free and valid too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.workdir, self.port = workdir, port or free_port()
+
+class RedisServer:
+    """A ``redis-server`` subprocess on a fixed loopback port that can be stopped and started again.
+
+    ``cluster=True`` runs it as a one-node Redis Cluster that owns all 16384 slots: a plain client works (every key
+    is local), but the server refuses a command, script call or ``MULTI``/``EXEC`` whose keys span several slots
+    (``CROSSSLOT``), as every node of a real cluster does.
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, *, cluster: bool = False) -> None:
+        self.workdir, self.cluster = workdir, cluster
+        self.port = port or (free_cluster_port() if cluster else free_port())
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,6 +95,8 @@ class RedisServer:
     def start(self) -> None:
         args = [str(_redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning"]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         probe = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
         deadline = time.monotonic() + 10
@@ -88,6 +110,20 @@ class RedisServer:
                 time.sleep(0.02)
             finally:
                 probe.close()
+        if self.cluster:
+            self._own_all_slots(deadline)
+
+    def _own_all_slots(self, deadline: float) -> None:
+        probe = redis.Redis(port=self.port, socket_timeout=2)
+        try:
+            if b"cluster_slots_assigned:0" in probe.execute_command("CLUSTER", "INFO"):  # not on a restart
+                probe.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
+            while b"cluster_state:ok" not in probe.execute_command("CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the one-node cluster on port {self.port} did not come up")
+                time.sleep(0.02)
+        finally:
+            probe.close()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -56,7 +56,7 @@ def drain(config: QueueConfig, timeout: float = 30.0) -> None:
     """Wait until every stored event was processed (acknowledged events are deleted from the stream)."""
     client = redis.Redis.from_url(config.redis_url)
     try:
-        wait_for(lambda: client.xlen(config.key_prefix + "capture") == 0, timeout, "the capture backlog to drain")
+        wait_for(lambda: client.xlen(config.key("capture")) == 0, timeout, "the capture backlog to drain")
     finally:
         client.close()
 
@@ -64,7 +64,7 @@ def drain(config: QueueConfig, timeout: float = 30.0) -> None:
 def stats(config: QueueConfig) -> dict[str, int]:
     client = redis.Redis.from_url(config.redis_url)
     try:
-        return {k.decode(): int(v) for k, v in client.hgetall(config.key_prefix + "capture:stats").items()}
+        return {k.decode(): int(v) for k, v in client.hgetall(config.key("capture:stats")).items()}
     finally:
         client.close()
 
@@ -167,7 +167,7 @@ def test_acknowledged_events_survive_a_sigkill_mid_burst(queue_config, tmp_path)
         done_before = len(list((folder / "samples").glob("*.json")))
         assert 100 <= len(acked) < 200 and done_before < len(acked)
         client = redis.Redis.from_url(queue_config.redis_url)
-        held = client.xpending(queue_config.key_prefix + "capture", "lisa-capture")["pending"]
+        held = client.xpending(queue_config.key("capture"), "lisa-capture")["pending"]
         client.close()
         assert held > 0  # the dead process held events mid-processing: the restart must reclaim them
         restarted = BackendProcess(queue_config, tmp_path, env, threads=8)
@@ -349,7 +349,7 @@ def test_unreachable_images_are_retried_then_recorded_as_skipped(queue_config, t
     config = BackendConfig(queue=queue_config, label_studio_url=down, label_studio_api_key=TOKEN,
                            dataset_dir=str(tmp_path), capture_reclaim_s=0.05)
     consumer = CaptureConsumer(config, ImageFetcher(FetchSettings(label_studio_url=down, api_key=TOKEN)))
-    stream = queue_config.key_prefix + "capture"
+    stream = queue_config.key("capture")
     try:
         entry = store_event(consumer.redis, config, json.dumps(event).encode(), 1.0)
         consumer.poll(block_s=0)

@@ -185,7 +185,7 @@ def test_config_from_env() -> None:
         (0.1, 2.0),
         5,
     )
-    assert cfg.job_stream == "lisa:jobs" and cfg.dead_letter_stream == "lisa:jobs:dead"
+    assert cfg.job_stream == "{lisa}:jobs" and cfg.dead_letter_stream == "{lisa}:jobs:dead"
     with pytest.raises(ValueError, match="LISA_LS_BATCH_SIZE"):
         QueueConfig.from_env({"LISA_LS_BATCH_SIZE": "eight"})
     with pytest.raises(ValueError, match="result_ttl_s"):

@@ -68,5 +68,5 @@ def test_recording_never_raises_when_redis_is_down(queue_config: QueueConfig) ->
 def test_keys_follow_the_prefix(job_queue: JobQueue) -> None:
     other = QueueConfig(redis_url=job_queue.config.redis_url, key_prefix="other:")
     record_batch(job_queue.redis, other, 1, [(0.1, "ok")])
-    assert job_queue.redis.exists("other:" + LATENCY_KEY) and not job_queue.redis.exists("lisa:" + LATENCY_KEY)
+    assert job_queue.redis.exists("{other}:" + LATENCY_KEY) and not job_queue.redis.exists("{lisa}:" + LATENCY_KEY)
     assert read_metrics(job_queue.redis, job_queue.config).latency_s.count == 0

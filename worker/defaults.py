@@ -23,13 +23,21 @@ ENV_PREFIX = "LISA_LS_"
 """Prefix of the environment variables that override the fields of :class:`QueueConfig`."""
 
 KEY_PREFIX = "lisa:"
-"""Prefix of every Redis key the queue writes, so that several deployments can share one Redis."""
+"""Namespace of every Redis key the queue writes, so that several deployments can share one Redis.
+
+:meth:`QueueConfig.key` turns it into a Redis Cluster hash tag: the default ``lisa:`` gives keys ``{lisa}:<kind>``
+(``{lisa}:jobs``, ``{lisa}:res:<job id>``, ...). Cluster hashes only the part between the first ``{`` and the next
+``}``, so every key of one deployment lands in one slot, which the Lua scripts, ``MGET`` of images and the
+``MULTI``/``EXEC`` pipelines need. A prefix that already holds a hash tag (``app:{lisa}:``) is used as it is.
+"""
 
 JOB_STREAM = "jobs"
-"""Stream (after the key prefix) that holds queued and in-flight jobs; finished entries are deleted."""
+"""Stream (the ``kind`` of :meth:`QueueConfig.key`) that holds queued and in-flight jobs; finished entries are
+deleted."""
 
 DEAD_LETTER_STREAM = "jobs:dead"
-"""Stream (after the key prefix) that keeps jobs which failed ``MAX_ATTEMPTS`` deliveries, with the cause."""
+"""Stream (the ``kind`` of :meth:`QueueConfig.key`) that keeps jobs which failed ``MAX_ATTEMPTS`` deliveries, with
+the cause."""
 
 CONSUMER_GROUP = "lisa-workers"
 """Consumer group every worker joins; each job is delivered to one member at a time."""
@@ -137,16 +145,35 @@ class QueueConfig:
             raise ValueError("wait_slice_s must be below socket_timeout_s, or every wait would time out its socket")
         if self.result_ttl_s <= self.job_deadline_s:
             raise ValueError("result_ttl_s must exceed job_deadline_s so a late duplicate result is still dropped")
+        if not self.key_prefix.strip(":"):
+            raise ValueError("key_prefix must name the deployment (e.g. 'lisa:'): it becomes the keys' hash tag")
+
+    @property
+    def key_tag(self) -> str:
+        """The start of every key: ``key_prefix`` as a Redis Cluster hash tag (see :data:`KEY_PREFIX`)."""
+        prefix = self.key_prefix.rstrip(":")
+        start = prefix.find("{")
+        if start >= 0 and prefix.find("}", start + 1) > start + 1:  # a non-empty {tag}: the prefix decides
+            return prefix + ":"
+        return "{" + prefix + "}:"
+
+    def key(self, kind: str, name: str = "") -> str:
+        """The Redis key of ``kind`` (``jobs``, ``img``, ``res``, ``capture:stats``, ...) and optional ``name``.
+
+        The one place keys are built: every key of a deployment starts with :attr:`key_tag`, so all of them hash
+        to one Redis Cluster slot and any script or transaction may touch any of them together.
+        """
+        return f"{self.key_tag}{kind}:{name}" if name else f"{self.key_tag}{kind}"
 
     @property
     def job_stream(self) -> str:
         """Redis key of the job stream."""
-        return self.key_prefix + JOB_STREAM
+        return self.key(JOB_STREAM)
 
     @property
     def dead_letter_stream(self) -> str:
         """Redis key of the dead-letter stream."""
-        return self.key_prefix + DEAD_LETTER_STREAM
+        return self.key(DEAD_LETTER_STREAM)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> QueueConfig:

@@ -2,7 +2,8 @@
 
 Workers run on other machines than the backend, so an in-process Prometheus registry in a worker could not be
 scraped through the backend. Instead each worker adds its observations to shared Redis hashes, and the backend
-turns them into Prometheus histograms and counters at scrape time. Keys, under ``config.key_prefix``:
+turns them into Prometheus histograms and counters at scrape time. Keys, built by ``config.key`` (so
+``{lisa}:metrics:jobs`` by default, in the queue's hash-tag slot):
 
 =====================  ==========================================================================================
 ``metrics:latency_s``  histogram of job latency: submission (``job.submitted``) to the result being delivered
@@ -38,11 +39,11 @@ from worker.defaults import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, QueueConfig
 log = logging.getLogger(__name__)
 
 LATENCY_KEY = "metrics:latency_s"
-"""Hash (after the key prefix) of the job latency histogram, in seconds."""
+"""Hash (the kind given to ``config.key``) of the job latency histogram, in seconds."""
 BATCH_SIZE_KEY = "metrics:batch_size"
-"""Hash (after the key prefix) of the batch size histogram."""
+"""Hash (the kind given to ``config.key``) of the batch size histogram."""
 JOBS_KEY = "metrics:jobs"
-"""Hash (after the key prefix) counting delivered results by outcome."""
+"""Hash (the kind given to ``config.key``) counting delivered results by outcome."""
 
 INF_FIELD = "+Inf"
 SUM_FIELD = "sum"
@@ -83,15 +84,14 @@ def record_batch(
     delivered = list(delivered)
     if batch_size <= 0 and not delivered:
         return True
-    prefix = config.key_prefix
     try:
         pipe = client.pipeline(transaction=True)  # MULTI/EXEC: a scrape never sees half a batch
         if batch_size > 0:
-            _add_histogram(pipe, prefix + BATCH_SIZE_KEY, [batch_size], batch_bounds)
+            _add_histogram(pipe, config.key(BATCH_SIZE_KEY), [batch_size], batch_bounds)
         if delivered:
-            _add_histogram(pipe, prefix + LATENCY_KEY, [max(0.0, lat) for lat, _ in delivered], latency_bounds)
+            _add_histogram(pipe, config.key(LATENCY_KEY), [max(0.0, lat) for lat, _ in delivered], latency_bounds)
             for outcome, n in Counter(outcome for _, outcome in delivered).items():
-                pipe.hincrby(prefix + JOBS_KEY, outcome or "unknown", n)
+                pipe.hincrby(config.key(JOBS_KEY), outcome or "unknown", n)
         pipe.execute()
         return True
     except Exception as exc:  # metrics are best effort by design; see the module docstring
@@ -144,10 +144,9 @@ class ServingMetrics:
 
 def read_metrics(client: redis.Redis, config: QueueConfig) -> ServingMetrics:
     """Read the shared metrics in one round trip. Raises redis-py's errors (the caller reports Redis as down)."""
-    prefix = config.key_prefix
     pipe = client.pipeline(transaction=False)
     for key in (LATENCY_KEY, BATCH_SIZE_KEY, JOBS_KEY):
-        pipe.hgetall(prefix + key)
+        pipe.hgetall(config.key(key))
     latency, batch, jobs = pipe.execute()
     return ServingMetrics(
         latency_s=Histogram.from_hash(latency),

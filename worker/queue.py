@@ -13,7 +13,8 @@ Why Streams with a consumer group, rather than rq or plain lists:
   write and get right.
 - It needs nothing beyond redis-py and Redis >= 6.2 (for ``XPENDING ... IDLE``), both in the base install.
 
-Keys, all under ``config.key_prefix``:
+Keys, all built by :meth:`~worker.defaults.QueueConfig.key`, which starts each with the deployment's Redis Cluster
+hash tag (``{lisa}:`` for the default ``key_prefix`` ``lisa:``, so ``{lisa}:jobs``, ``{lisa}:res:<job id>``):
 
 ==================  =====================================================================================
 ``jobs``            stream of queued and in-flight jobs; finished entries are acknowledged *and deleted*,
@@ -27,6 +28,14 @@ Keys, all under ``config.key_prefix``:
 ``worker:<name>``   a worker's heartbeat hash (JSON values), expiring after ``heartbeat_ttl_s``
 ``workers``         sorted set of worker names by last heartbeat, to list live workers without ``SCAN``
 ==================  =====================================================================================
+
+Others share the tag: ``model:current``/``model:history`` (:mod:`worker.registry`), ``metrics:*``
+(:mod:`worker.metrics`), ``capture*`` (:mod:`backend.capture`), ``project:<id>`` (:mod:`backend.predict`). One
+tag means one slot: on Redis Cluster the scripts of :mod:`worker.scripts` (which touch only the keys passed in
+``KEYS``), the ``MGET`` of images and the ``MULTI``/``EXEC`` pipelines never span slots. It also puts a whole
+deployment on one shard, as its single job stream would anyway; a cluster adds failover, not throughput, to one
+queue. (:func:`~worker.connection.connect` still makes a plain, single-node client: reaching a cluster takes a
+cluster-aware proxy in front of it, or a cluster client.)
 
 Semantics: a job is *run* at least once (a reclaimed job may be run twice if its first worker was merely slow) and
 *answered* exactly once. Client calls fail with :class:`~worker.connection.RedisDown` within
@@ -94,8 +103,9 @@ class JobQueue:
         self._prune = client.register_script(scripts.PRUNE)
 
     def key(self, kind: str, name: str = "") -> str:
-        """The Redis key of ``kind`` (``img``, ``res``, ``done``, ``err``, ``worker``, ``workers``)."""
-        return f"{self.config.key_prefix}{kind}:{name}" if name else f"{self.config.key_prefix}{kind}"
+        """The Redis key of ``kind`` (``img``, ``res``, ``done``, ``err``, ``worker``, ``workers``); see
+        :meth:`QueueConfig.key <worker.defaults.QueueConfig.key>`."""
+        return self.config.key(kind, name)
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         cfg = self.config

@@ -1,9 +1,10 @@
 """Which model version the workers serve: one Redis key, written by promotion, read by every worker.
 
-``lisa:model:current`` holds ``{"version", "base", "adapter", "promoted_at", "metrics"}``. A worker checks it between
-batches (at most every ``CHECK_INTERVAL_S``) and, when it names another version, loads it and switches without a
-restart; ``/setup`` then reports the new version and Label Studio re-predicts its tasks. Paths in the key must be
-readable by every worker (a shared volume).
+``model:current`` (``{lisa}:model:current`` by default, built by :meth:`~worker.queue.JobQueue.key`) holds
+``{"version", "base", "adapter", "promoted_at", "metrics"}``; ``model:history`` lists every promotion. A worker
+checks it between batches (at most every ``CHECK_INTERVAL_S``) and, when it names another version, loads it and
+switches without a restart; ``/setup`` then reports the new version and Label Studio re-predicts its tasks. Paths
+in the key must be readable by every worker (a shared volume).
 """
 
 from __future__ import annotations
