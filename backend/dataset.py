@@ -25,6 +25,9 @@ A sample file (``samples/<id>.json``, ``id`` = ``ls-<project>-<annotation>``) ho
   or extended) or ``manual`` (drawn by hand);
 - ``model_versions``: per mask, the model version that proposed it, or null (manual, or not recorded);
 - ``ignore`` (only when present): relative path of the ignore mask, from brush labels containing "ignore";
+- ``refinements``: metadata of the clicks behind the masks (``{"region", "points": [[x, y, label]...] in pixels,
+  "box"}`` per refined region, and ``{"type", "value", "is_positive"}`` per key point or box left in the
+  annotation); empty for a mask made from the text alone. Training reads the query and the masks, never these;
 - ``split``: ``val`` when ``int(sha256[:8], 16) % 100 < val_percent``, else ``train``: every sample of one image
   lands in the same split, so no image leaks from train into val;
 - ``annotator`` (Label Studio user id of ``completed_by``, or null), ``created_at``, ``updated_at`` (the
@@ -78,8 +81,8 @@ EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": 
               "TIFF": "tif", "AVIF": "avif"}
 #: The fields of a sample file, in the order they are written.
 FIELDS = ("id", "image", "width", "height", "queries", "labels", "masks", "origins", "model_versions", "ignore",
-          "split", "annotator", "created_at", "updated_at", "task_id", "annotation_id", "project_id", "source",
-          "written_at")
+          "refinements", "split", "annotator", "created_at", "updated_at", "task_id", "annotation_id", "project_id",
+          "source", "written_at")
 #: Fields of a sample that say when and how it was written, not what it holds.
 WRITE_FIELDS = ("source", "written_at")
 

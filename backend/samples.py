@@ -15,6 +15,11 @@ What is read from ``result`` (see ``shared/ref/ui-check.md`` §5 for a real one)
 * per mask, the origin (all regions ``prediction``: ``prediction``; all ``manual``: ``manual``; any mix or edit:
   ``prediction-changed``) and the proposing model version (``meta.model_version`` of a region, else the
   annotation's ``prediction.model_version``; none for a hand-drawn mask).
+
+Refinement clicks are metadata, never training input: the sample is still (image, query, final mask), so that
+fine-tuning learns from the text. The clicks a suggestion was refined with (``meta.refined`` of its region) and any
+key points or boxes left in the annotation go to the record's ``refinements``. When the query TextArea is empty
+but a region says which query it answered (``meta.prompt``), that query is used.
 """
 
 from __future__ import annotations
@@ -113,6 +118,20 @@ def _regions(results: list[Any], setup: LabelingSetup | None) -> list[dict[str, 
     return regions
 
 
+def _refinements(results: list[Any], regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The clicks behind the masks (metadata): each refined region's ``meta.refined`` (points in pixels) and the
+    key points / boxes still in the annotation (``value`` in percent, as Label Studio keeps them)."""
+    out: list[dict[str, Any]] = []
+    for region in regions:
+        refined = region.get("meta", {}).get("refined") if isinstance(region.get("meta"), dict) else None
+        if isinstance(refined, dict):
+            out.append({"region": region.get("id"), "points": refined.get("points") or [], "box": refined.get("box")})
+    for item in results:
+        if isinstance(item, dict) and item.get("type") in ("keypointlabels", "rectanglelabels"):
+            out.append({"type": item["type"], "value": item.get("value"), "is_positive": item.get("is_positive")})
+    return out
+
+
 def _image_value(task: dict[str, Any], setup: LabelingSetup | None) -> str:
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
     field = setup.image_field if setup else "image"
@@ -197,9 +216,12 @@ def build_sample(annotation: object, task: object, label_config: object, fetch: 
     setup = _setup(label_config)
     results = annotation.get("result") if isinstance(annotation.get("result"), list) else []
     queries = _queries(results, setup)
+    regions = _regions(results, setup)
+    if not queries:  # e.g. the query text was deleted after its answer was refined and accepted
+        prompts = [r["meta"].get("prompt") for r in regions if isinstance(r.get("meta"), dict)]
+        queries = list(dict.fromkeys(" ".join(p.split()) for p in prompts if isinstance(p, str) and p.split()))
     if not queries:
         raise SkipSample("no_query", "the annotation has no query text (the TextArea is empty)")
-    regions = _regions(results, setup)
     if not regions:
         raise SkipSample("no_mask", "the annotation has a query but no brush region")
     region_labels = [_labels(r) for r in regions]  # checked before the (slow) image fetch
@@ -229,6 +251,7 @@ def build_sample(annotation: object, task: object, label_config: object, fetch: 
         "width": image.width, "height": image.height, "queries": queries, "labels": targets,
         "origins": [_origin(origins[lab]) for lab in targets],
         "model_versions": [versions[lab][0] if lab in versions else None for lab in targets],
+        "refinements": _refinements(results, regions),
         "annotator": completed_by, "created_at": annotation.get("created_at"),
         "updated_at": annotation.get("updated_at") or annotation.get("created_at"),
         "task_id": tid, "annotation_id": aid, "project_id": pid,

@@ -116,6 +116,28 @@ def test_exif_rotated_images_keep_label_studios_orientation(tmp_path: Path) -> N
     assert np.array_equal(sample.masks[0] == 1, mask)
 
 
+def test_a_refined_suggestion_is_captured_as_its_query_and_final_mask(tmp_path: Path) -> None:
+    """Clicks are metadata: the sample is (image, query, final mask), even with the query text deleted."""
+    final = rect(2, 10, 3, 12)
+    refined = {"prompt": "the red thing", "model_version": "v4",
+               "refined": {"points": [[5.0, 6.0, 0], [7.5, 3.0, 1]], "box": None}}
+    leftover = {"type": "keypointlabels", "from_name": "clicks", "to_name": "image", "is_positive": False,
+                "value": {"x": 10.0, "y": 20.0, "width": 0.3, "keypointlabels": ["Exclude"]}}
+    ann = annotation(region(final, origin="prediction-changed", id="r1", meta=refined), leftover, query=None)
+    data = ds.Dataset.open(tmp_path)
+    with data.lock():
+        data.commit(build_sample(ann, TASK, CONFIG, fetcher(png())), "webhook")
+    record = data.read_sample("ls-1-7")
+    assert record["queries"] == ["the red thing"] and record["origins"] == ["prediction-changed"]
+    assert record["refinements"] == [
+        {"region": "r1", "points": [[5.0, 6.0, 0], [7.5, 3.0, 1]], "box": None},
+        {"type": "keypointlabels", "value": leftover["value"], "is_positive": False}]
+    [sample] = load_samples(tmp_path)
+    assert sample.queries == ["the red thing"] and np.array_equal(sample.masks[0] == 1, final)
+    with pytest.raises(SkipSample, match="no query"):  # nothing says which query: still not a sample
+        build_sample(annotation(region(final), query=None), TASK, CONFIG, fetcher(png()))
+
+
 def test_split_is_by_image_and_fixed_by_the_dataset(tmp_path: Path) -> None:
     shas = [f"{i:08x}" + "0" * 56 for i in (0, 5, 99, 100, 109, 110)]  # int % 100: 0, 5, 99, 0, 9, 10
     assert [ds.split_for(s, 10) for s in shas] == ["val", "val", "train", "val", "val", "train"]
