@@ -54,29 +54,54 @@ def _question(query: str) -> str:
 
 
 def synthetic_examples(model: LisaModel, seed: int, val: bool = False, queries_per_scene: int = 2,
-                       plain_first: int = 0) -> Iterator[TrainExample]:
+                       plain_first: int = 0, kind_weights: dict[str, float] | None = None,
+                       click_share: float = 0.0) -> Iterator[TrainExample]:
     """An endless stream of synthetic (scene, query, mask) examples; ``val`` draws from the held-out seeds (every
     query of each scene), training draws ``queries_per_scene`` queries of each scene, one after the other.
 
     ``plain_first``: a curriculum for models trained from scratch - the first that many training examples use the
     validation phrasing ("What is ... in this image? Please output segmentation mask." / "[SEG].") and only later
     LISA's varied question and answer templates, whose variety otherwise drowns the query in noise early on.
+    ``kind_weights``: draw queries by what they ask about with these weights (``{"colour": 4}``; default 1).
+    ``click_share``: that share of examples carries annotator clicks or a box (:func:`model.synthetic.correction`)
+    and the mask they call for, so that SAM learns to refine an answer. Neither option changes the stream when
+    left at its default.
     """
-    from model.synthetic import answer, make_scene, question
+    from model.synthetic import answer, correction, make_scene, query_kind, question
 
     rng = random.Random(seed + (SYNTHETIC_VAL_SEED if val else 0))
+    clicks_rng = random.Random(seed * 7 + 1 + (SYNTHETIC_VAL_SEED if val else 0))
     size, clip = model.lisa_config.sam_image_size, model.clip_size
     drawn = 0
     while True:
         scene = make_scene(rng.randrange(SYNTHETIC_VAL_SEED) + (SYNTHETIC_VAL_SEED if val else 0), size=size)
         pre = preprocess(scene.image, clip, size)
-        queries = scene.queries if val else rng.sample(scene.queries, min(queries_per_scene, len(scene.queries)))
+        k = min(queries_per_scene, len(scene.queries))
+        if val:
+            queries = scene.queries
+        elif kind_weights:  # weighted sampling without replacement (Efraimidis-Spirakis keys)
+            keyed = [(rng.random() ** (1.0 / kind_weights.get(query_kind(q.phrase), 1.0)), i)
+                     for i, q in enumerate(scene.queries)]
+            queries = [scene.queries[i] for _, i in sorted(keyed, reverse=True)[:k]]
+        else:
+            queries = rng.sample(scene.queries, k)
         for q in queries:
-            mask = torch.from_numpy(scene.target_mask(q)[None].astype(np.uint8))
             plain = val or drawn < plain_first
             text = _question(q.phrase) if plain else question(q.phrase, rng)
-            yield TrainExample(pre, text, "[SEG]." if plain else answer(rng), mask)
+            reply = "[SEG]." if plain else answer(rng)
             drawn += 1
+            if click_share and clicks_rng.random() < click_share:
+                fix = correction(scene, q, clicks_rng)
+                target = np.zeros_like(scene.shape_masks[0])
+                for i in fix.targets:
+                    target |= scene.shape_masks[i]
+                points = torch.tensor(fix.points, dtype=torch.float32) if fix.points else None
+                box = None if fix.box is None else torch.tensor(fix.box, dtype=torch.float32)
+                yield TrainExample(pre, text, reply, torch.from_numpy(target[None].astype(np.uint8)), points, box,
+                                   fix.use_seg)
+                continue
+            mask = torch.from_numpy(scene.target_mask(q)[None].astype(np.uint8))
+            yield TrainExample(pre, text, reply, mask)
 
 
 def dataset_examples(model: LisaModel, dirs: list[str], split: str, seed: int) -> list[TrainExample]:
@@ -218,7 +243,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.data == ["synthetic"]:
         done = step * cfg.batch_size * cfg.grad_accum  # a resumed run continues the curriculum where it was
         train_iter = synthetic_examples(model, cfg.seed + step + 7919 * rank, queries_per_scene=cfg.queries_per_scene,
-                                        plain_first=max(0, cfg.plain_template_examples - done))
+                                        plain_first=max(0, cfg.plain_template_examples - done),
+                                        kind_weights=cfg.kind_weights or None, click_share=cfg.click_share)
         val_iter = synthetic_examples(model, cfg.seed, val=True)
         val = [next(val_iter) for _ in range(cfg.eval_examples)]
     else:

@@ -36,6 +36,11 @@ class FinetuneConfig:
     plain_template_examples: int = field(default=0, metadata={
         "help": "synthetic data: the first N examples use one fixed question/answer phrasing (a curriculum for "
                 "models trained from scratch)"})
+    kind_weights: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "synthetic data: draw queries by kind (position, size, shape, colour) with these weights, e.g. "
+                "colour=4"})
+    click_share: float = field(default=0.0, metadata={
+        "help": "synthetic data: share of examples that add annotator clicks or a box to the query (refinement)"})
     queries_per_scene: int = field(default=2, metadata={"help": "synthetic data: queries asked of each training scene"})
     time_limit_s: float | None = field(default=None, metadata={"help": "stop (and save) after this many seconds; the "
                                                                       "learning rate then decays to 0 at this time "

@@ -174,3 +174,62 @@ def question(phrase: str, rng: random.Random) -> str:
 
 def answer(rng: random.Random) -> str:
     return rng.choice(ANSWERS)
+
+
+@dataclass
+class Correction:
+    """Annotator-style prompts added to a query, and the shapes the mask should then cover.
+
+    ``points`` are ``(x, y, label)`` pixels (label 1 adds the shape under the click, 0 removes it), ``box`` is
+    ``(x0, y0, x1, y1)`` around one shape (which then is the target), ``use_seg`` says whether the query's [SEG]
+    prompt goes with them (False: plain SAM prompts).
+    """
+
+    points: list[tuple[float, float, int]]
+    box: tuple[float, float, float, float] | None
+    use_seg: bool
+    targets: list[int]
+
+
+def _pixel_in(mask: np.ndarray, rng: random.Random) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    i = rng.randrange(len(xs))
+    return float(xs[i]) + 0.5, float(ys[i]) + 0.5
+
+
+def correction(scene: Scene, query: SceneQuery, rng: random.Random, plain_share: float = 0.25,
+               box_share: float = 0.2) -> Correction:
+    """Clicks (or a box) an annotator might add to ``query``'s answer, and the shapes the refined mask covers:
+    a positive click on another shape adds it, a negative click on a target removes it, clicks on what is already
+    right change nothing; a box designates the one shape it surrounds. With ``plain_share`` the query is dropped
+    (SAM's own interactive task: positive clicks choose the shapes)."""
+    targets = set(query.targets)
+    use_seg = rng.random() >= plain_share
+    if rng.random() < box_share:
+        i = rng.randrange(len(scene.shapes))
+        ys, xs = np.nonzero(scene.shape_masks[i])
+        pad = rng.uniform(0, 3)
+        box = (float(xs.min()) - pad, float(ys.min()) - pad, float(xs.max()) + 1 + pad, float(ys.max()) + 1 + pad)
+        return Correction([], box, use_seg, [i])
+    if not use_seg:
+        targets = set()
+    background = ~np.logical_or.reduce(scene.shape_masks)
+    points, used = [], set()
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(scene.shapes) + 1)
+        if i in used:
+            continue  # one click per shape: two opposite clicks on one shape would contradict each other
+        used.add(i)
+        if i == len(scene.shapes):  # the background: says "not here"
+            points.append((*_pixel_in(background, rng), 0))
+            continue
+        label = int(i not in targets) if use_seg else int(rng.random() < 0.7)
+        if not use_seg and not points and not label:
+            label = 1  # plain SAM starts from a positive click
+        (targets.add if label else targets.discard)(i)
+        points.append((*_pixel_in(scene.shape_masks[i], rng), label))
+    if not use_seg and not targets:  # plain SAM needs a positive click to know what is wanted
+        i = rng.randrange(len(scene.shapes))
+        targets.add(i)
+        points.append((*_pixel_in(scene.shape_masks[i], rng), 1))
+    return Correction(points, None, use_seg, sorted(targets))

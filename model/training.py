@@ -17,7 +17,7 @@ from model.losses import DEFAULT_WEIGHTS, LossWeights, lisa_loss
 from model.modeling import LisaModel
 from model.preprocess import PreprocessedImage
 from model.prompts import teacher_forced_labels, teacher_forced_prompt
-from model.sam import decode_masks, upscale_masks
+from model.sam import decode_masks, decode_prompted, sparse_prompts, upscale_masks
 from model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LisaTokenizer
 
 
@@ -35,6 +35,15 @@ class TrainExample:
     query: str
     answer: str
     masks: torch.Tensor
+    #: Annotator prompts added to the (single) [SEG] prompt, SAM style: ``P x 3`` (x, y, label) and ``4``
+    #: (x0, y0, x1, y1), in pixels of the original image; ``use_seg=False`` leaves the [SEG] prompt out.
+    points: torch.Tensor | None = None
+    box: torch.Tensor | None = None
+    use_seg: bool = True
+
+    @property
+    def prompted(self) -> bool:
+        return self.points is not None or self.box is not None or not self.use_seg
 
 
 def seg_positions(ids: torch.Tensor, seg_id: int, num_patches: int) -> list[int]:
@@ -109,13 +118,33 @@ def teacher_forced_forward(
         states.extend(hidden[b, pads[b] + p] for p in positions_b)
         owners.extend([b] * len(positions_b))
     pred_masks: list[torch.Tensor] = []
+    prompts = None
     if states:
         prompts = model.project_seg(torch.stack(states))
         low_res, _ = decode_masks(model.sam, embeddings[owners], prompts)
     start = 0
-    for ex in examples:
+    for b, ex in enumerate(examples):
         n = ex.masks.shape[0]
         part = low_res[start : start + n] if n else embeddings.new_zeros((0, 1, 4, 4))
+        if ex.prompted:  # the annotator's clicks/box with (or instead of) the [SEG] prompt
+            seg = None if prompts is None else prompts[start : start + n]
+            part = _decode_with_clicks(model, ex, embeddings[b : b + 1], seg)
         pred_masks.append(upscale_masks(model.sam, part, ex.image.resized_hw, ex.image.original_hw))
         start += n
     return logits, labels, pred_masks
+
+
+def _decode_with_clicks(model: LisaModel, ex: TrainExample, embedding: torch.Tensor,
+                        seg_prompts: torch.Tensor) -> torch.Tensor:
+    """``1 x 1 x 4g x 4g`` mask logits of one example from its clicks/box (+ its [SEG] prompt), as at inference
+    (:meth:`model.inference.LisaPredictor.refine`): pixel coordinates scaled to the SAM input."""
+    (oh, ow), (rh, rw) = ex.image.original_hw, ex.image.resized_hw
+    scale = embedding.new_tensor([rw / ow, rh / oh]).float()
+    points = None
+    if ex.points is not None and len(ex.points):
+        pts = ex.points.to(embedding.device).float()
+        points = ((pts[None, :, :2] * scale), pts[None, :, 2].long())
+    box = None if ex.box is None else (ex.box.to(embedding.device).float().view(1, 2, 2) * scale).view(1, 4)
+    sparse = sparse_prompts(model.sam, seg_prompts if ex.use_seg else None, points, box)
+    low_res, _ = decode_prompted(model.sam, embedding, sparse)
+    return low_res

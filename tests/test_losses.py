@@ -63,3 +63,28 @@ def test_dice_of_a_perfect_mask_is_near_zero():
     target = torch.zeros(1, 20, 20)
     target[0, 5:15, 5:15] = 1
     assert float(mask_dice_sum((target * 2 - 1) * 50, target)) < 1e-3
+
+
+def test_training_with_clicks_decodes_as_refinement_does(tiny_predictor):
+    """An example with clicks/box trains exactly the masks LisaPredictor.refine serves (same prompts, same order)."""
+    from model.training import teacher_forced_forward
+
+    image = load_image(case_image(1))
+    pre = preprocess(image, tiny_predictor.model.clip_size, tiny_predictor.model.lisa_config.sam_image_size)
+    query, answer = CASES[1]
+    points = torch.tensor([[320.5, 240.5, 0.0], [100.5, 80.5, 1.0]])
+    examples = [TrainExample(pre, query, answer, torch.zeros(1, 480, 640), points=points),
+                TrainExample(pre, query, answer, torch.zeros(1, 480, 640), box=torch.tensor([50.0, 40, 400, 300])),
+                TrainExample(pre, query, answer, torch.zeros(1, 480, 640), points=points[1:], use_seg=False)]
+    tiny_predictor.model.eval()
+    with torch.no_grad():
+        _, _, preds = teacher_forced_forward(tiny_predictor.model, tiny_predictor.tokenizer, examples)
+    encoded = tiny_predictor.encode(image)
+    [seg] = tiny_predictor.segment_teacher_forced([(encoded, query, answer)])
+    expected = [
+        tiny_predictor.refine(encoded, seg.prompt_embeddings, points[:, :2].numpy(), points[:, 2].long().numpy()),
+        tiny_predictor.refine(encoded, seg.prompt_embeddings, box=[50.0, 40, 400, 300]),
+        tiny_predictor.refine(encoded, None, points[1:, :2].numpy(), [1], multimask=False),
+    ]
+    for pred, want in zip(preds, expected):
+        torch.testing.assert_close(pred.float(), torch.from_numpy(want.mask_logits), atol=1e-3, rtol=0)

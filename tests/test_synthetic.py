@@ -37,3 +37,34 @@ def test_queries_are_true_of_the_scene():
                 assert areas[q.targets[0]] == max(areas)
             elif q.phrase.endswith(" shapes") and q.phrase.split()[1] in COLOURS:
                 assert len(shapes) == 2 and {s.colour for s in shapes} == {q.phrase.split()[1]}
+
+
+def test_corrections_say_which_shapes_the_refined_mask_covers():
+    import random
+
+    from model.synthetic import correction
+
+    rng, kinds = random.Random(0), set()
+    for seed in range(200):
+        scene = make_scene(seed)
+        query = scene.queries[seed % len(scene.queries)]
+        fix = correction(scene, query, rng)
+        if fix.box is not None:
+            [i] = fix.targets
+            ys, xs = np.nonzero(scene.shape_masks[i])
+            assert fix.box[0] <= xs.min() and fix.box[2] >= xs.max() + 1 and fix.box[1] <= ys.min()
+            kinds.add("box")
+            continue
+        expected = set(query.targets) if fix.use_seg else set()
+        for x, y, label in fix.points:
+            under = [i for i, m in enumerate(scene.shape_masks) if m[int(y), int(x)]]
+            if not under:
+                assert label == 0  # a click on the background says "not here"
+                continue
+            (expected.add if label else expected.discard)(under[0])
+            kinds.add("add" if label else "remove")
+        assert sorted(expected) == fix.targets
+        kinds.add("with query" if fix.use_seg else "plain")
+        if not fix.use_seg:
+            assert fix.targets  # plain SAM always has a positive click to go on
+    assert kinds == {"box", "add", "remove", "with query", "plain"}
