@@ -225,11 +225,12 @@ class LabelStudio:
 
 @dataclasses.dataclass
 class LisaStack:
-    """Redis + ``lisa-ls serve`` + one ``lisa-ls worker`` (tiny fixture LISA, CPU)."""
+    """Redis + ``lisa-ls serve`` + one ``lisa-ls worker`` (tiny fixture LISA, or ``model``, CPU)."""
 
     workdir: Path
     label_studio_url: str
     label_studio_token: str
+    model: Path | None = None  # a LISA release folder with its CLIP tower inside (default: the tiny fixture)
     redis: RedisServer = dataclasses.field(init=False)
     port: int = dataclasses.field(init=False, default_factory=free_port)
     procs: dict[str, subprocess.Popen] = dataclasses.field(init=False, default_factory=dict)
@@ -272,8 +273,9 @@ class LisaStack:
         self.redis = RedisServer(self.workdir)
         self.redis.start()
         self._spawn("backend", ["serve", "--host", "127.0.0.1", "--port", str(self.port)])
-        self._spawn("worker", ["worker", "--model", str(FIXTURE / "checkpoint"), "--vision-tower",
-                               str(FIXTURE / "clip_tower"), "--device", "cpu", "--name", "e2e-worker"])
+        model = ["--model", str(self.model)] if self.model else [
+            "--model", str(FIXTURE / "checkpoint"), "--vision-tower", str(FIXTURE / "clip_tower")]
+        self._spawn("worker", ["worker", *model, "--device", "cpu", "--name", "e2e-worker"])
 
     def health(self) -> dict:
         return requests.get(self.url + "/health", timeout=2).json()
@@ -318,7 +320,7 @@ class E2E:
 
 #: Label Studio and stacks started by the fixtures and not yet stopped (see pytest_runtest_teardown).
 _RUNNING: list[LabelStudio | LisaStack] = []
-_FIXTURES = frozenset({"_label_studio_process", "label_studio", "lisa_stack", "e2e"})
+_FIXTURES = frozenset({"_label_studio_process", "label_studio", "lisa_stack", "e2e", "demo_stack"})
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -364,6 +366,24 @@ def lisa_stack(_label_studio_process: LabelStudio, tmp_path_factory: pytest.Temp
         stack.stop()
         for name in stack.procs:
             print(f"\n--- lisa-ls {name} log tail ---\n{_tail(stack.log_path(name))}")
+
+
+@pytest.fixture(scope="session")
+def demo_stack(_label_studio_process: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LisaStack]:
+    """A second stack serving the offline demo model (models/demo), whose SAM has learnt clicks."""
+    stack = LisaStack(tmp_path_factory.mktemp("demo-stack"), _label_studio_process.url, _label_studio_process.token,
+                      ROOT / "models" / "demo")
+    try:
+        _RUNNING.append(stack)
+        stack.start()
+        stack.wait_ready()
+        yield stack
+    finally:
+        if stack in _RUNNING:
+            _RUNNING.remove(stack)
+        stack.stop()
+        for name in stack.procs:
+            print(f"\n--- lisa-ls demo {name} log tail ---\n{_tail(stack.log_path(name))}")
 
 
 @pytest.fixture(scope="session")

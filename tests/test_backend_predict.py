@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import http.server
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -30,6 +32,7 @@ TOKEN = "0123456789abcdef0123456789abcdef01234567"
 QUERY = CASES[1][0]
 #: More images the fake Label Studio serves at /data/upload/1/<name> (tests write them here).
 UPLOADS = Path(tempfile.mkdtemp(prefix="lisa_uploads_"))
+atexit.register(shutil.rmtree, UPLOADS, True)
 #: The recommended config as it was before the message TextArea: errors are then HTTP errors.
 NO_MESSAGES = RECOMMENDED_CONFIG.replace('<TextArea name="lisa"', '<Header name="lisa"')
 
