@@ -351,10 +351,8 @@ def _label_studio_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     print(f"\n--- Label Studio {ls.url} (exit {code}), log tail ---\n{_tail(ls.log_path)}")
 
 
-@pytest.fixture(scope="session")
-def lisa_stack(_label_studio_process: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LisaStack]:
-    """Redis, ``lisa-ls serve`` (pointed at the session's Label Studio) and one tiny-LISA CPU worker, all UP."""
-    stack = LisaStack(tmp_path_factory.mktemp("lisa-stack"), _label_studio_process.url, _label_studio_process.token)
+def _serve(stack: LisaStack, what: str) -> Iterator[LisaStack]:
+    """Start a stack, hand it out UP, stop it and print its logs' tails."""
     try:
         _RUNNING.append(stack)
         stack.start()
@@ -365,25 +363,22 @@ def lisa_stack(_label_studio_process: LabelStudio, tmp_path_factory: pytest.Temp
             _RUNNING.remove(stack)
         stack.stop()
         for name in stack.procs:
-            print(f"\n--- lisa-ls {name} log tail ---\n{_tail(stack.log_path(name))}")
+            print(f"\n--- {what} {name} log tail ---\n{_tail(stack.log_path(name))}")
+
+
+@pytest.fixture(scope="session")
+def lisa_stack(_label_studio_process: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LisaStack]:
+    """Redis, ``lisa-ls serve`` (pointed at the session's Label Studio) and one tiny-LISA CPU worker, all UP."""
+    ls = _label_studio_process
+    yield from _serve(LisaStack(tmp_path_factory.mktemp("lisa-stack"), ls.url, ls.token), "lisa-ls")
 
 
 @pytest.fixture(scope="session")
 def demo_stack(_label_studio_process: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LisaStack]:
     """A second stack serving the offline demo model (models/demo), whose SAM has learnt clicks."""
-    stack = LisaStack(tmp_path_factory.mktemp("demo-stack"), _label_studio_process.url, _label_studio_process.token,
-                      ROOT / "models" / "demo")
-    try:
-        _RUNNING.append(stack)
-        stack.start()
-        stack.wait_ready()
-        yield stack
-    finally:
-        if stack in _RUNNING:
-            _RUNNING.remove(stack)
-        stack.stop()
-        for name in stack.procs:
-            print(f"\n--- lisa-ls demo {name} log tail ---\n{_tail(stack.log_path(name))}")
+    ls = _label_studio_process
+    yield from _serve(LisaStack(tmp_path_factory.mktemp("demo-stack"), ls.url, ls.token, ROOT / "models" / "demo"),
+                      "lisa-ls demo")
 
 
 @pytest.fixture(scope="session")
