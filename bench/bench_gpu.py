@@ -184,8 +184,11 @@ def measure_mode(model_dir: str, clip_dir: str, mode: str, args, timer: Timer, f
                 if r:  # the first run of each size warms kernels for that shape
                     times.append(t)
             t = statistics.median(times)
-            res["throughput"][b] = {"batch_s": t, "images_per_hour": 3600 * b / t,
-                                    "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
+            res["throughput"][b] = {
+                "batch_s": t,
+                "images_per_hour": 3600 * b / t,
+                "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+            }
     del predictor, enc
     gc.collect()
     if cuda:
@@ -201,16 +204,22 @@ def release(args) -> tuple[str, str, str]:
     gen_device = "cuda" if args.device.startswith("cuda") else "cpu"
     t0 = time.perf_counter()
     s = make_release(args.out, args.geometry, device=gen_device)
-    print(f"release {s['model_dir']}: {s['file_bytes'] / 1e9:.2f} GB on disk, "
-          f"ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"release {s['model_dir']}: {s['file_bytes'] / 1e9:.2f} GB on disk, ready in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     return s["model_dir"], s["clip_dir"], f"{args.geometry} random weights"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="/tmp/lisa7b", help="scratch folder of the random release (reused)")
-    parser.add_argument("--geometry", choices=["7b", "13b", "tiny"], default="7b",
-                        help="tiny: the test fixture (tests/fixtures/lisa_tiny), for smoke runs")
+    parser.add_argument(
+        "--geometry",
+        choices=["7b", "13b", "tiny"],
+        default="7b",
+        help="tiny: the test fixture (tests/fixtures/lisa_tiny), for smoke runs",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke run; goals are not judged)")
     parser.add_argument("--modes", default="bf16,fp16,8bit,4bit")
@@ -226,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("SKIP bench_gpu: no CUDA device (torch.cuda.is_available() is False); nothing measured. "
-              "Use --device cpu --allow-cpu --geometry tiny for a smoke run.")
+        print(
+            "SKIP bench_gpu: no CUDA device (torch.cuda.is_available() is False); nothing measured. "
+            "Use --device cpu --allow-cpu --geometry tiny for a smoke run."
+        )
         return 0
     if not args.device.startswith("cuda") and not args.allow_cpu:
         print(f"SKIP bench_gpu: --device {args.device} is not CUDA; pass --allow-cpu for a smoke run.")
@@ -237,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     force_one_seg()
     timer = Timer(args.device)
     model_dir, clip_dir, what = release(args)
-    print(f"{what} on {name}; max_new_tokens {args.max_new_tokens} (every query generates all of them), "
-          f"one [SEG] per answer; {args.repeats} warm queries, {args.batch_repeats} runs per batch size", flush=True)
+    print(
+        f"{what} on {name}; max_new_tokens {args.max_new_tokens} (every query generates all of them), "
+        f"one [SEG] per answer; {args.repeats} warm queries, {args.batch_repeats} runs per batch size",
+        flush=True,
+    )
 
     results: dict[str, dict] = {}
     have_bnb = importlib.util.find_spec("bitsandbytes") is not None
@@ -259,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = results[mode]
             mem = f", weights {r['weights_gb']:.2f} GB, peak {r['peak_gb']:.2f} GB" if cuda else ""
-            print(f"  {mode}: load {r['load_s']:.1f} s{mem}, first query {r['first_query_s']:.2f} s, "
-                  f"masks {r['masks']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"  {mode}: load {r['load_s']:.1f} s{mem}, first query {r['first_query_s']:.2f} s, "
+                f"masks {r['masks']} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     finally:
         if args.cleanup and args.geometry != "tiny":
             shutil.rmtree(args.out, ignore_errors=True)
@@ -271,19 +288,42 @@ def report(results: dict, modes: list[str], cuda: bool) -> int:
     first = results.get(modes[0], {}) if modes else {}
     rows = []
     if "warm_p50_s" in first:
-        rows.append((f"(a) warm-cache query p50 / p95 ({modes[0]})",
-                     f"{first['warm_p50_s']:.3f} / {first['warm_p95_s']:.3f} s",
-                     f"p50 <= {GOALS['p50_s']} s", verdict(first["warm_p50_s"], GOALS["p50_s"])))
-        rows.append(("(b) cold query: encode + segment (median of 3)",
-                     f"{first['cold_s']:.3f} s (encode {first['encode_s']:.3f} s); first of the process "
-                     f"{first['first_query_s']:.2f} s", "", ""))
+        rows.append(
+            (
+                f"(a) warm-cache query p50 / p95 ({modes[0]})",
+                f"{first['warm_p50_s']:.3f} / {first['warm_p95_s']:.3f} s",
+                f"p50 <= {GOALS['p50_s']} s",
+                verdict(first["warm_p50_s"], GOALS["p50_s"]),
+            )
+        )
+        rows.append(
+            (
+                "(b) cold query: encode + segment (median of 3)",
+                f"{first['cold_s']:.3f} s (encode {first['encode_s']:.3f} s); first of the process "
+                f"{first['first_query_s']:.2f} s",
+                "",
+                "",
+            )
+        )
         best = max(first["throughput"].values(), key=lambda t: t["images_per_hour"])["images_per_hour"]
         for b, t in first["throughput"].items():
             peak = f", peak {t['peak_gb']:.1f} GB" if t["peak_gb"] else ""
-            rows.append((f"(c) pre-label batch {b}", f"{t['images_per_hour']:,.0f} images/GPU-hour "
-                         f"({t['batch_s']:.3f} s per batch{peak})", "", ""))
-        rows.append(("(c) best throughput", f"{best:,.0f} images/GPU-hour",
-                     f">= {GOALS['images_per_gpu_hour']:,}", verdict(best, GOALS["images_per_gpu_hour"], True)))
+            rows.append(
+                (
+                    f"(c) pre-label batch {b}",
+                    f"{t['images_per_hour']:,.0f} images/GPU-hour ({t['batch_s']:.3f} s per batch{peak})",
+                    "",
+                    "",
+                )
+            )
+        rows.append(
+            (
+                "(c) best throughput",
+                f"{best:,.0f} images/GPU-hour",
+                f">= {GOALS['images_per_gpu_hour']:,}",
+                verdict(best, GOALS["images_per_gpu_hour"], True),
+            )
+        )
     for mode in modes:
         r = results.get(mode)
         goal_key = f"{mode}_gb"
@@ -293,8 +333,14 @@ def report(results: dict, modes: list[str], cuda: bool) -> int:
         elif "error" in r:
             rows.append((f"(d) peak memory {mode}", f"FAILED: {r['error'][:80]}", goal, "MISSED" if goal else ""))
         elif cuda:
-            rows.append((f"(d) peak memory {mode}", f"{r['peak_gb']:.2f} GB (weights {r['weights_gb']:.2f} GB), "
-                         f"masks {r['masks']}", goal, verdict(r["peak_gb"], GOALS[goal_key]) if goal else ""))
+            rows.append(
+                (
+                    f"(d) peak memory {mode}",
+                    f"{r['peak_gb']:.2f} GB (weights {r['weights_gb']:.2f} GB), masks {r['masks']}",
+                    goal,
+                    verdict(r["peak_gb"], GOALS[goal_key]) if goal else "",
+                )
+            )
         else:
             rows.append((f"(d) {mode} (CPU: no GPU memory)", f"masks {r['masks']}", goal, ""))
     width = max(len(r[0]) for r in rows) if rows else 0

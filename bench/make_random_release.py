@@ -62,15 +62,43 @@ class Geometry:
 
 
 GEOMETRIES = {
-    "7b": Geometry("LISA-7B-v1", "LLaVA-Lightning-7B-v1-1", 32004, 4096, 11008, 32, 32, 2048, 1e-6,
-                   {"<im_patch>": 32000, "<im_start>": 32001, "<im_end>": 32002, "[SEG]": 32003}),
-    "13b": Geometry("LISA-13B-llama2-v1", "llava-llama-2-13b-chat-lightning-preview", 32003, 5120, 13824, 40, 40,
-                    4096, 1e-5, {"[SEG]": 32000, "<im_start>": 32001, "<im_end>": 32002}),
+    "7b": Geometry(
+        "LISA-7B-v1",
+        "LLaVA-Lightning-7B-v1-1",
+        32004,
+        4096,
+        11008,
+        32,
+        32,
+        2048,
+        1e-6,
+        {"<im_patch>": 32000, "<im_start>": 32001, "<im_end>": 32002, "[SEG]": 32003},
+    ),
+    "13b": Geometry(
+        "LISA-13B-llama2-v1",
+        "llava-llama-2-13b-chat-lightning-preview",
+        32003,
+        5120,
+        13824,
+        40,
+        40,
+        4096,
+        1e-5,
+        {"[SEG]": 32000, "<im_start>": 32001, "<im_end>": 32002},
+    ),
 }
 #: CLIP ViT-L/14 (openai/clip-vit-large-patch14's vision_config).
-CLIP_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-            "image_size": 224, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5}
+CLIP_L14 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -78,12 +106,21 @@ def release_config(geo: Geometry, num_layers: int | None = None) -> dict:
     """The release's config.json: the fixture's 38 fields (those of a LISA-7B-v1 config) at this geometry."""
     config = json.loads((FIXTURE / "checkpoint" / "config.json").read_text())
     config.update(
-        _name_or_path=geo.base, vocab_size=geo.vocab_size, hidden_size=geo.hidden_size,
-        intermediate_size=geo.intermediate_size, num_hidden_layers=num_layers or geo.num_hidden_layers,
-        num_attention_heads=geo.num_attention_heads, num_key_value_heads=geo.num_attention_heads,
-        max_position_embeddings=geo.max_position_embeddings, max_sequence_length=geo.max_position_embeddings,
-        rms_norm_eps=geo.rms_norm_eps, mm_hidden_size=CLIP_L14["hidden_size"], out_dim=256,
-        vision_tower=CLIP_NAME, mm_vision_tower=CLIP_NAME, torch_dtype="bfloat16",
+        _name_or_path=geo.base,
+        vocab_size=geo.vocab_size,
+        hidden_size=geo.hidden_size,
+        intermediate_size=geo.intermediate_size,
+        num_hidden_layers=num_layers or geo.num_hidden_layers,
+        num_attention_heads=geo.num_attention_heads,
+        num_key_value_heads=geo.num_attention_heads,
+        max_position_embeddings=geo.max_position_embeddings,
+        max_sequence_length=geo.max_position_embeddings,
+        rms_norm_eps=geo.rms_norm_eps,
+        mm_hidden_size=CLIP_L14["hidden_size"],
+        out_dim=256,
+        vision_tower=CLIP_NAME,
+        mm_vision_tower=CLIP_NAME,
+        torch_dtype="bfloat16",
     )
     return config
 
@@ -102,11 +139,17 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
             continue
         specs.append((ours_to_release(name), tuple(t.shape)))
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    llm = [s for s in specs if s[0].startswith("model.") and not s[0].startswith(
-        ("model.visual_model.", "model.mm_projector.", "model.text_hidden_fcs."))]
+    llm = [
+        s
+        for s in specs
+        if s[0].startswith("model.")
+        and not s[0].startswith(("model.visual_model.", "model.mm_projector.", "model.text_hidden_fcs."))
+    ]
     rest = [s for s in specs if s not in llm and s[0] != "lm_head.weight"]
-    rotary = [(f"model.layers.{i}.self_attn.rotary_emb.inv_freq", (head_dim // 2,))
-              for i in range(config["num_hidden_layers"])]
+    rotary = [
+        (f"model.layers.{i}.self_attn.rotary_emb.inv_freq", (head_dim // 2,))
+        for i in range(config["num_hidden_layers"])
+    ]
     return llm + rotary + rest + [("lm_head.weight", (config["vocab_size"], config["hidden_size"]))]
 
 
@@ -132,8 +175,9 @@ def storage_dtype(key: str, mode: str) -> torch.dtype:
     return torch.bfloat16
 
 
-def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, rope_theta: float = 1e4,
-                  device: str = "cpu") -> torch.Tensor:
+def random_tensor(
+    key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, rope_theta: float = 1e4, device: str = "cpu"
+) -> torch.Tensor:
     """A plausible random value on the CPU: norms 1, biases 0, inv_freq exact, other weights N(0, 0.02) (drawn on
     ``device``: ``cuda`` draws 7B's weights in seconds)."""
     if key.endswith("rotary_emb.inv_freq"):
@@ -153,8 +197,9 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def write_safetensors(path: Path, items: list[tuple[str, tuple[int, ...], torch.dtype]],
-                      make: Callable[[str], torch.Tensor]) -> int:
+def write_safetensors(
+    path: Path, items: list[tuple[str, tuple[int, ...], torch.dtype]], make: Callable[[str], torch.Tensor]
+) -> int:
     """Stream a safetensors file: the header from the shapes, then each tensor as ``make(key)`` returns it."""
     header, offset = {}, 0
     for key, shape, dtype in items:
@@ -225,8 +270,16 @@ def padded_tokenizer_model(src: Path, size: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def make_release(out: str | Path, geometry: str = "7b", dtypes: str = "bf16", shard_gb: float = 4.0,
-                 num_layers: int | None = None, seed: int = 0, verbose: bool = True, device: str = "cpu") -> dict:
+def make_release(
+    out: str | Path,
+    geometry: str = "7b",
+    dtypes: str = "bf16",
+    shard_gb: float = 4.0,
+    num_layers: int | None = None,
+    seed: int = 0,
+    verbose: bool = True,
+    device: str = "cpu",
+) -> dict:
     """Write (or reuse, when complete with the same settings) the random release under ``out``.
 
     Returns a summary: ``model_dir``, ``clip_dir``, ``weight_bytes`` (tensor bytes of the release and the tower
@@ -236,8 +289,7 @@ def make_release(out: str | Path, geometry: str = "7b", dtypes: str = "bf16", sh
     geo = GEOMETRIES[geometry]
     out = Path(out)
     model_dir, clip_dir = out / geo.name, out / CLIP_NAME
-    settings = {"geometry": geometry, "dtypes": dtypes, "num_layers": num_layers, "seed": seed,
-                "shard_gb": shard_gb}
+    settings = {"geometry": geometry, "dtypes": dtypes, "num_layers": num_layers, "seed": seed, "shard_gb": shard_gb}
     done = out / DONE_FILE
     if done.is_file():
         summary = json.loads(done.read_text())
@@ -264,7 +316,8 @@ def make_release(out: str | Path, geometry: str = "7b", dtypes: str = "bf16", sh
         shutil.copy(FIXTURE / "checkpoint" / name, model_dir / name)
     base_vocab = min(geo.added_tokens.values())
     (model_dir / "tokenizer.model").write_bytes(
-        padded_tokenizer_model(FIXTURE / "checkpoint" / "tokenizer.model", base_vocab))
+        padded_tokenizer_model(FIXTURE / "checkpoint" / "tokenizer.model", base_vocab)
+    )
     (model_dir / "added_tokens.json").write_text(json.dumps(dict(sorted(geo.added_tokens.items())), indent=2) + "\n")
 
     # --- LISA weights, shard by shard, tensor by tensor
@@ -326,19 +379,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="scratch folder (created; a complete earlier run with the same settings is reused)")
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="7b")
-    parser.add_argument("--dtypes", choices=["bf16", "release"], default="bf16",
-                        help="bf16: every weight bf16; release: SAM and text_hidden_fcs fp32, as LISA's files")
+    parser.add_argument(
+        "--dtypes",
+        choices=["bf16", "release"],
+        default="bf16",
+        help="bf16: every weight bf16; release: SAM and text_hidden_fcs fp32, as LISA's files",
+    )
     parser.add_argument("--shard-gb", type=float, default=4.0, help="shard size bound in GB (default 4)")
     parser.add_argument("--num-layers", type=int, default=None, help="fewer LLM layers (quick smoke runs only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where to draw the random values (cuda: much faster)")
     args = parser.parse_args(argv)
-    s = make_release(args.out, args.geometry, args.dtypes, args.shard_gb, args.num_layers, args.seed,
-                     device=args.device)
+    s = make_release(
+        args.out, args.geometry, args.dtypes, args.shard_gb, args.num_layers, args.seed, device=args.device
+    )
     print(f"release  {s['model_dir']}  ({s['shards']} shards)\nCLIP     {s['clip_dir']}")
-    print(f"params {s['params'] / 1e9:.3f} B; tensor bytes {s['weight_bytes'] / 1e9:.2f} GB "
-          f"(bf16 as loaded: {s['bf16_bytes'] / 1e9:.2f} GB); written {s['file_bytes'] / 1e9:.2f} GB "
-          f"in {s['seconds']:.1f} s")
+    print(
+        f"params {s['params'] / 1e9:.3f} B; tensor bytes {s['weight_bytes'] / 1e9:.2f} GB "
+        f"(bf16 as loaded: {s['bf16_bytes'] / 1e9:.2f} GB); written {s['file_bytes'] / 1e9:.2f} GB "
+        f"in {s['seconds']:.1f} s"
+    )
     return 0
 
 
