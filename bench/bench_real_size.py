@@ -35,110 +35,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+STAGE_TIMERS = Path(__file__).resolve().parent / "stage_timers.py"
+sys.path.insert(0, str(STAGE_TIMERS.parent))
+from stage_timers import MARK, proc_status  # noqa: E402 - the bench folder is not a package
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 IMAGE = ROOT / "tests" / "fixtures" / "lisa_tiny" / "cases" / "case1.png"
 QUERY = "What is the food rich in vitamin C in this image? Please output segmentation mask."
 GOAL_RATIO = 1.15
-MARK = "BENCH_JSON "
-
-
-def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS / VmHWM / RssAnon / RssFile of a process, in bytes (empty once it is gone)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                    out[name] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ the child
-def install_stage_timers(timings: dict, force_seg: bool) -> None:
-    """Wrap the stages of ``LisaPredictor`` (as the CLI and the worker call them) with timers."""
-    import torch
-    from transformers.models.llama import modeling_llama
-
-    import model.checkpoint
-    import model.inference as inference
-
-    def timed(label, fn):
-        """Wall seconds under ``label`` and process CPU seconds (all threads) under ``label`` + ``_cpu``."""
-
-        def wrapper(*args, **kwargs):
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                timings[label] = timings.get(label, 0.0) + time.perf_counter() - t0
-                timings[label + "_cpu"] = timings.get(label + "_cpu", 0.0) + time.process_time() - c0
-
-        return wrapper
-
-    load = model.checkpoint.load_lisa
-
-    def load_and_record(*args, **kwargs):
-        timings["before_load"] = proc_status()
-        result = timed("load_s", load)(*args, **kwargs)
-        timings["after_load"] = proc_status()
-        return result
-
-    model.checkpoint.load_lisa = load_and_record
-    inference.LisaPredictor.encode_batch = timed("encode_s", inference.LisaPredictor.encode_batch)
-    inference.LisaPredictor._segmentations = timed("decode_s", inference.LisaPredictor._segmentations)
-    steps: list[tuple[float, float]] = []
-    forward = modeling_llama.LlamaModel.forward
-
-    def timed_forward(*args, **kwargs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            steps.append((time.perf_counter() - t0, time.process_time() - c0))
-
-    modeling_llama.LlamaModel.forward = timed_forward
-    generate = inference.greedy_generate
-
-    def generate_and_record(llm, embeds, *args, **kwargs):
-        steps.clear()
-        out = timed("generate_s", generate)(llm, embeds, *args, **kwargs)
-        if steps:
-            timings["prefill_s"], timings["prefill_s_cpu"] = steps[0]
-        if len(steps) > 1:
-            timings["step_s"] = sum(w for w, _ in steps[1:]) / (len(steps) - 1)
-            timings["step_s_cpu"] = sum(c for _, c in steps[1:]) / (len(steps) - 1)
-        timings["prompt_positions"] = int(embeds.shape[1])
-        timings["new_tokens"] = [len(t) for t in out.tokens]
-        if force_seg:  # random weights never say [SEG]: stand in one state per answer, as "Sure, [SEG]." has
-            for b, states in enumerate(out.seg_states):
-                if states.shape[0] == 0:
-                    out.seg_states[b] = embeds[b, -1:].detach().clone()
-        return out
-
-    inference.greedy_generate = generate_and_record
-    timings["threads"] = torch.get_num_threads()
-
-
-def child(argv: list[str]) -> int:
-    """``lisa-ls <argv>`` with stage timers; prints the timings as one JSON line at exit."""
-    force = argv[0] == "force-seg"
-    timings: dict = {}
-    install_stage_timers(timings, force)
-    from worker.cli import main
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    try:
-        rc = main(argv[1:])
-    finally:
-        timings["cli_s"], timings["cli_s_cpu"] = time.perf_counter() - t0, time.process_time() - c0
-        timings["final"] = proc_status()
-        print(MARK + json.dumps(timings), flush=True)
-    return rc
 
 
 # ------------------------------------------------------------------------------------------------ the parent
@@ -164,32 +70,17 @@ class RssPoller:
         return self.peak
 
 
+def lisa_ls(args: argparse.Namespace, command: str, model_dir: str, clip_dir: str, *extra: str) -> list[str]:
+    """The command line of ``lisa-ls <command>`` on the model, on the CPU, under the stage timers."""
+    return [sys.executable, str(STAGE_TIMERS), "force-seg" if args.force_seg else "plain", command,
+            "--model", model_dir, "--vision-tower", clip_dir, "--dtype", args.dtype, "--device", "cpu", *extra]
+
+
 def run_segment(model_dir: str, clip_dir: str, args: argparse.Namespace, workdir: Path) -> dict:
     out = workdir / "segment.npz"
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "_child",
-        "force-seg" if args.force_seg else "plain",
-        "segment",
-        "--model",
-        model_dir,
-        "--vision-tower",
-        clip_dir,
-        "--dtype",
-        args.dtype,
-        "--device",
-        "cpu",
-        "--image",
-        str(args.image),
-        "--query",
-        args.query,
-        "--max-new-tokens",
-        str(args.max_new_tokens),
-        "--output",
-        str(out),
-    ]
-    print("$ lisa-ls " + " ".join(cmd[5:]), flush=True)
+    cmd = lisa_ls(args, "segment", model_dir, clip_dir, "--image", str(args.image), "--query", args.query,
+                  "--max-new-tokens", str(args.max_new_tokens), "--output", str(out))
+    print("$ lisa-ls " + " ".join(cmd[3:]), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     poller = RssPoller(proc.pid)
@@ -239,25 +130,7 @@ def run_worker_job(model_dir: str, clip_dir: str, args: argparse.Namespace, work
         "LISA_LS_IMAGE_TTL_S": "7300",
         "PYTHONPATH": str(ROOT),
     }
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "_child",
-        "force-seg" if args.force_seg else "plain",
-        "worker",
-        "--model",
-        model_dir,
-        "--vision-tower",
-        clip_dir,
-        "--dtype",
-        args.dtype,
-        "--device",
-        "cpu",
-        "--model-version",
-        "random-real-size",
-        "--batch-size",
-        "1",
-    ]
+    cmd = lisa_ls(args, "worker", model_dir, clip_dir, "--model-version", "random-real-size", "--batch-size", "1")
     log_path = workdir / "worker.log"
     result: dict = {}
     t0 = time.perf_counter()
@@ -415,8 +288,6 @@ def report_worker(worker: dict, weights: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_child":
-        return child(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out",
