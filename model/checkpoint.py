@@ -235,7 +235,7 @@ def load_lisa(
         model: folder or Hub id of a LISA release (``xinlai/LISA-7B-v1``...).
         vision_tower: CLIP folder or id; default: the one named in the checkpoint's config.
         dtype: ``fp32``, ``bf16`` or ``fp16`` for the LLM, CLIP, projector and [SEG] projection. SAM runs in fp32
-            when the rest is fp16 or quantized (as LISA does), else in ``dtype``.
+            when the rest is fp16 or quantized (as LISA does) and on the CPU, else in ``dtype``.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         quantize: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes, CUDA only) for the LLM alone.
     """
@@ -246,7 +246,11 @@ def load_lisa(
         raise CheckpointError(f"unknown quantization {quantize!r}; use 8bit or 4bit")
     if quantize and not str(device).startswith("cuda"):
         raise CheckpointError("8-bit/4-bit loading needs a CUDA device (bitsandbytes); use --dtype bf16 on CPU.")
-    sam_dtype = torch.float32 if (dtype == "fp16" or quantize) else torch_dtype
+    # SAM stays fp32 where LISA keeps it (fp16, quantized) and on the CPU: CPUs without native bf16 arithmetic
+    # (AVX2 and most AVX-512 parts) emulate bf16 convolutions and matmuls, and SAM ViT-H's image encoder then took
+    # 2738 s instead of minutes on this project's 2-core machine; fp32 costs 1.3 GB more for ViT-H's 0.64 B params.
+    on_cpu = torch.device(device).type == "cpu"
+    sam_dtype = torch.float32 if (dtype == "fp16" or quantize or on_cpu) else torch_dtype
     model_dir = resolve_model_dir(model)
     raw = json.loads((model_dir / "config.json").read_text())
     config = LisaConfig.from_dict(raw)

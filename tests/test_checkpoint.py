@@ -130,7 +130,8 @@ def test_dtype_options(tiny_predictor):
     with pytest.raises(CheckpointError, match="needs a CUDA device"):
         load_lisa(CHECKPOINT, quantize="4bit")
     bf16 = LisaPredictor.from_pretrained(str(CHECKPOINT), vision_tower=str(CLIP_TOWER), dtype="bf16")
-    assert bf16.model.llm_dtype == torch.bfloat16 and bf16.model.sam_dtype == torch.bfloat16
+    # On the CPU SAM stays fp32 (bf16 arithmetic is emulated there and SAM ViT-H would take most of an hour).
+    assert bf16.model.llm_dtype == torch.bfloat16 and bf16.model.sam_dtype == torch.float32
     image = load_image(case_image(1))
     a = tiny_predictor.segment_teacher_forced([(tiny_predictor.encode(image), *CASES[1])])[0]
     b = bf16.segment_teacher_forced([(bf16.encode(image), *CASES[1])])[0]
