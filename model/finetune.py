@@ -62,7 +62,8 @@ def synthetic_examples(model: LisaModel, seed: int, val: bool = False, queries_p
     ``plain_first``: a curriculum for models trained from scratch - the first that many training examples use the
     validation phrasing ("What is ... in this image? Please output segmentation mask." / "[SEG].") and only later
     LISA's varied question and answer templates, whose variety otherwise drowns the query in noise early on.
-    ``kind_weights``: draw queries by what they ask about with these weights (``{"colour": 4}``; default 1).
+    ``kind_weights``: draw queries by what they ask about with these weights (``{"colour": 4}``; default 1; 0 never
+    draws that kind, and a scene with nothing else to ask is skipped).
     ``click_share``: that share of examples carries annotator clicks or a box (:func:`model.synthetic.correction`)
     and the mask they call for, so that SAM learns to refine an answer. Neither option changes the stream when
     left at its default.
@@ -79,9 +80,9 @@ def synthetic_examples(model: LisaModel, seed: int, val: bool = False, queries_p
         k = min(queries_per_scene, len(scene.queries))
         if val:
             queries = scene.queries
-        elif kind_weights:  # weighted sampling without replacement (Efraimidis-Spirakis keys)
-            keyed = [(rng.random() ** (1.0 / kind_weights.get(query_kind(q.phrase), 1.0)), i)
-                     for i, q in enumerate(scene.queries)]
+        elif kind_weights:  # weighted sampling without replacement (Efraimidis-Spirakis keys); weight 0: never
+            drawable = [(i, kind_weights.get(query_kind(q.phrase), 1.0)) for i, q in enumerate(scene.queries)]
+            keyed = [(rng.random() ** (1.0 / w), i) for i, w in drawable if w > 0]
             queries = [scene.queries[i] for _, i in sorted(keyed, reverse=True)[:k]]
         else:
             queries = rng.sample(scene.queries, k)

@@ -155,3 +155,21 @@ def test_shared_images_are_encoded_once_with_the_same_result(tiny_predictor):
     assert calls == [1, 3]
     for key in shared:
         torch.testing.assert_close(shared[key], separate[key], rtol=1e-5, atol=1e-6)
+
+
+def test_kind_weights_draw_queries_by_kind(tiny_predictor):
+    """Weights favour a kind; weight 0 never draws it (scenes with nothing else to ask are skipped)."""
+    from collections import Counter
+
+    from model.finetune import synthetic_examples
+    from model.synthetic import query_kind
+
+    model = tiny_predictor.model
+
+    def kinds(n: int, **options) -> Counter:
+        stream = synthetic_examples(model, 0, queries_per_scene=1, **options)
+        return Counter(query_kind(next(stream).query) for _ in range(n))
+
+    plain, favoured = kinds(100), kinds(100, kind_weights={"colour": 8})
+    assert favoured["colour"] > 1.5 * plain["colour"]
+    assert set(kinds(30, kind_weights={"shape": 0, "size": 0, "position": 0})) == {"colour"}
