@@ -204,6 +204,16 @@ def folder_summary(model_dir: str, clip_dir: str) -> dict:
     }
 
 
+def held_bytes(summary: dict, dtype: str) -> int:
+    """Bytes of the weights as the CPU loader holds them for ``dtype``: the bf16 (or fp16/fp32) LLM, CLIP and
+    projections, and SAM in fp32 (``load_lisa`` keeps SAM fp32 on the CPU)."""
+    from model.checkpoint import iter_tensors, weight_files
+
+    sam = sum(t.numel() for k, t in iter_tensors(weight_files(Path(summary["model_dir"]))) if ".visual_model." in k)
+    per = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    return summary["bf16_bytes"] // 2 * per + (4 - per) * sam
+
+
 def gb(n: float | None) -> str:
     return "-" if n is None else f"{n / 1e9:.2f} GB"
 
@@ -224,13 +234,14 @@ WIDTH = 44
 
 def report_segment(summary: dict, seg: dict, args: argparse.Namespace) -> bool:
     """Print the segment table; whether the command answered and the RSS goal was met."""
-    weights = summary["bf16_bytes"]
+    weights = summary["held_bytes"]
     peak = seg.get("final", {}).get("VmHWM") or seg["polled_peak"].get("VmRSS")
     ratio = peak / weights if peak else float("nan")
     seg["peak_rss"], seg["ratio"] = peak, ratio
     after = seg.get("after_load", {})
     rows = [
-        ("weights as loaded (bf16, LISA + CLIP)", gb(weights) + f"  ({summary['params'] / 1e9:.2f} B params)"),
+        (f"weights as held ({args.dtype}, SAM fp32)", gb(weights) + f"  ({summary['params'] / 1e9:.2f} B params)"),
+        ("  the same, every tensor bf16", gb(summary["bf16_bytes"])),
         ("peak RSS (VmHWM)", gb(peak)),
         (
             "peak RSS polled (anon + file-mapped)",
@@ -279,11 +290,13 @@ def report_worker(worker: dict, weights: int) -> bool:
             "  encode / generate / decode in the worker",
             " / ".join(stage(worker, k) for k in ("encode_s", "generate_s", "decode_s")),
         ),
-        ("worker peak RSS (VmHWM) / ratio", f"{gb(w_peak)} / {w_peak / weights:.3f}" if w_peak else "-"),
+        ("worker peak RSS (VmHWM) / ratio", f"{gb(w_peak)} / {w_peak / weights:.3f}  (goal <= {GOAL_RATIO}: "
+                                            f"{'MET' if w_peak / weights <= GOAL_RATIO else 'MISSED'})"
+                                            if w_peak else "-"),
         ("worker exit code after SIGTERM", str(worker.get("exit_code"))),
     ]:
         print(f"  {name.ljust(WIDTH)}  {value}", flush=True)
-    return bool(worker.get("ok"))
+    return bool(worker.get("ok")) and bool(w_peak) and w_peak / weights <= GOAL_RATIO
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         help="scratch folder of the random release (made, or reused when complete), e.g. /tmp/lisa7b",
     )
     parser.add_argument("--geometry", choices=["7b", "13b"], default="7b")
+    parser.add_argument("--dtypes", choices=["bf16", "release"], default="bf16",
+                        help="storage of the made release: all bf16, or SAM and the [SEG] projection in fp32 as "
+                             "LISA's own files")
+    parser.add_argument("--segment", action=argparse.BooleanOptionalAction, default=True,
+                        help="run `lisa-ls segment` (--no-segment with --worker: only the queued job)")
     parser.add_argument("--num-layers", type=int, default=None, help="fewer LLM layers (smoke runs of this script)")
     parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16")
     parser.add_argument("--max-new-tokens", type=int, default=8)
@@ -332,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_dir:
         summary = folder_summary(args.model_dir, args.clip_dir or args.model_dir)
     else:
-        summary = make_release(args.out, args.geometry, num_layers=args.num_layers)
+        summary = make_release(args.out, args.geometry, dtypes=args.dtypes, num_layers=args.num_layers)
+    summary["held_bytes"] = held_bytes(summary, args.dtype)
     print(
         f"release ready in {time.perf_counter() - t0:.1f} s: {summary['file_bytes'] / 1e9:.2f} GB on disk "
         f"(written in {summary['seconds']} s when made)",
@@ -340,12 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         with tempfile.TemporaryDirectory(prefix="bench_real_size_") as tmp:
-            seg = run_segment(summary["model_dir"], summary["clip_dir"], args, Path(tmp))
-            ok = report_segment(summary, seg, args)
-            results = {"release": summary, "segment": seg}
-            if args.worker and seg.get("rc") == 0:
+            ok, results = True, {"release": summary}
+            if args.segment:
+                seg = results["segment"] = run_segment(summary["model_dir"], summary["clip_dir"], args, Path(tmp))
+                ok = report_segment(summary, seg, args)
+            if args.worker and ok:
                 results["worker"] = run_worker_job(summary["model_dir"], summary["clip_dir"], args, Path(tmp))
-                ok = report_worker(results["worker"], summary["bf16_bytes"]) and ok
+                ok = report_worker(results["worker"], summary["held_bytes"])
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
             return 0 if ok else 1
