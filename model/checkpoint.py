@@ -222,6 +222,18 @@ def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None
         owner._buffers[attr] = value
 
 
+def sam_dtype_for(dtype: str, device: str, quantize: str | None = None) -> torch.dtype:
+    """The dtype SAM is loaded in for ``--dtype``/``--device``/``--quantize``.
+
+    SAM stays fp32 where LISA keeps it (fp16, quantized) and on the CPU: CPUs without native bf16 arithmetic (AVX2
+    and most AVX-512 parts) emulate bf16 convolutions and matmuls, and SAM ViT-H's image encoder then took 2738 s
+    instead of minutes on this project's 2-core machine; fp32 costs 1.3 GB more for ViT-H's 0.64 B parameters.
+    """
+    if dtype == "fp16" or quantize or torch.device(device).type == "cpu":
+        return torch.float32
+    return DTYPES[dtype]
+
+
 def load_lisa(
     model: str | os.PathLike,
     vision_tower: str | None = None,
@@ -246,11 +258,7 @@ def load_lisa(
         raise CheckpointError(f"unknown quantization {quantize!r}; use 8bit or 4bit")
     if quantize and not str(device).startswith("cuda"):
         raise CheckpointError("8-bit/4-bit loading needs a CUDA device (bitsandbytes); use --dtype bf16 on CPU.")
-    # SAM stays fp32 where LISA keeps it (fp16, quantized) and on the CPU: CPUs without native bf16 arithmetic
-    # (AVX2 and most AVX-512 parts) emulate bf16 convolutions and matmuls, and SAM ViT-H's image encoder then took
-    # 2738 s instead of minutes on this project's 2-core machine; fp32 costs 1.3 GB more for ViT-H's 0.64 B params.
-    on_cpu = torch.device(device).type == "cpu"
-    sam_dtype = torch.float32 if (dtype == "fp16" or quantize or on_cpu) else torch_dtype
+    sam_dtype = sam_dtype_for(dtype, device, quantize)
     model_dir = resolve_model_dir(model)
     raw = json.loads((model_dir / "config.json").read_text())
     config = LisaConfig.from_dict(raw)
