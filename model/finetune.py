@@ -12,6 +12,7 @@ re-initialises them, issue #159) and sets the loss weights (LISA leaves them ``N
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import math
@@ -136,14 +137,22 @@ def trainable_model(model: LisaModel, cfg: FinetuneConfig) -> torch.nn.Module:
 
 
 def param_groups(net: torch.nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
-    """AdamW parameter groups: one per learning-rate multiplier of ``cfg.lr_scales`` (matched by substring of the
-    parameter name, first match wins), the rest at ``cfg.lr``."""
-    groups: dict[float, list[torch.nn.Parameter]] = {}
+    """AdamW parameter groups: one per (learning-rate multiplier of ``cfg.lr_scales``, weight decay of
+    ``cfg.weight_decays``) pair, the rest at ``cfg.lr`` and ``cfg.weight_decay``. In both, the first matching key
+    wins; a key matches a parameter name as a substring (``sam.mask_decoder``) or, if it holds a wildcard, as a
+    whole-name glob (``llm.*.self_attn.[qk]_proj.*``)."""
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in net.named_parameters():
         if p.requires_grad:
-            scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
-            groups.setdefault(scale, []).append(p)
-    return [{"params": ps, "lr": cfg.lr * scale} for scale, ps in groups.items()]
+            scale = next((v for k, v in cfg.lr_scales.items() if _name_matches(name, k)), 1.0)
+            decay = next((v for k, v in cfg.weight_decays.items() if _name_matches(name, k)), cfg.weight_decay)
+            groups.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
+
+
+def _name_matches(name: str, key: str) -> bool:
+    """``key`` as a substring of ``name``, or as a glob over the whole name when it holds ``*``, ``?`` or ``[``."""
+    return fnmatch.fnmatchcase(name, key) if any(c in key for c in "*?[") else key in name
 
 
 def lr_lambda(cfg: FinetuneConfig, elapsed_s: Callable[[], float] = lambda: 0.0):

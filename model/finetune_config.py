@@ -21,8 +21,12 @@ class FinetuneConfig:
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, betas 0.9/0.95)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up from 0, then linear decay to 0"})
     lr_scales: dict[str, float] = field(default_factory=dict, metadata={
-        "help": "learning-rate multipliers by parameter-name substring, e.g. sam.=3; the first match wins"})
-    weight_decay: float = 0.0
+        "help": "learning-rate multipliers by parameter-name substring, or glob if it holds * ? [, e.g. sam.=3 or "
+                "llm.*.[qk]_proj.*=0.3; the first match wins"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay"})
+    weight_decays: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "weight decay by parameter name (matched as --lr-scales), e.g. llm.*.[qk]_proj.*=1.0; the first "
+                "match wins, the rest get --weight-decay"})
     clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     lora_r: int = 8
     lora_alpha: int = 16

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import CASES, CHECKPOINT, case_image
 
@@ -117,6 +118,38 @@ def test_lr_scales_make_parameter_groups(tmp_path):
                for p in groups[3e-3])
     assert not any(named[id(p)].startswith("sam.") for p in groups[1e-3])
     assert sum(len(v) for v in groups.values()) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("option", ["lr_scales", "weight_decays"])
+def test_globs_pick_the_llm_query_key_projections(tmp_path, option):
+    """A key with a wildcard is a glob over the whole name: the LLM's query/key projections, not CLIP's, get their
+    own learning rate (--lr-scales) or weight decay (--weight-decays); the rest keep --lr and --weight-decay."""
+    from model.finetune import param_groups, trainable_model
+
+    model, _ = load_lisa(save_random_tiny(str(tmp_path / "tiny"), str(CHECKPOINT)))
+    cfg = FinetuneConfig(base="unused", out="unused", mode="full", train_vision=True, lr=1e-3, weight_decay=0.01,
+                         **{option: {"llm.*.self_attn.[qk]_proj.*": 0.25}})
+    groups = param_groups(trainable_model(model, cfg), cfg)
+    key = "lr" if option == "lr_scales" else "weight_decay"
+    special = 2.5e-4 if option == "lr_scales" else 0.25
+    by_value = {g[key]: g["params"] for g in groups}
+    named = {id(p): n for n, p in model.named_parameters()}
+    picked = sorted(named[id(p)] for p in by_value[special])
+    layers = model.llm.config.num_hidden_layers
+    assert len(picked) == 2 * layers and all(n.startswith("llm.model.layers.") for n in picked)
+    assert {n.split(".")[-2] for n in picked} == {"q_proj", "k_proj"}
+    rest = by_value[1e-3 if option == "lr_scales" else 0.01]
+    assert any("vision_tower" in named[id(p)] and "q_proj" in named[id(p)] for p in rest)
+    # AdamW applies each group's decay: one step with zero gradients shrinks only the decayed weights.
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.optim.AdamW(groups, lr=1e-3, weight_decay=cfg.weight_decay).step()
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.abs().sum() > 0:
+            g = next(g for g in groups if any(q is p for q in g["params"]))
+            expected = before[n] * (1 - g["lr"] * g["weight_decay"])
+            assert torch.allclose(p.detach(), expected, rtol=1e-6, atol=1e-9), n
 
 
 def test_time_limited_run_writes_its_artifact(tmp_path):
