@@ -57,7 +57,7 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _mapping(text: str) -> dict[str, float]:
-    """``"sam.=3,llm.=0.5"`` -> ``{"sam.": 3.0, "llm.": 0.5}`` (for --weights and --lr-scales)."""
+    """``"sam.=3,llm.=0.5"`` -> ``{"sam.": 3.0, "llm.": 0.5}`` (for --weights, --lr-scales and --weight-decays)."""
     out: dict[str, float] = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, sep, value = item.rpartition("=")
