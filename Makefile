@@ -53,7 +53,7 @@ test: $(STAMP) e2e-deps
 # Re-make the offline demo model that `make run` serves (models/demo, committed): a tiny LISA trained from scratch
 # on synthetic shape scenes, then polished with hard queries and clicks: DEMO_MINUTES + POLISH_MINUTES of 2 CPU
 # cores. See model/demo.py.
-DEMO_MINUTES := 90
+DEMO_MINUTES := 70
 POLISH_MINUTES := 25
 demo-model: $(STAMP)
 	$(PY) -m model.demo --out models/demo --time-limit-s $$(( $(DEMO_MINUTES) * 60 )) \

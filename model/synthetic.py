@@ -2,8 +2,12 @@
 
 Each scene holds 2-4 non-overlapping shapes varying in kind (circle, triangle, square, pentagon), colour, size and
 position. Queries name their target indirectly - "the shape with no corners", "the largest red object", "the one
-that is not a square", "the leftmost shape" - and some have two objects as their answer ("the red shapes"); as in
-LISA's data, several objects answering one query form one mask behind one ``[SEG]``.
+that is not a square", "the leftmost shape" - and some have two objects as their answer ("the two squares", or
+"red" when two shapes are red); as in LISA's data, several objects answering one query form one mask behind one
+``[SEG]``. A colour is asked bare ("What is red in this image?") and a kind that only one shape has without its
+colour ("the triangle", not "the red triangle"): queries that name the colour where the kind already answers teach a
+model trained from scratch to read past colour words (measured: with them, colour-only queries stayed near 0.2 gIoU
+for 40k steps at the learning rate that now takes them to 0.99 - see model/demo.py).
 
 Used to prove on a CPU that fine-tuning learns, and to train the offline demo model. Deterministic per seed.
 """
@@ -103,17 +107,16 @@ def _queries(shapes: list[Shape], areas: list[int], size: int) -> list[SceneQuer
             add(f"the shape with {word} corners", hits)
     for colour in COLOURS:
         hits = [i for i in idx if shapes[i].colour == colour]
-        if len(hits) == 1:
-            add(f"the {colour} object", hits)
-        elif len(hits) == 2:
-            add(f"the {colour} shapes", hits)
+        if len(hits) in (1, 2):
+            add(colour, hits)  # bare: "What is red in this image?"
+        if len(hits) == 2:
             add(f"the largest {colour} object", [max(hits, key=lambda i: areas[i])])
     for kind in KINDS:
         hits = [i for i in idx if shapes[i].kind == kind]
         if len(hits) == len(shapes) - 1:
             add(f"the one that is not a {kind}", [i for i in idx if i not in hits])
         if len(hits) == 1:
-            add(f"the {shapes[hits[0]].colour} {kind}", hits)
+            add(f"the {kind}", hits)
         elif len(hits) == 2:
             add(f"the two {kind}s", hits)
     order = sorted(idx, key=lambda i: areas[i])

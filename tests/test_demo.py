@@ -9,11 +9,12 @@ import json
 import pytest
 
 from model.cli_train import _mapping, add_training_parsers
-from model.demo import DEMO_DIR, FROM_SCRATCH, POLISH, cli_flags, held_out_metrics
+from model.demo import DEMO_DIR, DEMO_FIRST, FROM_SCRATCH, POLISH, cli_flags, held_out_metrics
 from model.finetune_config import FinetuneConfig
 
-#: Mean IoU of the demo model on its example pictures must stay at least this (measured 0.795 on 37 queries).
-DEMO_EXAMPLES_MIN_IOU = 0.7
+#: Mean IoU of the demo model on its example pictures, overall and per query kind, must stay at least this
+#: (measured 0.979 on 37 queries, each kind 0.97-0.98; the previous model: 0.795, colour far lower).
+DEMO_EXAMPLES_MIN_IOU = 0.85
 
 
 def _finetune_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,7 @@ def _finetune_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@pytest.mark.parametrize("recipe", [FROM_SCRATCH, POLISH], ids=["from_scratch", "polish"])
+@pytest.mark.parametrize("recipe", [FROM_SCRATCH, DEMO_FIRST, POLISH], ids=["from_scratch", "demo_first", "polish"])
 def test_recipe_flags_parse_back_to_the_recipe(recipe):
     """bench_learning passes FROM_SCRATCH as command-line flags: the real parser must read back the same config."""
     args = _finetune_parser().parse_args(["finetune", "--base", "b", "--data", "synthetic", "--out", "o",
@@ -52,7 +53,9 @@ def test_committed_demo_model_is_small_and_segments_held_out_scenes():
     size = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
     assert size < 10e6
     recorded = json.loads((DEMO_DIR / "metrics.json").read_text())
-    assert recorded["giou"] >= 0.75 and recorded["masks"] >= 1000 and recorded["train_seconds"] <= 7200
+    # Issue 10's bar: every kind of query >= 0.75 (colour-only ones were at 0.46), overall >= 0.85.
+    assert recorded["giou"] >= 0.85 and min(recorded["by_kind"].values()) >= 0.75, recorded["by_kind"]
+    assert recorded["masks"] >= 1000 and recorded["train_seconds"] <= 7200
     fresh = held_out_metrics(DEMO_DIR, examples=120)
     assert fresh["masks"] == 120 and set(fresh["by_kind"]) <= {"colour", "position", "shape", "size"}
     assert min(fresh["by_kind"].values()) <= fresh["giou"] <= max(fresh["by_kind"].values())
@@ -70,11 +73,11 @@ def test_demo_model_answers_queries_about_its_example_pictures():
 
     from model.finetune import SYNTHETIC_VAL_SEED, _question
     from model.inference import LisaPredictor
-    from model.synthetic import make_scene
+    from model.synthetic import make_scene, query_kind
 
     predictor = LisaPredictor.from_pretrained(str(DEMO_DIR))
     listed = json.loads((DEMO_DIR / "examples" / "queries.json").read_text())
-    ious = []
+    ious, by_kind = [], {}
     for name, phrases in listed.items():
         scene = make_scene(2 * SYNTHETIC_VAL_SEED + int(name.split("_")[1].split(".")[0]), size=256)
         image = np.asarray(Image.open(DEMO_DIR / "examples" / name).convert("RGB"))
@@ -84,4 +87,8 @@ def test_demo_model_answers_queries_about_its_example_pictures():
             assert result.masks.shape == (1, 256, 256), result.text
             truth = scene.target_mask(query)
             ious.append((result.masks[0] & truth).sum() / max(1, (result.masks[0] | truth).sum()))
+            by_kind.setdefault(query_kind(query.phrase), []).append(ious[-1])
     assert len(ious) >= 12 and float(np.mean(ious)) >= DEMO_EXAMPLES_MIN_IOU, np.round(ious, 2)
+    # Each kind on its own, colour words included ("red" must not answer like "green").
+    means = {kind: round(float(np.mean(v)), 3) for kind, v in by_kind.items()}
+    assert set(means) == {"colour", "position", "shape", "size"} and min(means.values()) >= DEMO_EXAMPLES_MIN_IOU, means

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 
 browser_page = ui.browser_page
 SCENE = ROOT / "models" / "demo" / "examples" / "scene_1.png"
-QUERY = "the two triangles"  # scene_1 (256 x 256): the demo model's answer also covers the green square...
-WRONG_PART = (161, 50)  # ... whose centre is here: the annotator clicks Exclude on it
+QUERY = "the two squares"  # scene_1 (256 x 256): the demo model's answer covers the orange and the green square...
+WRONG_PART = (161, 50)  # ... the annotator wants only the orange one and clicks Exclude on the green one's centre
 
 
 def open_task(page, ls_url: str, project: int, task: int) -> None:
