@@ -148,8 +148,14 @@ def test_acknowledged_events_survive_a_sigkill_mid_burst(queue_config, tmp_path)
         backend.wait_ready()
         acked: list[int] = []
         lock = threading.Lock()
+        watch = redis.Redis.from_url(queue_config.redis_url)
+        killed = False
+
+        def holding() -> bool:
+            return watch.xpending(queue_config.key("capture"), "lisa-capture")["pending"] > 0
 
         def send(event: dict) -> None:
+            nonlocal killed
             try:
                 status, _, _ = post(backend.url, event)
             except requests.RequestException:
@@ -157,11 +163,15 @@ def test_acknowledged_events_survive_a_sigkill_mid_burst(queue_config, tmp_path)
             with lock:
                 if status == 200:
                     acked.append(event["annotation"]["id"])
-                    if len(acked) == 100:
-                        kill_tree(backend.proc.pid)  # while other requests are in flight
+                    # From the 100th acknowledgement on, kill while other requests are in flight - once the
+                    # consumer holds events (a starved capture thread may not have read any yet on a busy machine).
+                    if not killed and len(acked) >= 100 and holding():
+                        killed = True
+                        kill_tree(backend.proc.pid)
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(send, events))
+        watch.close()
         backend.proc.wait(timeout=10)
         folder = tmp_path / "datasets" / "project-1"
         done_before = len(list((folder / "samples").glob("*.json")))
