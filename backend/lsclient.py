@@ -132,10 +132,12 @@ class LabelStudioClient:
                 return
             page += 1
 
-    def create_prediction(self, task_id: int, result: list[dict[str, Any]], score: float,
+    def create_prediction(self, task_id: int, result: list[dict[str, Any]], score: float | None,
                           model_version: str) -> dict[str, Any]:
-        """Store a prediction for a task; returns Label Studio's record of it (with its ``id``)."""
-        body = {"task": int(task_id), "result": result, "score": float(score), "model_version": model_version}
+        """Store a prediction for a task; returns Label Studio's record of it (with its ``id``). ``score`` None
+        stores none (see :mod:`backend.regions`: SAM's score is uncalibrated)."""
+        body = {"task": int(task_id), "result": result, "score": None if score is None else float(score),
+                "model_version": model_version}
         answer = self._request("POST", "/api/predictions", json=body, what=f"a prediction for task {task_id}")
         return answer if isinstance(answer, dict) else {}
 

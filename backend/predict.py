@@ -91,10 +91,13 @@ def _project_settings(state: BackendState, project: str) -> dict[str, Any]:
 
 
 def _typed_query(context: dict, setup: LabelingSetup) -> str | None:
-    """The query typed in the labeling UI: the last textarea result (of the config's query TextArea)."""
+    """The query typed in the labeling UI: the last textarea result (of the config's query TextArea, never of its
+    message TextArea)."""
     texts = []
     for item in context.get("result") or []:
         if not isinstance(item, dict) or item.get("type") != "textarea":
+            continue
+        if setup.message_name and item.get("from_name") == setup.message_name:
             continue
         if setup.query_name and item.get("from_name") not in (setup.query_name, None):
             continue
@@ -177,7 +180,7 @@ def predict() -> Response | tuple[Response, int]:
             log.warning("task %s: %s: %s", tasks[i].get("id"), result.error_code, result.error_message)
             continue
         query = job.options["query"]
-        results[i] = _prediction(result, setup, project, config, query, say_nothing=interactive)
+        results[i] = _prediction(result, setup, project, config, query, message=interactive)
         if interactive:  # what a click on this task refines next
             ids = [r["id"] for r in results[i]["result"] if r["type"] == "brushlabels"]
             TaskMemory(query=query, image=job.image, regions=ids).save(state.queue, project_id, tasks[i].get("id"))
@@ -191,14 +194,14 @@ def _status(error_code: str) -> int:
 
 
 def _prediction(result: Any, setup: LabelingSetup, project: dict[str, Any], config: Any, query: str,
-                say_nothing: bool, **kw: Any) -> dict[str, Any]:
+                message: bool, **kw: Any) -> dict[str, Any]:
     """A worker's masks as a prediction, with the project's label, instance splitting and noise thresholds."""
     label = setup.choose_label(query, project.get("label") or config.default_label)
     return prediction(
         result.mask_array(), result.scores, setup, label, result.model_version, query,
         bool(project.get("split_instances", config.split_instances)),
         min_score=float(project.get("min_score", config.min_score)),
-        min_area=int(project.get("min_area", config.min_area)), say_nothing=say_nothing, **kw)
+        min_area=int(project.get("min_area", config.min_area)), message=message, **kw)
 
 
 def interactive_error(setup: LabelingSetup, status: int, message: str) -> Response | tuple[Response, int]:
@@ -234,7 +237,8 @@ def refine(state: BackendState, setup: LabelingSetup, project_id: str, project: 
     memory.image, memory.points, memory.box = key, merged.points, merged.box
     if not merged.points and merged.box is None:  # every click was deleted
         memory.save(state.queue, project_id, task.get("id"))
-        return jsonify({"results": [{"result": [], "score": 0}]})
+        said = [message_region(setup, "")] if setup.message_name else []  # an answer: clear the last message
+        return jsonify({"results": [{"result": said, "score": 0}]})
     points = list(merged.points.values())
     job = Job(image=key, kind=REFINE, query=question, deadline=started + state.config.predict_deadline_s,
               options={"points": points, "box": merged.box, "query": memory.query, "task": task.get("id")})
@@ -243,7 +247,7 @@ def refine(state: BackendState, setup: LabelingSetup, project_id: str, project: 
     if not result.ok:
         return interactive_error(setup, _status(result.error_code), f"{result.error_code}: {result.error_message}")
     query = memory.query or ""
-    pred = _prediction(result, setup, project, state.config, query, say_nothing=True, ids=memory.regions,
+    pred = _prediction(result, setup, project, state.config, query, message=True, ids=memory.regions,
                        meta={"refined": {"points": points, "box": merged.box}})
     if not query and not any(r["type"] == "brushlabels" for r in pred["result"]) and setup.message_name:
         pred["result"] = [message_region(setup, "LISA found nothing at these clicks")]

@@ -9,6 +9,7 @@ the event, export reports it).
 What is read from ``result`` (see ``shared/ref/ui-check.md`` §5 for a real one):
 
 * the query: the ``textarea`` results of the config's query TextArea (every text, in order, without repeats);
+  never those of its read-only message TextArea (``lisa``: the backend's own words, saved with the annotation);
 * the masks: the ``brushlabels`` results of the config's BrushLabels, decoded at the image's EXIF-applied size
   with the anti-aliasing threshold 128 (:func:`backend.brush.rle_to_mask`), merged per label; labels containing
   "ignore" form the ignore mask instead;
@@ -33,6 +34,7 @@ from backend.brush import BrushRLEError, rle_to_mask
 from backend.dataset import EXTENSIONS, ORIGINS, SampleDraft, sample_id
 from backend.images import FetchedImage, ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
+from backend.regions import MESSAGE_ID
 
 Fetch = Callable[[str, "int | None"], FetchedImage]
 """``fetch(image value, task id)``: :meth:`backend.images.ImageFetcher.fetch`."""
@@ -97,6 +99,10 @@ def _queries(results: list[Any], setup: LabelingSetup | None) -> list[str]:
     texts: list[str] = []
     for item in results:
         if not isinstance(item, dict) or item.get("type") != "textarea":
+            continue
+        if setup and setup.message_name and item.get("from_name") == setup.message_name:
+            continue  # what the backend said, not what the annotator typed
+        if item.get("id") == MESSAGE_ID:  # the same, when the payload has no labeling config to name the TextArea
             continue
         if setup and setup.query_name and item.get("from_name") not in (setup.query_name, None):
             continue

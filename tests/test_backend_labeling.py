@@ -8,7 +8,7 @@ import pytest
 from backend.brush import rle_to_mask
 from backend.labeling import RECOMMENDED_CONFIG, ConfigError, parse_labeling_config
 from backend.phrasing import MAX_QUERY_CHARS, Phrasing, QueryError, clean_query
-from backend.regions import prediction, split_instances
+from backend.regions import MESSAGE_ID, message_region, prediction, split_instances
 
 MULTI = """<View><Image name="img" value="$photo"/><TextArea name="q" toName="img"/>
 <BrushLabels name="brush" toName="img"><Label value="Car"/><Label value="Red car"/><Label value="Person"/></BrushLabels>
@@ -87,7 +87,7 @@ def test_regions_and_instance_split():
     masks[0, 2:8, 2:8] = True
     masks[0, 20:25, 30:38] = True  # a second instance in the same mask
     pred = prediction(masks, [0.9, 0.1], setup, "Target", "v1", "the squares")
-    assert len(pred["result"]) == 1 and pred["score"] == 0.9 and pred["model_version"] == "v1"
+    assert len(pred["result"]) == 1 and pred["model_version"] == "v1"
     region = pred["result"][0]
     np.testing.assert_array_equal(rle_to_mask(region["value"]["rle"], 30, 40), masks[0])
     split = prediction(masks, [0.9, 0.1], setup, "Target", "v1", "the squares", split=True)
@@ -95,3 +95,36 @@ def test_regions_and_instance_split():
     parts = split_instances(masks[0])
     assert [p.sum() for p in parts] == [40, 36]  # largest first
     assert prediction(np.zeros((1, 5, 5), bool), [0.5], setup, "Target", "v1", "x")["result"] == []
+
+
+def test_no_uncalibrated_score_is_shown():
+    """SAM's IoU head is never trained by LISA: its number (negative for the demo model) is kept in meta only, so
+    Label Studio's Regions panel and Data Manager show no score rather than one that looks broken."""
+    setup = parse_labeling_config(RECOMMENDED_CONFIG)
+    masks = np.zeros((2, 30, 40), dtype=bool)
+    masks[:, 2:8, 2:8] = True
+    pred = prediction(masks, [-0.16, -0.3217], setup, "Target", "v1", "the squares", split=True)
+    assert pred["score"] is None
+    assert [r["meta"]["sam_score"] for r in pred["result"]] == [-0.16, -0.3217]
+    assert not [r for r in pred["result"] if "score" in r]
+    assert prediction(masks, [-0.16, -0.32], setup, "Target", "v1", "x", min_score=-0.2)["result"][0]["meta"][
+        "sam_score"] == -0.16  # LISA_LS_MIN_SCORE still filters on it
+
+
+def test_every_interactive_answer_carries_the_message_area():
+    """So that it replaces the last message: "found nothing" when nothing is kept, else an empty text (``[]``: Label
+    Studio hides the box), always with the same id (Label Studio then replaces the area's text)."""
+    setup = parse_labeling_config(RECOMMENDED_CONFIG)
+    masks = np.zeros((1, 30, 40), dtype=bool)
+    masks[0, 2:8, 2:8] = True
+    found = prediction(masks, [0.5], setup, "Target", "v1", "the square", message=True)["result"]
+    assert [r["type"] for r in found] == ["brushlabels", "textarea"]
+    assert (found[1]["from_name"], found[1]["id"], found[1]["value"]) == ("lisa", MESSAGE_ID, {"text": []})
+    nothing = prediction(masks, [0.5], setup, "Target", "v1", "the square", message=True, min_area=1000)["result"]
+    assert [(r["id"], r["value"]) for r in nothing] == [(MESSAGE_ID, {"text": ["LISA found nothing matching "
+                                                                               "'the square'"]})]
+    assert message_region(setup, "busy")["value"] == {"text": ["busy"]}
+    assert [r["type"] for r in prediction(masks, [0.5], setup, "Target", "v1", "x")["result"]] == ["brushlabels"]
+    no_box = parse_labeling_config(RECOMMENDED_CONFIG.replace('<TextArea name="lisa"', '<Header name="lisa"'))
+    assert [r["type"] for r in prediction(masks, [0.5], no_box, "Target", "v1", "x", message=True)["result"]] == [
+        "brushlabels"]

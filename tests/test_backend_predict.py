@@ -24,6 +24,7 @@ from redis_fixtures import ROOT, RedisServer, config_env, make_config, wait_for
 
 from backend.brush import rle_to_mask
 from backend.labeling import RECOMMENDED_CONFIG
+from backend.regions import MESSAGE_ID
 from worker.connection import connect
 from worker.queue import JobQueue
 
@@ -129,7 +130,8 @@ def test_interactive_query_gives_an_editable_brush_region(stack):
     assert r.status_code == 200, r.text
     [pred] = r.json()["results"]
     assert pred["model_version"] == "tiny-test"
-    [region] = pred["result"]  # the tiny model answers "[SEG] ..." for this query: one mask
+    [region, said] = pred["result"]  # the tiny model answers "[SEG] ..." for this query: one mask (+ no message)
+    assert said["from_name"] == "lisa" and said["value"] == {"text": []}
     assert region["origin"] == "prediction" and region["type"] == "brushlabels"
     assert (region["from_name"], region["to_name"]) == ("mask", "image")
     assert (region["original_width"], region["original_height"]) == (640, 480)
@@ -189,6 +191,30 @@ def test_bad_input_is_a_readable_error(stack, tasks, query, message):
     assert shown["value"]["text"][0] == r.json()["results"][0]["error"]
     assert message.lower() in shown["value"]["text"][0].lower()
     assert requests.get(backend.url + "/health", timeout=1).status_code == 200  # still up
+
+
+def test_each_interactive_answer_replaces_the_message(stack):
+    """Issue 22.1: after a refused query the next good answer clears the message (an empty text, same id), so that
+    the ``lisa`` box never shows a stale one; the answer's mask carries no (uncalibrated) score."""
+    backend, _ = stack
+    refused = predict(backend, [task(1)], {"result": [textarea("x" * 1100)]}).json()["results"][0]["result"]
+    assert [(r["id"], r["from_name"]) for r in refused] == [(MESSAGE_ID, "lisa")]
+    assert "1100 characters" in refused[0]["value"]["text"][0]
+    good = predict(backend, [task(1)], {"result": [textarea(QUERY)]}).json()["results"][0]
+    assert [r["type"] for r in good["result"]] == ["brushlabels", "textarea"]
+    assert (good["result"][1]["id"], good["result"][1]["value"]) == (MESSAGE_ID, {"text": []})
+    assert "score" not in good["result"][0] and good["score"] is None
+    assert isinstance(good["result"][0]["meta"]["sam_score"], float)
+
+
+def test_the_message_box_is_never_read_as_the_query(stack):
+    """A config whose only TextArea on the image is the read-only message box (queries from the task data): what
+    the box said is not a query."""
+    backend, _ = stack
+    no_query = RECOMMENDED_CONFIG.replace('<TextArea name="query"', '<Header name="query"')
+    said = textarea("LISA found nothing matching 'the red object'", name="lisa")
+    assert predict(backend, [task(1)], {"result": [said]}, config=no_query).json() == {
+        "results": [{"result": [], "score": 0}]}
 
 
 def test_malformed_requests(stack):

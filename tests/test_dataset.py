@@ -138,6 +138,20 @@ def test_a_refined_suggestion_is_captured_as_its_query_and_final_mask(tmp_path: 
         build_sample(annotation(region(final), query=None), TASK, CONFIG, fetcher(png()))
 
 
+def test_the_backends_messages_are_never_the_annotators_query() -> None:
+    """The read-only ``lisa`` TextArea is saved with the annotation (what the backend last said): never a query,
+    whether the config names it, has no query TextArea (queries in the task data), or is not in the payload."""
+    said = {"id": "lisa-message", "type": "textarea", "from_name": "lisa", "to_name": "image",
+            "value": {"text": ["the query is 1100 characters long; the limit is 1000. Shorten it."]}}
+    lisa = '<TextArea name="lisa" toName="image" readonly="true" editable="false"/>'
+    with_box = CONFIG.replace("</View>", lisa + "</View>")
+    prompted = region(rect(2, 10, 3, 12), origin="prediction", meta={"prompt": "the red thing"})
+    for config in (with_box, with_box.replace('<TextArea name="query"', '<Header name="query"'), None):
+        # (with the box named in the config: the query text deleted, so the region's meta.prompt is the query)
+        ann = annotation(prompted, said, query="the red thing" if config != with_box else None)
+        assert build_sample(ann, TASK, config, fetcher(png())).record["queries"] == ["the red thing"], config
+
+
 def test_split_is_by_image_and_fixed_by_the_dataset(tmp_path: Path) -> None:
     shas = [f"{i:08x}" + "0" * 56 for i in (0, 5, 99, 100, 109, 110)]  # int % 100: 0, 5, 99, 0, 9, 10
     assert [ds.split_for(s, 10) for s in shas] == ["val", "val", "train", "val", "val", "train"]

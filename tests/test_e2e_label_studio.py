@@ -44,7 +44,7 @@ def check_region(region: dict, case: int) -> np.ndarray:
     assert region["origin"] == "prediction"
     assert (region["original_width"], region["original_height"]) == (width, height)
     assert region["value"]["format"] == "rle" and region["value"]["brushlabels"] == ["Target"]
-    assert isinstance(region["score"], float)
+    assert "score" not in region and isinstance(region["meta"]["sam_score"], float)  # uncalibrated: not shown
     mask = rle_to_mask(region["value"]["rle"], height, width)
     assert mask.shape == (height, width) and mask.dtype == bool
     mismatch = float(np.mean(mask != reference_mask(case)))
@@ -79,10 +79,11 @@ def test_interactive_annotating_returns_the_mask_at_the_image_size(e2e: E2E, pro
         assert "errors" not in body, body
         data = body["data"]
         assert data["model_version"] == worker_version(e2e)
-        [region] = data["result"]  # the fixture answers carry one [SEG]
+        [region, said] = data["result"]  # the fixture answers carry one [SEG]; the message box is cleared
+        assert (said["from_name"], said["value"]) == ("lisa", {"text": []})
         mask = check_region(region, case)
         assert mask.any() and region["meta"]["prompt"] == query
-        assert data["score"] == region["score"]
+        assert data["score"] is None
 
 
 def test_interactive_annotating_without_a_query_answers_an_empty_result(e2e: E2E, project: dict):
@@ -116,7 +117,7 @@ def test_batch_predictions_are_stored_with_the_model_version(e2e: E2E):
 def test_submitted_annotation_reaches_the_backend_webhook(e2e: E2E, project: dict):
     client, task = e2e.client, project["tasks"][1]
     context = textarea_context(CASES[1])
-    [region] = client.interactive_annotating(project["ml"]["id"], task, context)["data"]["result"]
+    [region, _said] = client.interactive_annotating(project["ml"]["id"], task, context)["data"]["result"]
     annotation = client.create_annotation(task, [*context["result"], region])
     [saved] = [r for r in client.annotations(task) if r["id"] == annotation["id"]]
     brush = [r for r in saved["result"] if r["type"] == "brushlabels"]
