@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import psutil
-from redis_fixtures import ROOT, free_port
+from redis_fixtures import ROOT, RedisServer, free_port
+
+from worker import up
+from worker.defaults import REDIS_URL
 
 
 def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
@@ -66,3 +70,42 @@ def test_children_do_not_outlive_a_killed_up(tmp_path):
     proc.wait()
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [c.cmdline() for c in alive]
+
+
+def up_refused(tmp_path, redis_port: int) -> str:
+    """``lisa-ls up`` with its embedded Redis on ``redis_port``: it must refuse at once; its output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "up", "--port", str(free_port()), "--redis-port", str(redis_port),
+         "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--device", "cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    assert "started worker" not in proc.stdout + proc.stderr  # nothing was started
+    return proc.stdout + proc.stderr
+
+
+def test_the_embedded_redis_stays_off_label_studios_port():
+    """Label Studio uses any Redis on localhost:6379 for its background jobs (never run without an RQ worker):
+    the embedded Redis defaults elsewhere, to the port the queue's clients look at, and 6379 gets a warning."""
+    assert up.REDIS_PORT != up.LABEL_STUDIO_REDIS_PORT == 6379
+    assert f"redis://127.0.0.1:{up.REDIS_PORT}/0" == REDIS_URL
+    assert up.label_studio_clash(REDIS_URL) is None
+    for url in ("redis://127.0.0.1:6379/0", "redis://localhost/1", "redis://:pw@localhost:6379/0"):
+        assert "Label Studio" in up.label_studio_clash(url), url
+    assert up.label_studio_clash("redis://redis:6379/0") is None  # another machine (docker compose)
+
+
+def test_a_taken_redis_port_is_refused_with_what_listens_there(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        out = up_refused(tmp_path, server.port)
+    finally:
+        server.stop()
+    assert f"a Redis already listens on 127.0.0.1:{server.port}" in out
+    assert f"REDIS_URL=redis://127.0.0.1:{server.port}/0" in out and "--redis-port" in out
+    with socket.socket() as other:  # not a Redis: a plain listener that says nothing
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        out = up_refused(tmp_path, other.getsockname()[1])
+    assert "is taken by something that is not Redis" in out

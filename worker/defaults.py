@@ -16,8 +16,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-"""Where the queue lives unless ``REDIS_URL`` says otherwise."""
+REDIS_URL = "redis://127.0.0.1:6390/0"
+"""Where the queue lives unless ``REDIS_URL`` says otherwise (``lisa-ls up`` starts its embedded Redis there).
+
+Not Redis's usual 6379 on purpose: Label Studio (django-rq) hands its background jobs to whatever Redis answers on
+localhost:6379, and ``label-studio start`` runs no RQ worker, so with our Redis there its jobs would silently never
+run (see ``worker/up.py``)."""
 
 ENV_PREFIX = "LISA_LS_"
 """Prefix of the environment variables that override the fields of :class:`QueueConfig`."""

