@@ -143,7 +143,7 @@ class Progress:
     """A tqdm bar when tqdm is installed and stderr is a terminal; else a plain line every 10 s."""
 
     def __init__(self, total: int | None, out: TextIO) -> None:
-        self.out, self.counts, self._last = out, collections.Counter(), time.monotonic()
+        self.out, self.counts, self._last, self.total = out, collections.Counter(), time.monotonic(), total
         try:
             from tqdm import tqdm
         except ImportError:
@@ -154,6 +154,7 @@ class Progress:
                 self.bar = None
 
     def set_total(self, total: int | None) -> None:
+        self.total = total if total is not None else self.total
         if self.bar is not None and total is not None and self.bar.total != total:
             self.bar.total = total
             self.bar.refresh()
@@ -166,8 +167,10 @@ class Progress:
                                  failed=self.counts["failed"], refresh=False)
         elif time.monotonic() - self._last > 10.0:
             self._last = time.monotonic()
-            self.write(f"progress: {self.counts['done']} done, {self.counts['skipped']} skipped, "
-                       f"{self.counts['failed']} failed")
+            seen = sum(self.counts.values())
+            of = f"{seen} of {self.total} tasks" if self.total is not None else f"{seen} task(s) so far"
+            self.write(f"progress: {of} ({self.counts['done']} done, {self.counts['skipped']} skipped, "
+                       f"{self.counts['failed']} failed)")
 
     def write(self, line: str) -> None:
         if self.bar is not None:

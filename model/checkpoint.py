@@ -289,9 +289,18 @@ def load_lisa(
     _fill_weights(lisa, files, torch_dtype, sam_dtype, device, skip_llm=llm is not None)
     lisa.to(device)
     lisa.eval().requires_grad_(False)
-    log.info("loaded %s (%s, %s%s) with CLIP %s", model_dir, tokenizer.layout.name, dtype,
-             f", LLM {quantize}" if quantize else "", tower_name)
+    # The layout names the release whose special-token ids the tokenizer has, not this model (the 1 M-parameter
+    # demo model has LISA-7B-v1's), so the line says the size too.
+    tokens = {"7b-v1": "LISA-7B-v1", "13b-llama2-v1": "LISA-13B-llama2-v1"}.get(tokenizer.layout.name)
+    log.info("loaded %s (%s parameters, %s%s; special tokens %s) with CLIP %s", model_dir,
+             _count(sum(p.numel() for p in lisa.parameters())), dtype, f", LLM {quantize}" if quantize else "",
+             f"as in {tokens}" if tokens else "in a custom layout", tower_name)
     return lisa, tokenizer
+
+
+def _count(n: int) -> str:
+    """``1.0 M``, ``7.70 B``: a parameter count as people say it."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else str(n)
 
 
 def _fill_weights(

@@ -140,3 +140,13 @@ def test_dtype_options(tiny_predictor):
     assert (a.masks == b.masks).mean() > 0.97
     fp16 = load_lisa(CHECKPOINT, dtype="fp16")[0]
     assert fp16.llm_dtype == torch.float16 and fp16.sam_dtype == torch.float32
+
+
+def test_the_load_line_gives_the_size_not_a_release_name(caplog):
+    """Issue 22.6: the line said "(7b-v1, fp32)" for the 1 M-parameter demo model; "7b-v1" is only the layout of
+    its special tokens. It now says how big the model is and where the layout comes from."""
+    with caplog.at_level("INFO", logger="model.checkpoint"):
+        lisa, _ = load_lisa(Path(__file__).parent.parent / "models" / "demo", dtype="fp32", device="cpu")
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    millions = sum(p.numel() for p in lisa.parameters()) / 1e6
+    assert f"({millions:.1f} M parameters, fp32; special tokens as in LISA-7B-v1)" in line, line

@@ -234,7 +234,7 @@ def test_full_run_writes_one_prediction_per_task_and_a_rerun_skips_all(stack):
     assert summary(proc).startswith(f"prelabel project {project} ({VERSION}): 6 done, 0 skipped, 0 failed")
     regions = 0
     for i, pred in enumerate(assert_one_prediction_each(fake, project)):
-        assert pred["model_version"] == VERSION and isinstance(pred["score"], float)
+        assert pred["model_version"] == VERSION and pred["score"] is None  # SAM's score is uncalibrated: none
         width, height = size(images[i])
         for region in pred["result"]:
             regions += 1
@@ -397,6 +397,21 @@ def test_progress_bar_shows_the_counts_on_a_terminal():
     text = out.getvalue()
     assert "3/3" in text and "done=1" in text and "skipped=1" in text and "failed=1" in text
     assert "task 7: failed: the image is corrupt" in text
+
+
+def test_progress_line_says_how_many_of_how_many():
+    """Not on a terminal (a log, CI): a line every 10 s with the project's task count, "72 of 120 tasks"."""
+    out = io.StringIO()
+    progress = Progress(None, out)
+    progress.set_total(120)
+    for what in ["done"] * 70 + ["skipped", "failed"]:
+        progress._last = time.monotonic() - 11  # as if 10 s had passed since the last line
+        progress.count(what)
+    assert out.getvalue().splitlines()[-1] == "progress: 72 of 120 tasks (70 done, 1 skipped, 1 failed)"
+    unknown = Progress(None, out := io.StringIO())
+    unknown._last = time.monotonic() - 11
+    unknown.count("done")
+    assert out.getvalue() == "progress: 1 task(s) so far (1 done, 0 skipped, 0 failed)\n"
 
 
 # ---- the real Label Studio 1.23.2 (tests/ls_fixtures.py; skipped where .lsvenv is not installed) ----
