@@ -57,6 +57,13 @@ def ask(page, query: str) -> dict:
     return info.value.json()
 
 
+def brushes(body: dict) -> list[dict]:
+    """The brush regions of an answer (each also carries the lisa box's new text: none, so it is cleared)."""
+    result = body["data"]["result"]
+    assert [r["value"] for r in result if r["type"] == "textarea"] == [{"text": []}], result
+    return [r for r in result if r["type"] == "brushlabels"]
+
+
 def brush_regions(page) -> list[list]:
     return page.evaluate("() => Htx.annotationStore.selected.regions.map(r => [r.type, r.cleanId, r.origin])")
 
@@ -75,7 +82,7 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
     try:
         open_task(page, ls.url, project["id"], task["id"])
         body = ask(page, QUERY)
-        [answer] = body["data"]["result"]
+        [answer] = brushes(body)
         before = rle_to_mask(answer["value"]["rle"], 256, 256)
         page.get_by_test_id("bottombar-accept-suggestions-button").click()
         page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for(state="detached")
@@ -104,7 +111,7 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
         point = context["result"][0]
         assert point["value"]["keypointlabels"] == ["Exclude"]
         assert abs(point["value"]["x"] - 100 * WRONG_PART[0] / 256) < 2, point
-        [refined] = got.value.json()["data"]["result"]
+        [refined] = brushes(got.value.json())
         after = rle_to_mask(refined["value"]["rle"], 256, 256)
         assert refined["id"] == answer["id"] and refined["meta"]["prompt"] == QUERY
         assert after.sum() < 0.8 * before.sum(), (int(after.sum()), int(before.sum()))  # the mask shrank
@@ -127,7 +134,8 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
         shot("04_submitted")
         [saved] = [a for a in client.annotations(task["id"]) if a["id"] == info.value.json()["id"]]
         by_type = {r["type"]: r for r in saved["result"]}
-        assert by_type["textarea"]["value"]["text"] == [QUERY] and "keypointlabels" not in by_type
+        texts = {r["from_name"]: r["value"]["text"] for r in saved["result"] if r["type"] == "textarea"}
+        assert texts == {"query": [QUERY], "lisa": []} and "keypointlabels" not in by_type, texts
         mask = rle_to_mask(by_type["brushlabels"]["value"]["rle"], 256, 256)
         assert np.array_equal(mask, after) and by_type["brushlabels"]["meta"]["refined"]["points"][0][2] == 0
     except Exception:

@@ -2,10 +2,13 @@
 
 The steps are README's "Connect to Label Studio", done literally: the project and its image through the API (as
 the README allows), then in the UI: Settings → Model → Connect Model with Interactive preannotations on (the card
-shows Connected), open the task, switch Auto-Annotation on, type a short phrase and press Enter, see the
-suggestion, accept it (✓), Submit (201). Then the saved annotation is read back through the API: the brush region
-is the backend's mask, unchanged and with ``origin == "prediction"``, LISA's own mask for the question the backend
-made of the phrase, and the backend's ``/webhook`` logged its ``ANNOTATION_CREATED``.
+shows Connected), open the task, switch Auto-Annotation on, type a query that is too long and press Enter: the
+backend's refusal shows in the ``lisa`` box right under the query box, in the 1400×900 window without scrolling.
+Then edit the query to a short phrase, Enter: the suggestion comes and the message is gone; accept it (✓), Submit
+(201). Then the saved annotation is read back through the API: the brush region is the backend's mask, unchanged
+and with ``origin == "prediction"``, LISA's own mask for the question the backend made of the phrase, the ``lisa``
+box saved empty (no stale message), and the backend's ``/webhook`` logged its ``ANNOTATION_CREATED`` and captured
+the sample with the typed query alone.
 
 The browser is Debian's ``chromium`` driven by the Python ``playwright`` package (never a browser playwright
 downloads itself), with a fresh profile, and it can reach nothing but loopback. Screenshots of each step are saved
@@ -27,6 +30,9 @@ from PIL import Image
 from redis_fixtures import wait_for
 
 from backend.brush import rle_to_mask
+from backend.dataset import Dataset
+from backend.phrasing import MAX_QUERY_CHARS
+from backend.regions import MESSAGE_ID
 
 pytest_plugins = ["ls_fixtures", "redis_fixtures"]
 
@@ -42,13 +48,17 @@ CHROMIUM_ARGS = [
 #: What an annotator types; the backend asks LISA "What is the red object in this image? Please output segmentation
 #: mask.", a fixture query the tiny LISA answers with [SEG].
 QUERY = "the red object"
+#: A query the backend refuses (over MAX_QUERY_CHARS): its message must show in the labeling UI.
+TOO_LONG = ("the red object " * 80)[: MAX_QUERY_CHARS + 100]
+#: The window of the UI tests (issue 22: the message must be visible in it without scrolling).
+VIEWPORT = {"width": 1400, "height": 900}
 STEP_TIMEOUT_MS = 60_000
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 @pytest.fixture(scope="module")
 def browser_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, list[str]]]:
-    """A fresh headless Chromium page (1440×900) and the list of off-machine requests it tried (all aborted)."""
+    """A fresh headless Chromium page (1400×900) and the list of off-machine requests it tried (all aborted)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing (dev extra)")
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` (make test does it when run as root)")
@@ -57,7 +67,7 @@ def browser_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[obj
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1440, "height": 900},
+            viewport=VIEWPORT,
         )
 
         def only_loopback(route, request):
@@ -150,29 +160,52 @@ def follow_the_readme(e2e: E2E, page, shot) -> None:
     wait_for(toggle.is_checked, 10, "Auto-Annotation to be on")
     shot("04_auto_annotation_on")
 
-    # Type the query and press Enter: the UI posts interactive-annotating, LS forwards it to /predict.
+    # A query the backend refuses: its message appears in the lisa box, next to the query box, in view.
     prompt = page.get_by_test_id("textarea-input")
-    prompt.fill(QUERY)
+    prompt.fill(TOO_LONG)
     with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=STEP_TIMEOUT_MS) as info:
         prompt.press("Enter")
+    assert info.value.status == 200
+    [said] = info.value.json()["data"]["result"]
+    assert (said["from_name"], said["id"]) == ("lisa", MESSAGE_ID)
+    refusal = said["value"]["text"][0]
+    assert f"the query is {len(TOO_LONG)} characters long" in refusal
+    shown = page.get_by_text(refusal, exact=True)
+    shown.wait_for()
+    assert_in_view_unscrolled(page, shown)
+    shot("05_refused_query_message")
+
+    # Edit the query (pencil) to a short phrase, Enter: the UI posts interactive-annotating, LS forwards it to
+    # /predict, and the answer clears the message.
+    page.get_by_test_id("htx-textbox-edit-button").first.click()
+    edit = page.get_by_test_id("htx-textbox-input").first
+    edit.fill(QUERY)
+    with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=STEP_TIMEOUT_MS) as info:
+        edit.press("Enter")
     response = info.value
     assert response.status == 200
     body = response.json()
     assert "errors" not in body, body
-    [suggested] = body["data"]["result"]
-    assert suggested["origin"] == "prediction"
+    [suggested, cleared] = body["data"]["result"]
+    assert (cleared["id"], cleared["value"]) == (MESSAGE_ID, {"text": []})
+    assert suggested["origin"] == "prediction" and "score" not in suggested  # SAM's score is uncalibrated
     assert (suggested["original_width"], suggested["original_height"]) == (width, height)
+    shown.wait_for(state="detached")  # the stale message is gone from the page
+    messages = page.evaluate(
+        "() => Htx.annotationStore.selected.serializeAnnotation().filter(r => r.from_name === 'lisa')"
+        ".map(r => r.value.text)")
+    assert messages == [[]], messages
 
     # The suggestion appears (bottom bar: "1 suggestions" with ✗/✓); accept it.
     page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for()
-    shot("05_suggestion_shown")
+    shot("06_suggestion_shown_message_cleared")
     page.get_by_test_id("bottombar-accept-suggestions-button").click()
     page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for(state="detached")
     regions = page.evaluate(
         "() => Htx.annotationStore.selected.regions.map(r => [r.type, r.origin, r.fromSuggestion])"
     )
     assert ["brushregion", "prediction"] in [r[:2] for r in regions], regions
-    shot("06_suggestion_accepted")
+    shot("07_suggestion_accepted")
 
     # Submit: Label Studio saves the annotation (201).
     with page.expect_response(
@@ -182,12 +215,14 @@ def follow_the_readme(e2e: E2E, page, shot) -> None:
     assert info.value.status == 201, info.value.text()
     annotation_id = info.value.json()["id"]
     page.get_by_text("Annotation saved successfully", exact=True).wait_for()
-    shot("07_submitted")
+    shot("08_submitted")
 
-    # The saved annotation: the typed query and the backend's brush, unchanged, with origin "prediction".
+    # The saved annotation: the typed query and the backend's brush, unchanged, with origin "prediction"; the
+    # lisa box saved empty, not with the refusal.
     [saved] = [a for a in client.annotations(task["id"]) if a["id"] == annotation_id]
+    texts = {r["from_name"]: r["value"]["text"] for r in saved["result"] if r["type"] == "textarea"}
+    assert texts == {"query": [QUERY], "lisa": []}, texts
     by_type = {r["type"]: r for r in saved["result"]}
-    assert by_type["textarea"]["value"]["text"] == [QUERY]
     brush = by_type["brushlabels"]
     assert brush["origin"] == "prediction"
     assert brush["value"]["brushlabels"] == ["Target"]
@@ -198,6 +233,23 @@ def follow_the_readme(e2e: E2E, page, shot) -> None:
     # LISA's own mask for the question the backend made of the phrase (the fixture's case 1).
     assert float(np.mean(mask != reference_mask(1))) <= MAX_MASK_MISMATCH
 
-    # And the backend's /webhook received it.
+    # And the backend's /webhook received it, and capture made it a sample of the typed query alone.
     wait_for(lambda: any("webhook ANNOTATION_CREATED" in line and f"annotation={annotation_id}" in line
                          for line in e2e.stack.backend_log().splitlines()), 10, "the ANNOTATION_CREATED webhook")
+    dataset, sample = e2e.stack.workdir / "model_dir" / "dataset" / f"project-{project['id']}", \
+        f"ls-{project['id']}-{annotation_id}"
+    wait_for(lambda: (dataset / "samples" / f"{sample}.json").exists(), 30, "the captured sample")
+    record = Dataset.open(dataset, create=False).read_sample(sample)
+    assert record["queries"] == [QUERY], record
+
+
+def assert_in_view_unscrolled(page, locator) -> None:
+    """``locator`` lies inside the window and neither the page nor any box around it is scrolled: an annotator
+    sees it where it appeared, without scrolling."""
+    where = locator.evaluate(
+        "el => { const r = el.getBoundingClientRect(); let scrolled = window.scrollY;"
+        " for (let e = el.parentElement; e; e = e.parentElement) scrolled += e.scrollTop;"
+        " return {top: r.top, bottom: r.bottom, left: r.left, right: r.right, scrolled}; }")
+    assert where["scrolled"] == 0, where
+    assert 0 <= where["top"] < where["bottom"] <= VIEWPORT["height"], where
+    assert 0 <= where["left"] < where["right"] <= VIEWPORT["width"], where
