@@ -6,7 +6,7 @@ corrections cannot be told apart), and ``original_width``/``original_height`` eq
 size, which is the size the labeling UI draws the brush at.
 
 Regions carry no ``score``: the one LISA gives is SAM's IoU prediction, and LISA never trains SAM's IoU head, so the
-number is uncalibrated (the demo model gives -0.16 ... -0.32) and Label Studio's Regions panel would show it as if
+number is uncalibrated (the demo model gives -0.40 ... -0.28) and Label Studio's Regions panel would show it as if
 it meant something. It is kept in ``meta.sam_score`` (and ``LISA_LS_MIN_SCORE`` still filters on it).
 """
 
