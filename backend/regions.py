@@ -85,3 +85,16 @@ def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, lab
     if not regions and say_nothing and setup.message_name:
         regions = [message_region(setup, f"LISA found nothing matching '{query}'")]
     return {"result": regions, "score": best, "model_version": model_version}
+
+
+def with_note(pred: dict[str, Any], setup: LabelingSetup, note: str) -> dict[str, Any]:
+    """``pred`` with a worker's note about the answer (the demo model saying what it is) in the config's message
+    TextArea: after the message already there ("found nothing"), or as the message. Unchanged without either."""
+    if not note or not setup.message_name:
+        return pred
+    for region in pred["result"]:
+        if region.get("id") == "lisa-message":
+            region["value"]["text"] = [f"{region['value']['text'][0]} - {note}"]
+            return pred
+    pred["result"].append(message_region(setup, note))
+    return pred
