@@ -19,6 +19,7 @@ from ls_fixtures import PASSWORD, USERNAME, LSClient
 from redis_fixtures import ROOT, wait_for
 
 from backend.brush import rle_to_mask
+from model.demo_scope import ANSWER_NOTE
 
 pytest_plugins = ["ls_fixtures", "redis_fixtures"]
 pytestmark = pytest.mark.slow
@@ -57,6 +58,14 @@ def ask(page, query: str) -> dict:
     return info.value.json()
 
 
+def brushes(body: dict) -> list[dict]:
+    return [r for r in body["data"]["result"] if r["type"] == "brushlabels"]
+
+
+def notes(body: dict) -> list[str]:
+    return [t for r in body["data"]["result"] if r.get("from_name") == "lisa" for t in r["value"]["text"]]
+
+
 def brush_regions(page) -> list[list]:
     return page.evaluate("() => Htx.annotationStore.selected.regions.map(r => [r.type, r.cleanId, r.origin])")
 
@@ -75,7 +84,8 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
     try:
         open_task(page, ls.url, project["id"], task["id"])
         body = ask(page, QUERY)
-        [answer] = body["data"]["result"]
+        [answer] = brushes(body)
+        assert notes(body) == [ANSWER_NOTE]  # the demo model says what it is with each answer
         before = rle_to_mask(answer["value"]["rle"], 256, 256)
         page.get_by_test_id("bottombar-accept-suggestions-button").click()
         page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for(state="detached")
@@ -104,7 +114,7 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
         point = context["result"][0]
         assert point["value"]["keypointlabels"] == ["Exclude"]
         assert abs(point["value"]["x"] - 100 * WRONG_PART[0] / 256) < 2, point
-        [refined] = got.value.json()["data"]["result"]
+        [refined] = brushes(got.value.json())
         after = rle_to_mask(refined["value"]["rle"], 256, 256)
         assert refined["id"] == answer["id"] and refined["meta"]["prompt"] == QUERY
         assert after.sum() < 0.8 * before.sum(), (int(after.sum()), int(before.sum()))  # the mask shrank
@@ -126,7 +136,7 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
         assert info.value.status == 201, info.value.text()
         shot("04_submitted")
         [saved] = [a for a in client.annotations(task["id"]) if a["id"] == info.value.json()["id"]]
-        by_type = {r["type"]: r for r in saved["result"]}
+        by_type = {r["type"]: r for r in saved["result"] if r.get("from_name") != "lisa"}
         assert by_type["textarea"]["value"]["text"] == [QUERY] and "keypointlabels" not in by_type
         mask = rle_to_mask(by_type["brushlabels"]["value"]["rle"], 256, 256)
         assert np.array_equal(mask, after) and by_type["brushlabels"]["meta"]["refined"]["points"][0][2] == 0
