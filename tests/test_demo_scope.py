@@ -32,6 +32,7 @@ from model.demo_scope import (
     MIN_TOP_SHARE,
     REAL_LISA_COMMAND,
     is_demo_model,
+    mark_demo_model,
     picture_problem,
     scene_likeness,
 )
@@ -124,6 +125,9 @@ def test_the_demo_model_is_recognised_and_its_version_says_so(tmp_path):
     from worker.handler import model_version
 
     assert is_demo_model(DEMO_DIR) and not is_demo_model(CHECKPOINT) and not is_demo_model(tmp_path)
+    (tmp_path / "config.json").write_text((CHECKPOINT / "config.json").read_text())
+    mark_demo_model(tmp_path)  # what model.demo.build does to the folder it writes
+    assert is_demo_model(tmp_path)
     version = model_version(DEMO_DIR)
     assert version.startswith("models/demo@") and "DEMO: coloured shapes only" in version
     assert version.endswith(f"real LISA: {REAL_LISA_COMMAND})")
