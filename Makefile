@@ -36,7 +36,7 @@ $(LS_STAMP):
 # Debian's chromium, installed only when missing (CI runs as root on Debian); apt's output only on failure.
 chromium:
 	@test -x $(CHROMIUM) || { \
-	  if [ "$$(id -u)" != 0 ]; then echo "$(CHROMIUM) is missing: install Debian's chromium as root (UI tests skip)"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "$(CHROMIUM) is missing: install Debian's chromium as root (UI tests skip; under CI=true they fail)"; \
 	  else echo "installing Debian's chromium"; log=$$(mktemp); \
 	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >$$log 2>&1 \
 	      || { cat $$log; rm -f $$log; exit 1; }; rm -f $$log; fi; }

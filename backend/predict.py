@@ -28,7 +28,7 @@ from backend.images import ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
 from backend.phrasing import Phrasing, QueryError
 from backend.refine import RefineError, TaskMemory, read_clicks
-from backend.regions import message_region, prediction
+from backend.regions import message_region, prediction, with_note
 from backend.state import BackendState, current_state
 from worker.protocol import REFINE, Job
 from worker.queue import JobQueue
@@ -197,11 +197,12 @@ def _prediction(result: Any, setup: LabelingSetup, project: dict[str, Any], conf
                 message: bool, **kw: Any) -> dict[str, Any]:
     """A worker's masks as a prediction, with the project's label, instance splitting and noise thresholds."""
     label = setup.choose_label(query, project.get("label") or config.default_label)
-    return prediction(
+    pred = prediction(
         result.mask_array(), result.scores, setup, label, result.model_version, query,
         bool(project.get("split_instances", config.split_instances)),
         min_score=float(project.get("min_score", config.min_score)),
         min_area=int(project.get("min_area", config.min_area)), message=message, **kw)
+    return with_note(pred, setup, result.note)  # e.g. the offline demo model saying what it is
 
 
 def interactive_error(setup: LabelingSetup, status: int, message: str) -> Response | tuple[Response, int]:

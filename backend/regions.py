@@ -97,3 +97,16 @@ def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, lab
     if message and setup.message_name:
         regions.append(message_region(setup, "" if regions else f"LISA found nothing matching '{query}'"))
     return {"result": regions, "score": None, "model_version": model_version}
+
+
+def with_note(pred: dict[str, Any], setup: LabelingSetup, note: str) -> dict[str, Any]:
+    """``pred`` with a worker's note about the answer (the demo model saying what it is) in the config's message
+    TextArea: after the message already there ("found nothing"), or as the message. Unchanged without either."""
+    if not note or not setup.message_name:
+        return pred
+    for region in pred["result"]:
+        if region.get("id") == MESSAGE_ID:
+            region["value"]["text"] = [" - ".join([*region["value"]["text"], note])]
+            return pred
+    pred["result"].append(message_region(setup, note))
+    return pred

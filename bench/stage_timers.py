@@ -3,8 +3,9 @@
     python bench/stage_timers.py force-seg|plain <lisa-ls arguments>
 
 runs ``worker.cli.main`` with timers on load, encode, generate (prefill and per-token steps) and decode, and prints
-the timings as one JSON line starting with :data:`MARK` at exit. ``force-seg`` stands the last prompt state in for
-one ``[SEG]`` per answer (random weights never generate it), so the decode stage runs as for a real answer.
+the timings as one JSON line starting with :data:`MARK` at exit. ``force-seg`` stands a final-layer hidden state in
+for one ``[SEG]`` per answer (random weights never generate it; see ``bench/gpu_probe.py``), so the decode stage runs
+as for a real answer.
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ def install_stage_timers(timings: dict, force_seg: bool) -> None:
             timings["step_s_cpu"] = sum(c for _, c in steps[1:]) / (len(steps) - 1)
         timings["prompt_positions"] = int(embeds.shape[1])
         timings["new_tokens"] = [len(t) for t in out.tokens]
-        if force_seg:  # random weights never say [SEG]: stand in one state per answer, as "Sure, [SEG]." has
-            for b, states in enumerate(out.seg_states):
-                if states.shape[0] == 0:
-                    out.seg_states[b] = embeds[b, -1:].detach().clone()
         return out
 
     inference.greedy_generate = generate_and_record
+    if force_seg:  # random weights never say [SEG]: a final-layer state stands in for one per answer
+        from bench.gpu_probe import install_seg_standin
+
+        install_seg_standin()
     timings["threads"] = torch.get_num_threads()
 
 

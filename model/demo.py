@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.demo_scope import mark_demo_model
+
 ROOT = Path(__file__).resolve().parent.parent
 #: Where the committed demo model lives (``worker/up.py`` serves it by default).
 DEMO_DIR = ROOT / "models" / "demo"
@@ -177,6 +179,7 @@ def build(out: str | Path, time_limit_s: float, seed: int = 0, work: str | Path 
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns("metrics.json", "examples", "README.md"))
+    mark_demo_model(staging)  # so that a worker serving it says it is the demo (model/demo_scope.py)
     write_examples(staging / "examples")
     metrics = held_out_metrics(staging)
     command = f"python -m model.demo --out {out} --time-limit-s {time_limit_s:g} --polish-s {polish_s:g} --seed {seed}"

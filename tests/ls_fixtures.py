@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -56,6 +57,21 @@ PASSWORD = "e2e-password-1234"
 LS_START_TIMEOUT_S = 240.0
 STACK_START_TIMEOUT_S = 120.0
 LOG_TAIL_CHARS = 6000
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run (CI runs ``.ci/run`` with ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing_dependency(what: str) -> NoReturn:
+    """An end-to-end test cannot run because ``what`` is missing: a skip on a developer's machine, a failure under
+    ``CI=true`` - there ``make test`` installs Label Studio, playwright and chromium (e2e-deps), so a missing one
+    means the install is broken and the UI tests would otherwise pass without testing anything."""
+    if in_ci():
+        pytest.fail(f"{what}; CI=true, so this fails instead of skipping (make test installs it: see e2e-deps in "
+                    "the Makefile)", pytrace=False)
+    pytest.skip(what)
 
 
 def case_png(case: int) -> Path:
@@ -340,7 +356,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 def _label_studio_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudio]:
     """Label Studio, started (not yet ready): the stack starts meanwhile, to overlap the 30 s of migrations."""
     if not LS_BIN.exists():
-        pytest.skip(f"Label Studio {LS_VERSION} is not installed in {LSVENV} (run `make test`, which installs it)")
+        missing_dependency(f"Label Studio {LS_VERSION} is not installed in {LSVENV} (`make test` installs it)")
     ls = LabelStudio(tmp_path_factory.mktemp("label-studio"))
     ls.start()
     _RUNNING.append(ls)

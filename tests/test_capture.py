@@ -111,8 +111,7 @@ def test_replayed_shuffled_webhooks_give_the_newest_state(queue_config, start_ba
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda ie: post(backends[ie[0] % 2].url, ie[1]), enumerate(replay)))
     assert all(status == 200 and body["status"] == "ok" for status, body, _ in answers)
-    latencies = sorted(seconds for _, _, seconds in answers)
-    assert latencies[-1] < 1.0 and latencies[len(latencies) // 2] < 0.25, latencies[-5:]
+    latencies = sorted(seconds for _, _, seconds in answers)  # against Label Studio's 1 s: bench_backend_latency
     print(f"webhook answers: median {latencies[len(latencies) // 2] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")
     drain(queue_config)
     assert post(backends[0].url, first_of_deleted)[0] == 200  # a late CREATED after the DELETE

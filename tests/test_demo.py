@@ -47,21 +47,24 @@ def test_mapping_flags():
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_committed_demo_model_is_small_and_segments_held_out_scenes():
-    """The shipped model: under 10 MB, its recorded figure meets the issue's 0.75, and a fresh evaluation on
-    held-out scenes (a smaller sample than the recorded 1000 masks) agrees with the record."""
+    """The shipped model, evaluated here and now (not its own metrics.json): under 10 MB, and on 120 held-out
+    masks it meets issue 10's bar - overall >= 0.85, every kind of query >= 0.75 (colour-only ones were at 0.46),
+    refinement >= 0.4 (the first stage alone: 0.30). metrics.json (what the README and the model card quote) must
+    agree with that fresh evaluation."""
     size = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
     assert size < 10e6
-    recorded = json.loads((DEMO_DIR / "metrics.json").read_text())
-    # Issue 10's bar: every kind of query >= 0.75 (colour-only ones were at 0.46), overall >= 0.85.
-    assert recorded["giou"] >= 0.85 and min(recorded["by_kind"].values()) >= 0.75, recorded["by_kind"]
-    assert recorded["masks"] >= 1000 and recorded["train_seconds"] <= 7200
     fresh = held_out_metrics(DEMO_DIR, examples=120)
-    assert fresh["masks"] == 120 and set(fresh["by_kind"]) <= {"colour", "position", "shape", "size"}
-    assert min(fresh["by_kind"].values()) <= fresh["giou"] <= max(fresh["by_kind"].values())
+    assert fresh["masks"] == 120 and set(fresh["by_kind"]) == {"colour", "position", "shape", "size"}
+    assert fresh["giou"] >= 0.85 and min(fresh["by_kind"].values()) >= 0.75, fresh["by_kind"]
+    assert fresh["refine"]["masks"] == 60 and fresh["refine"]["giou"] >= 0.4, fresh["refine"]
+    recorded = json.loads((DEMO_DIR / "metrics.json").read_text())
+    assert recorded["masks"] >= 1000 and recorded["train_seconds"] <= 7200
     assert abs(fresh["giou"] - recorded["giou"]) < 0.08  # same held-out distribution, smaller sample
-    # Refinement is measured and better than ignoring the clicks would be (the first stage alone: 0.30).
-    assert recorded["refine"]["giou"] >= 0.4 and abs(fresh["refine"]["giou"] - recorded["refine"]["giou"]) < 0.1
+    for kind, value in fresh["by_kind"].items():
+        assert abs(value - recorded["by_kind"][kind]) < 0.15, (kind, value, recorded["by_kind"])
+    assert abs(fresh["refine"]["giou"] - recorded["refine"]["giou"]) < 0.1
 
 
 def test_demo_model_answers_queries_about_its_example_pictures():

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from ls_fixtures import E2E, MAX_MASK_MISMATCH, PASSWORD, USERNAME, case_png, reference_mask
+from ls_fixtures import E2E, MAX_MASK_MISMATCH, PASSWORD, USERNAME, case_png, missing_dependency, reference_mask
 from PIL import Image
 from redis_fixtures import wait_for
 
@@ -59,9 +59,12 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 @pytest.fixture(scope="module")
 def browser_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, list[str]]]:
     """A fresh headless Chromium page (1400×900) and the list of off-machine requests it tried (all aborted)."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing (dev extra)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing_dependency("the playwright package is missing (the dev extra: pip install -e '.[dev]')")
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: `apt-get install chromium` (make test does it when run as root)")
+        missing_dependency(f"{CHROMIUM} is missing: `apt-get install chromium` (make test does it when run as root)")
     blocked: list[str] = []
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_api.sync_playwright() as pw:

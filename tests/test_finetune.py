@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -34,10 +35,25 @@ def test_full_finetune_learns_and_resumes(tmp_path):
                          save_every=3, device="cpu")
     torch.manual_seed(0)
     first = finetune(cfg)
-    assert first["step"] == 6 and 0.0 <= first["giou"] <= 1.0
+    assert first["step"] == 6
+    # The reported gIoU is the held-out evaluation of the weights the run wrote (not of something else).
+    from model.finetune import evaluate, synthetic_examples
+
+    trained, tok = load_lisa(tmp_path / "run" / "model")
+    held_out = synthetic_examples(trained, cfg.seed, val=True)
+    assert evaluate(trained, tok, [next(held_out) for _ in range(8)])["giou"] == pytest.approx(first["giou"], abs=1e-6)
+    # It learns: on the same batches, a control run at lr 0 (the untrained model) keeps its losses, and both the
+    # text (CE) and the mask (BCE) loss of the trained run are clearly below it by steps 5-6 (measured: 0.81-0.85x).
+    control = dataclasses.replace(cfg, out=str(tmp_path / "control"), lr=0.0, save_every=100)
+    torch.manual_seed(0)
+    finetune(control)
     rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) == 6 and losses[-1] < losses[0]  # it learns something
+    ctl = [json.loads(x) for x in (tmp_path / "control" / "log.jsonl").read_text().splitlines()]
+    losses, still = [r for r in rows if "loss" in r], [r for r in ctl if "loss" in r]
+    assert len(losses) == len(still) == 6 and losses[0]["loss"] == pytest.approx(still[0]["loss"])  # same batches
+    for ours, theirs in zip(losses[4:], still[4:]):
+        for part in ("ce_loss", "mask_bce_loss"):
+            assert ours[part] < 0.9 * theirs[part], (part, ours, theirs)
     assert (tmp_path / "run" / "checkpoint" / "state.pt").is_file()
     # Resume: asking for more steps continues from step 6 instead of starting over.
     cfg.steps = 8

@@ -17,6 +17,8 @@ from redis_fixtures import ROOT, RedisServer, free_port
 from worker import up
 from worker.defaults import REDIS_URL
 
+from model.demo_scope import REAL_LISA_COMMAND
+
 
 def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
     port, redis_port = free_port(), free_port()
@@ -39,6 +41,7 @@ def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
         assert health and health["status"] == "UP", health
         [worker] = health["workers"]
         assert worker["device"] == "cpu" and worker["model_version"].startswith("models/demo@")  # the demo model
+        assert f"(DEMO: coloured shapes only; real LISA: {REAL_LISA_COMMAND})" in worker["model_version"]
         assert health["redis"]["url"] == f"redis://127.0.0.1:{redis_port}/0"
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 3  # redis, backend (+ its gunicorn worker), model worker
@@ -46,6 +49,7 @@ def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
         out = proc.communicate(timeout=60)[0].decode(errors="replace")
         assert proc.returncode == 0, out
         assert "offline DEMO model" in out and f"REDIS_URL=redis://127.0.0.1:{redis_port}/0" in out
+        assert f"For real images serve LISA: {REAL_LISA_COMMAND}" in out
         assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert (tmp_path / "data" / "appendonly.aof").exists() or any((tmp_path / "data").iterdir())
     finally:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model import demo_scope
 from model.errors import InputError
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
 from model.preprocess import load_image
@@ -67,7 +68,8 @@ def model_version(model_dir: str | Path, override: str | None = None, name: str 
     for weights in sorted(path.glob("*.bin")) + sorted(path.glob("*.safetensors")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     label = name or "/".join(path.resolve().parts[-2:])
-    return f"{label}@{digest.hexdigest()[:10]}"
+    version = f"{label}@{digest.hexdigest()[:10]}"
+    return demo_scope.demo_version(version) if demo_scope.is_demo_model(path) else version
 
 
 class LisaHandler:
@@ -84,6 +86,8 @@ class LisaHandler:
         #: How to load a promoted model (vision tower, dtype, device, quantization) - as this one was loaded.
         self.load_options = load_options or {}
         self._next_check = 0.0
+        #: Serving the offline demo model: pictures unlike its scenes get no answer, every answer a note.
+        self.demo = False
 
     def maybe_switch(self, queue) -> str:
         """Switch to the promoted model version if it changed (called by the worker loop between batches)."""
@@ -118,7 +122,11 @@ class LisaHandler:
     def __call__(self, jobs: list[Job]) -> list[Result]:
         results: dict[str, Result] = {}
         t0 = time.perf_counter()
-        encoded = self._encode(jobs, results)
+        for job in jobs if self.demo else []:  # model/demo_scope.py: what the demo model can say something about
+            problem = demo_scope.picture_problem(job.image, job.image_bytes or b"")
+            if problem:
+                results[job.id] = Result.error(job.id, BAD_INPUT, problem)
+        encoded = self._encode([job for job in jobs if job.id not in results], results)
         t_encode = time.perf_counter() - t0
         generate: dict[int, list[Job]] = defaultdict(list)
         forced: list[Job] = []
@@ -153,6 +161,8 @@ class LisaHandler:
                    "batch_jobs": float(len(jobs))}
         for result in results.values():
             result.timings.update(timings)
+            if self.demo and result.ok:
+                result.note = demo_scope.ANSWER_NOTE
         return [results[job.id] for job in jobs]
 
     @staticmethod
@@ -234,6 +244,7 @@ def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, 
     options = {"vision_tower": vision_tower, "dtype": dtype, "device": device, "quantize": quantize}
     handler = LisaHandler(predictor, model_version(resolve_model_dir(model), version, hub_id), cache_bytes,
                           load_options=options)
+    handler.demo = demo_scope.is_demo_model(resolve_model_dir(model))
     log.info("model %s ready on %s as version %s (%s)", model, device, handler.version,
              json.dumps({"dtype": dtype, "quantize": quantize}))
     return handler

@@ -222,6 +222,7 @@ class Result:
     ``masks`` holds :func:`encode_masks` bytes (use :meth:`mask_array` to decode), one mask per ``[SEG]`` token in
     ``text``, with ``scores[i]`` the model's confidence in mask ``i``. ``timings`` maps stage names to seconds.
     ``worker`` names the worker that produced the result (empty for answers made by the client itself).
+    ``note`` is a message for people shown with the answer (the offline demo model says what it is).
     """
 
     job_id: str
@@ -234,6 +235,7 @@ class Result:
     error_code: str = ""
     error_message: str = ""
     worker: str = ""
+    note: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in (STATUS_OK, STATUS_ERROR):
@@ -276,6 +278,7 @@ class Result:
             "error_code": self.error_code.encode(),
             "error_message": self.error_message.encode(),
             "worker": self.worker.encode(),
+            "note": self.note.encode(),
         }
 
     @classmethod
@@ -293,6 +296,7 @@ class Result:
                 error_code=_text(fields, "error_code", ""),
                 error_message=_text(fields, "error_message", ""),
                 worker=_text(fields, "worker", ""),
+                note=_text(fields, "note", ""),
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed result fields: {exc}") from exc

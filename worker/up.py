@@ -178,18 +178,19 @@ def start_embedded_redis(stack: Stack, port: int, data_dir: Path) -> str:
 def run_up(args: argparse.Namespace) -> int:
     model = args.model or os.environ.get("MODEL_DIR")
     if not model:
-        from model.demo import DEMO_DIR  # stdlib-only module: no torch in this process
+        from model.demo import DEMO_DIR  # no torch in this process (numpy and Pillow only)
+        from model.demo_scope import EXAMPLES, REAL_LISA_COMMAND
 
         if (DEMO_DIR / "config.json").is_file():
             model = str(DEMO_DIR)
             log.warning("no --model or MODEL_DIR given: serving the offline DEMO model from %s - a tiny LISA trained "
-                        "on synthetic scenes of coloured shapes only (examples to import: models/demo/examples/). "
-                        "Pass --model xinlai/LISA-7B-v1 for real images.", model)
+                        "on synthetic scenes of coloured shapes only (examples to import: %s); it gives no answer "
+                        "about other pictures. For real images serve LISA: %s", model, EXAMPLES, REAL_LISA_COMMAND)
         else:
             model = str(TINY_MODEL)
             log.warning("no --model or MODEL_DIR given and %s is missing (make demo-model): serving the UNTRAINED "
-                        "tiny LISA from %s; its masks are random shapes, for trying the stack only. Pass --model "
-                        "xinlai/LISA-7B-v1 for real masks.", DEMO_DIR, model)
+                        "tiny LISA from %s; its masks are random shapes, for trying the stack only. For real masks "
+                        "serve LISA: %s", DEMO_DIR, model, REAL_LISA_COMMAND)
     stack = Stack()
     stopping = threading.Event()
 
