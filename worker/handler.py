@@ -12,7 +12,6 @@ generated again first (and the image re-encoded), so a refinement never fails fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
 from model.preprocess import load_image
 from worker.cache import EncodingCache
 from worker.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
+from worker.version import model_version
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +50,6 @@ class CachedAnswer:
     @property
     def nbytes(self) -> int:
         return self.prompts.numel() * self.prompts.element_size() + len(self.text)
-
-
-def model_version(model_dir: str | Path, override: str | None = None, name: str | None = None) -> str:
-    """A version string that changes whenever the served weights change: ``<name>@<digest of config and weights>``.
-
-    ``name`` is the Hub id when there is one, else the last two folders of the path.
-    """
-    if override:
-        return override
-    path = Path(model_dir)
-    digest = hashlib.sha256()
-    for file in ("config.json", "pytorch_model.bin.index.json", "model.safetensors.index.json", "adapter_config.json"):
-        if (path / file).is_file():
-            digest.update((path / file).read_bytes())
-    for weights in sorted(path.glob("*.bin")) + sorted(path.glob("*.safetensors")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    label = name or "/".join(path.resolve().parts[-2:])
-    return f"{label}@{digest.hexdigest()[:10]}"
 
 
 class LisaHandler:
