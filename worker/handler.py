@@ -12,6 +12,7 @@ generated again first (and the image re-encoded), so a refinement never fails fo
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -22,11 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from model.errors import InputError
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
-from model.preprocess import load_image
+from model.preprocess import PreprocessedImage, load_image
 from worker.cache import EncodingCache
+from worker.defaults import MAX_DECODED_PIXELS
+from worker.limits import image_shape_error
 from worker.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
 from worker.version import model_version
 
@@ -56,13 +60,16 @@ class LisaHandler:
     """Batch function for :class:`worker.loop.WorkerLoop` around a loaded :class:`LisaPredictor`."""
 
     def __init__(self, predictor: LisaPredictor, version: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, load_options: dict | None = None) -> None:
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, load_options: dict | None = None,
+                 max_decoded_pixels: int = MAX_DECODED_PIXELS) -> None:
         self.predictor = predictor
         self.version = version
         self.cache: EncodingCache[EncodedImage] = EncodingCache(cache_bytes)
         #: [SEG] prompts of recent answers, keyed by ("<image hash> <query>", version).
         self.answers: EncodingCache[CachedAnswer] = EncodingCache(DEFAULT_ANSWER_CACHE_BYTES)
         self.max_new_tokens = max_new_tokens
+        #: Largest image decoded (width x height); larger ones are refused from their header.
+        self.max_decoded_pixels = max_decoded_pixels
         #: How to load a promoted model (vision tower, dtype, device, quantization) - as this one was loaded.
         self.load_options = load_options or {}
         self._next_check = 0.0
@@ -174,27 +181,65 @@ class LisaHandler:
         return value
 
     def _encode(self, jobs: list[Job], results: dict[str, Result]) -> dict[str, EncodedImage]:
-        """Encodings of the batch's images: cached ones reused, the others decoded and encoded in one call."""
+        """Encodings of the batch's images: cached ones reused, the others decoded and encoded in one call.
+
+        Any failure of one image - undecodable, over ``max_decoded_pixels``, a shape the model refuses, an error
+        of its own in the encoder - answers that image's jobs with ``bad_input`` and leaves the others running.
+        Images are decoded one at a time and kept only as their fixed-size model inputs, so a burst of large
+        images costs the memory of one (see :data:`worker.defaults.MAX_DECODED_PIXELS`).
+        """
         encoded: dict[str, EncodedImage] = {}
-        todo: dict[str, np.ndarray] = {}
+        todo: dict[str, PreprocessedImage] = {}
+        failed: dict[str, str] = {}
         for job in jobs:
-            if job.image in encoded or job.image in todo:
+            if job.image in encoded or job.image in todo or job.image in failed:
                 continue
             hit = self.cache.get(job.image, self.version)
             if hit is not None:
                 encoded[job.image] = hit
                 continue
             try:
-                todo[job.image] = load_image(job.image_bytes or b"")
+                todo[job.image] = self._preprocess(job.image_bytes or b"")
             except InputError as e:
-                for other in jobs:
-                    if other.image == job.image:
-                        results[other.id] = Result.error(other.id, BAD_INPUT, f"the task's image {e}")
+                failed[job.image] = str(e)
         if todo:
-            for key, enc in zip(todo, self.predictor.encode_batch(list(todo.values()))):
+            for key, enc in self._encode_each(todo, failed).items():
                 self.cache.put(key, self.version, enc)
                 encoded[key] = enc
+        for job in jobs:
+            if job.image in failed:
+                results[job.id] = Result.error(job.id, BAD_INPUT, failed[job.image])
         return encoded
+
+    def _preprocess(self, data: bytes) -> PreprocessedImage:
+        """Check an image's size from its header, decode it and make its model inputs (the decoded array is
+        dropped on return). Raises :class:`InputError` with a message for the annotator."""
+        size = _header_size(data)
+        problem = image_shape_error(*size) if size else None
+        if problem:
+            raise InputError(problem)
+        try:
+            image = load_image(data, max_pixels=self.max_decoded_pixels)
+        except InputError as e:
+            raise InputError(f"the task's image: {str(e).removeprefix('image bytes: ')}") from e
+        return self.predictor.preprocess(image)
+
+    def _encode_each(self, todo: dict[str, PreprocessedImage], failed: dict[str, str]) -> dict[str, EncodedImage]:
+        """One encoder call for all of ``todo``; if it fails, each image alone, so that the image at fault (and
+        only it) lands in ``failed``."""
+        try:
+            return dict(zip(todo, self.predictor.encode_batch(list(todo.values()))))
+        except Exception as exc:
+            if len(todo) == 1:
+                key = next(iter(todo))
+                log.exception("encoding image %s failed", key[:12])
+                failed[key] = f"the model could not encode the task's image ({type(exc).__name__}: {exc})"
+                return {}
+            log.warning("encoding %d images failed (%s); encoding each alone", len(todo), exc)
+            done: dict[str, EncodedImage] = {}
+            for key, pre in todo.items():
+                done.update(self._encode_each({key: pre}, failed))
+            return done
 
     def _collect(self, jobs: list[Job], segs: list, results: dict[str, Result]) -> None:
         for job, seg in zip(jobs, segs):
@@ -204,8 +249,22 @@ class LisaHandler:
                                                 model_version=self.version)
 
 
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an image's header, EXIF orientation applied (as the annotator sees it); ``None``
+    when the header cannot be read (decoding then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                width, height = height, width
+    except Exception:  # any unreadable header is load_image's to report
+        return None
+    return width, height
+
+
 def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, quantize: str | None,
-                 version: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> LisaHandler:
+                 version: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 max_decoded_pixels: int = MAX_DECODED_PIXELS) -> LisaHandler:
     """Load the model once and wrap it; ``device="auto"`` picks CUDA when present."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,7 +274,7 @@ def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, 
     hub_id = None if Path(model).expanduser().is_dir() else model
     options = {"vision_tower": vision_tower, "dtype": dtype, "device": device, "quantize": quantize}
     handler = LisaHandler(predictor, model_version(resolve_model_dir(model), version, hub_id), cache_bytes,
-                          load_options=options)
+                          load_options=options, max_decoded_pixels=max_decoded_pixels)
     log.info("model %s ready on %s as version %s (%s)", model, device, handler.version,
              json.dumps({"dtype": dtype, "quantize": quantize}))
     return handler

@@ -35,7 +35,7 @@ def run_worker(args: argparse.Namespace) -> int:
     config = QueueConfig.from_env()
     try:
         handler = load_handler(args.model, args.vision_tower, args.dtype, args.device, args.quantize,
-                               args.model_version, args.cache_bytes or DEFAULT_CACHE_BYTES)
+                               args.model_version, args.cache_bytes or DEFAULT_CACHE_BYTES, config.max_decoded_pixels)
     except LisaError as e:
         print(f"lisa-ls worker: {e}", file=sys.stderr)
         return 2
