@@ -1,7 +1,7 @@
 """Worker memory for a burst of large images: decode-all-then-encode (before issue 18) vs one image at a time.
 
 A small PNG can hold 62 MP (a flat picture compresses to a few hundred kB, under every byte limit); decoded, each
-costs the worker about 0.8 GB on the way to its fixed-size model inputs. Before, ``LisaHandler._encode`` decoded
+costs the worker about 0.9 GB on the way to its fixed-size model inputs. Before, ``LisaHandler._encode`` decoded
 every image of a batch and only then preprocessed them all, so the peak grew with the burst (7 at once: 791 ->
 4457 MB in issue 18). Now each image is decoded, reduced to its CLIP/SAM inputs and dropped before the next.
 

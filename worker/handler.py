@@ -12,6 +12,7 @@ generated again first (and the image re-encoded), so a refinement never fails fo
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -28,6 +29,7 @@ from PIL import Image
 from model.errors import InputError
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
 from model.preprocess import PreprocessedImage, load_image
+from worker import switch
 from worker.cache import EncodingCache
 from worker.defaults import MAX_DECODED_PIXELS
 from worker.limits import image_shape_error
@@ -61,7 +63,8 @@ class LisaHandler:
 
     def __init__(self, predictor: LisaPredictor, version: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, load_options: dict | None = None,
-                 max_decoded_pixels: int = MAX_DECODED_PIXELS) -> None:
+                 max_decoded_pixels: int = MAX_DECODED_PIXELS, source: dict[str, Any] | None = None,
+                 switch_strategy: str = switch.AUTO) -> None:
         self.predictor = predictor
         self.version = version
         self.cache: EncodingCache[EncodedImage] = EncodingCache(cache_bytes)
@@ -72,10 +75,19 @@ class LisaHandler:
         self.max_decoded_pixels = max_decoded_pixels
         #: How to load a promoted model (vision tower, dtype, device, quantization) - as this one was loaded.
         self.load_options = load_options or {}
+        #: What is served now, as a registry entry (``version``, ``base``, ``adapter``): reloaded when a
+        #: promotion loaded after freeing this model fails.
+        self.source = source or {"version": version, "base": None, "adapter": None}
+        self.switch_strategy = switch_strategy
+        self.switching = False
         self._next_check = 0.0
 
     def maybe_switch(self, queue) -> str:
-        """Switch to the promoted model version if it changed (called by the worker loop between batches)."""
+        """Switch to the promoted model version if it changed (called by the worker loop between batches).
+
+        The new model is loaded next to the old one when both fit, else after freeing the old one
+        (:mod:`worker.switch`); a promotion that cannot be loaded leaves the worker serving what it served.
+        """
         from worker import registry
 
         if time.monotonic() < self._next_check:
@@ -84,25 +96,65 @@ class LisaHandler:
         entry = registry.current(queue)
         if not entry or entry.get("version") == self.version:
             return self.version
+        if switch.free_first(self.switch_strategy, self.predictor.model, self.predictor.device):
+            return self._switch_free_first(entry)
         try:
-            predictor = LisaPredictor.from_pretrained(entry["base"], **self.load_options)
-            if entry.get("adapter"):
-                from model.adapters import apply_adapter
-
-                predictor = LisaPredictor(apply_adapter(predictor.model, entry["adapter"]), predictor.tokenizer)
+            predictor = self._load(entry)
         except Exception:  # a bad promotion must not take the worker down: keep serving the current model
             log.exception("cannot load promoted model %s; still serving %s", entry.get("version"), self.version)
             return self.version
-        old = self.predictor
+        self._serve_model(predictor, entry)
+        return self.version
+
+    def _switch_free_first(self, entry: dict[str, Any]) -> str:
+        """Free the old model, then load the new one (or, failing that, the old one again)."""
+        log.info("switching to %s: freeing %s first (both would not fit)", entry.get("version"), self.version)
+        self.switching = True
+        try:
+            self._drop_model()
+            try:
+                self._serve_model(self._load(entry), entry)
+            except Exception:
+                log.exception("cannot load promoted model %s; loading %s again", entry.get("version"), self.version)
+                self._serve_model(self._load(self.source), self.source)
+        finally:
+            self.switching = False
+        return self.version
+
+    def _load(self, entry: dict[str, Any]) -> LisaPredictor:
+        """A predictor for a registry entry (``base`` + optional ``adapter``), loaded like the current one."""
+        if not entry.get("base"):
+            raise ValueError(f"model {entry.get('version')!r} has no base to load")
+        predictor = LisaPredictor.from_pretrained(entry["base"], **self.load_options)
+        if entry.get("adapter"):
+            from model.adapters import apply_adapter
+
+            predictor = LisaPredictor(apply_adapter(predictor.model, entry["adapter"]), predictor.tokenizer)
+        return predictor
+
+    def _drop_model(self) -> None:
+        """Release the model and everything computed with it (device memory included)."""
+        device = self.predictor.device
+        self.predictor = None  # type: ignore[assignment] - only while switching; nothing serves meanwhile
+        self.cache = EncodingCache(self.cache.capacity_bytes)
+        self.answers = EncodingCache(self.answers.capacity_bytes)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _serve_model(self, predictor: LisaPredictor, entry: dict[str, Any]) -> None:
         self.predictor, self.version = predictor, str(entry["version"])
+        self.source = {"version": self.version, "base": entry.get("base"), "adapter": entry.get("adapter")}
         self.cache = EncodingCache(self.cache.capacity_bytes)  # encodings of the old weights are wrong now
         self.answers = EncodingCache(self.answers.capacity_bytes)
-        del old
-        return self.version
+        gc.collect()  # the old model, when it was loaded side by side
 
     def stats(self) -> dict[str, Any]:
         """Published with the worker's heartbeat."""
-        return {**self.cache.stats(), "answer_cache_items": len(self.answers)}
+        stats: dict[str, Any] = {**self.cache.stats(), "answer_cache_items": len(self.answers)}
+        if self.switching:
+            stats["state"] = "switching"  # overrides the loop's idle/busy in /health while no model is loaded
+        return stats
 
     def __call__(self, jobs: list[Job]) -> list[Result]:
         results: dict[str, Result] = {}
@@ -264,7 +316,7 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
 
 def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, quantize: str | None,
                  version: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 max_decoded_pixels: int = MAX_DECODED_PIXELS) -> LisaHandler:
+                 max_decoded_pixels: int = MAX_DECODED_PIXELS, switch_strategy: str = switch.AUTO) -> LisaHandler:
     """Load the model once and wrap it; ``device="auto"`` picks CUDA when present."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -273,8 +325,9 @@ def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, 
 
     hub_id = None if Path(model).expanduser().is_dir() else model
     options = {"vision_tower": vision_tower, "dtype": dtype, "device": device, "quantize": quantize}
-    handler = LisaHandler(predictor, model_version(resolve_model_dir(model), version, hub_id), cache_bytes,
-                          load_options=options, max_decoded_pixels=max_decoded_pixels)
+    served = model_version(resolve_model_dir(model), version, hub_id)
+    handler = LisaHandler(predictor, served, cache_bytes, load_options=options, max_decoded_pixels=max_decoded_pixels,
+                          source={"version": served, "base": model, "adapter": None}, switch_strategy=switch_strategy)
     log.info("model %s ready on %s as version %s (%s)", model, device, handler.version,
              json.dumps({"dtype": dtype, "quantize": quantize}))
     return handler
