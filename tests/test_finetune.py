@@ -278,6 +278,7 @@ def test_data_without_a_val_split_holds_out_images(tmp_path):
     assert split_samples([str(four), str(tmp_path / "val")]).rule == OWN_SPLIT  # a real val split wins
 
 
+@pytest.mark.slow
 def test_finetune_without_val_split_evaluates_and_says_where_it_wrote(tmp_path, capsys):
     """Issue 22: 4 images, no val split -> one image held out, evaluated at the end, the last line names the
     adapter folder and the held-out gIoU; metadata records the rule."""

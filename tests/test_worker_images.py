@@ -45,6 +45,7 @@ def test_the_shared_rule_is_the_models():
     assert "empty" in image_shape_error(0, 10)
 
 
+@pytest.mark.slow
 def test_elongated_images_fail_their_own_jobs_only(handler):
     """Issue 18: 50000x1, 1x50000 and 6000x100 passed the backend and failed the whole batch inside the encoder
     (retried alone, delivered 3 times, dead-lettered). Now each is bad_input and its neighbours are answered."""
@@ -72,3 +73,18 @@ def test_images_over_the_decode_limit_are_refused_from_their_header(tiny_predict
                          job_for(over, query=CASES[1][0], answer=CASES[1][1])])
     assert ok.ok and refused.error_code == BAD_INPUT
     assert refused.error_message.startswith("the task's image: 640x480 is 0.3 MP, above the ")
+
+
+def test_an_encoder_failure_of_one_image_fails_only_that_image(handler, tiny_predictor):
+    """When the batched encoder call fails, each image is encoded alone: the one at fault is reported, the others
+    are encoded (here the fault is model inputs of the wrong size, which the real encoder refuses)."""
+    import dataclasses
+
+    import torch
+
+    good = tiny_predictor.preprocess(preprocess.load_image(case_image(1)))
+    bad = dataclasses.replace(good, sam_pixels=torch.zeros(1, 3, 7, 7))
+    failed: dict[str, str] = {}
+    encoded = handler._encode_each({"good": good, "bad": bad}, failed)
+    assert list(encoded) == ["good"] and list(failed) == ["bad"]
+    assert failed["bad"].startswith("the model could not encode the task's image (")

@@ -34,6 +34,7 @@ def answer(handler: LisaHandler) -> str:
     return result.model_version
 
 
+@pytest.mark.slow
 def test_free_first_switch_says_switching_and_serves_the_new_model(job_queue, tmp_path):
     handler = tiny_handler(switch.FREE_FIRST)
     answer(handler)
@@ -52,6 +53,7 @@ def test_free_first_switch_says_switching_and_serves_the_new_model(job_queue, tm
     assert answer(handler) == "promoted-v1"
 
 
+@pytest.mark.slow
 def test_a_failed_free_first_switch_reloads_the_old_model(job_queue, tmp_path):
     handler = tiny_handler(switch.FREE_FIRST)
     registry.promote(job_queue, "broken-v1", str(tmp_path / "missing"), None, {})
