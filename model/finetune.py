@@ -281,9 +281,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             (losses["loss"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        if world > 1:
-            parallel.average_gradients(params, world)
         masters.grads_to_masters()
+        if world > 1:  # averaged in fp32, on the masters' gradients
+            parallel.average_gradients(masters.masters, world)
         torch.nn.utils.clip_grad_norm_(masters.masters, cfg.clip_grad)
         optimizer.step()
         scheduler.step()
