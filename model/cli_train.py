@@ -44,6 +44,8 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", nargs="+", required=True, help="dataset folders or 'synthetic'")
     e.add_argument("--split", default="val", choices=["train", "val"])
     e.add_argument("--examples", type=int, default=200, help="synthetic data: how many held-out masks")
+    e.add_argument("--val-fallback-percent", type=int, default=FinetuneConfig.val_fallback_percent,
+                   help="data without a val split: the share of images held out, as lisa-ls finetune's option")
     e.add_argument("--device", default="auto")
     e.add_argument("--report", default=None, help="write the JSON report here (default: print it)")
     e.set_defaults(func=run_eval)
@@ -84,8 +86,21 @@ def run_finetune(args: argparse.Namespace) -> int:
     # One write per line: under torchrun every rank prints its result to the same pipe, and print() writes the text
     # and the newline separately, so two ranks' lines could interleave.
     sys.stdout.write(json.dumps(result) + "\n")
+    if result["rank"] == 0:
+        sys.stdout.write(finetune_summary(result) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def finetune_summary(result: dict) -> str:
+    """The last line of ``lisa-ls finetune``: where the artifact went and how it scored on held-out data."""
+    where = f"wrote {result['out']}" if result.get("out") else f"stopped at step {result['step']} (resumable)"
+    if "giou" in result:
+        score = (f"held-out gIoU {result['giou']:.3f}, cIoU {result['ciou']:.3f} on {result['masks']} masks "
+                 f"(held out: {result['held_out']})")
+    else:
+        score = f"not evaluated (held out: {result['held_out']})"
+    return f"lisa-ls finetune: {where} after {result['step']} steps; {score}"
 
 
 def load_for_eval(model: str, adapter: str | None, vision_tower: str | None, device: str):
@@ -109,7 +124,7 @@ def run_eval(args: argparse.Namespace) -> int:
             stream = synthetic_examples(net, 0, val=True)
             examples = [next(stream) for _ in range(args.examples)]
         else:
-            examples = dataset_examples(net, args.data, args.split, 0)
+            examples = dataset_examples(net, args.data, args.split, 0, args.val_fallback_percent)
         if not examples:
             raise ValueError(f"no {args.split} samples in {args.data}")
         report = {"model": args.model, "adapter": args.adapter, "data": args.data, "split": args.split,

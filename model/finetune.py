@@ -12,7 +12,7 @@ re-initialises them, issue #159) and sets the loss weights (LISA leaves them ``N
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
+import hashlib
 import json
 import logging
 import math
@@ -26,11 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from model import parallel
 from model.checkpoint import load_lisa
+from model.data import FALLBACK_VAL_PERCENT
 from model.finetune_config import FinetuneConfig
 from model.losses import LossWeights
 from model.metrics import IoUMeter
 from model.modeling import LisaModel
+from model.optim import MasterWeights, lr_lambda, param_groups
 from model.preprocess import preprocess
 from model.tokenizer import LisaTokenizer
 from model.training import TrainExample, forward_losses, teacher_forced_forward
@@ -106,12 +109,54 @@ def synthetic_examples(model: LisaModel, seed: int, val: bool = False, queries_p
             yield TrainExample(pre, text, reply, mask)
 
 
-def dataset_examples(model: LisaModel, dirs: list[str], split: str, seed: int) -> list[TrainExample]:
-    """Examples of our dataset folders (see ``model/data.py``); one per (sample, query)."""
+@dataclasses.dataclass
+class HeldOut:
+    """A dataset's training and held-out samples and the rule that split them (for the log and metadata)."""
+
+    train: list
+    val: list
+    rule: str
+
+
+#: How :func:`split_samples` describes a dataset that has a val split of its own.
+OWN_SPLIT = "the data's val split"
+
+
+def split_samples(dirs: list[str], val_fallback_percent: int = FALLBACK_VAL_PERCENT) -> HeldOut:
+    """The train and held-out samples of dataset folders: their own ``val`` split, or - when the data has none,
+    as a small dataset often has (the split is by image hash, 10 % val) - ``val_fallback_percent`` of the
+    training images (at least one, never all), picked by file name hash so every run and ``lisa-ls promote`` /
+    ``eval`` pick the same. All samples of one image fall on the same side, so held-out images are never seen."""
     from model.data import load_samples
 
+    samples = load_samples(dirs)
+    train = [s for s in samples if s.split == "train"]
+    val = [s for s in samples if s.split == "val"]
+    if val or not train:
+        return HeldOut(train, val, OWN_SPLIT)
+    images = sorted({s.image_path.name for s in train}, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
+    if val_fallback_percent <= 0 or len(images) < 2:
+        why = "it has one image" if len(images) < 2 else "--val-fallback-percent is 0"
+        return HeldOut(train, [], f"nothing: the data has no val split and {why}, so the run is not evaluated")
+    held = set(images[: min(len(images) - 1, max(1, round(len(images) * val_fallback_percent / 100)))])
+    rule = (f"{len(held)} of {len(images)} training images ({val_fallback_percent} %, by file name hash): the data "
+            "has no val split")
+    return HeldOut([s for s in train if s.image_path.name not in held],
+                   [s for s in train if s.image_path.name in held], rule)
+
+
+def dataset_examples(model: LisaModel, dirs: list[str], split: str, seed: int,
+                     val_fallback_percent: int = FALLBACK_VAL_PERCENT) -> list[TrainExample]:
+    """Examples of our dataset folders (see ``model/data.py``); one per (sample, query). ``split`` is ``train`` or
+    ``val`` as :func:`split_samples` draws them."""
+    held_out = split_samples(dirs, val_fallback_percent)
+    return samples_to_examples(model, held_out.val if split == "val" else held_out.train, seed)
+
+
+def samples_to_examples(model: LisaModel, samples: list, seed: int) -> list[TrainExample]:
+    """One :class:`TrainExample` per (sample, query), shuffled by ``seed``."""
     examples = []
-    for sample in load_samples(dirs, split=split):
+    for sample in samples:
         pre = preprocess(sample.image, model.clip_size, model.lisa_config.sam_image_size)
         answer = " ".join(["[SEG]"] * len(sample.masks)) + "."
         masks = torch.from_numpy(np.stack(sample.masks))
@@ -134,40 +179,6 @@ def trainable_model(model: LisaModel, cfg: FinetuneConfig) -> torch.nn.Module:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       target_modules=LORA_TARGETS, modules_to_save=list(FULLY_TRAINED))
     return get_peft_model(model, lora)
-
-
-def param_groups(net: torch.nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
-    """AdamW parameter groups: one per (learning-rate multiplier of ``cfg.lr_scales``, weight decay of
-    ``cfg.weight_decays``) pair, the rest at ``cfg.lr`` and ``cfg.weight_decay``. In both, the first matching key
-    wins; a key matches a parameter name as a substring (``sam.mask_decoder``) or, if it holds a wildcard, as a
-    whole-name glob (``llm.*.self_attn.[qk]_proj.*``)."""
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-    for name, p in net.named_parameters():
-        if p.requires_grad:
-            scale = next((v for k, v in cfg.lr_scales.items() if _name_matches(name, k)), 1.0)
-            decay = next((v for k, v in cfg.weight_decays.items() if _name_matches(name, k)), cfg.weight_decay)
-            groups.setdefault((scale, decay), []).append(p)
-    return [{"params": ps, "lr": cfg.lr * scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
-
-
-def _name_matches(name: str, key: str) -> bool:
-    """``key`` as a substring of ``name``, or as a glob over the whole name when it holds ``*``, ``?`` or ``[``."""
-    return fnmatch.fnmatchcase(name, key) if any(c in key for c in "*?[") else key in name
-
-
-def lr_lambda(cfg: FinetuneConfig, elapsed_s: Callable[[], float] = lambda: 0.0):
-    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``steps`` - or, with ``time_limit_s``, at
-    whichever of the two comes first (``elapsed_s`` is the clock of this invocation), so that a run cut by its
-    time limit still ends with its learning rate decayed instead of stopping at the peak."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return step / max(1, cfg.warmup_steps)
-        by_step = (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps)
-        by_time = 1.0 - elapsed_s() / cfg.time_limit_s if cfg.time_limit_s else 1.0
-        return max(0.0, min(by_step, by_time))
-
-    return f
 
 
 @torch.no_grad()
@@ -193,40 +204,37 @@ def evaluate(model: LisaModel, tokenizer: LisaTokenizer, examples: list[TrainExa
     return report
 
 
-def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
+def _trainable_state(net: torch.nn.Module, masters: MasterWeights) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the trained parameters: their fp32 masters (not the rounded bf16 values)."""
+    return {n: masters.master(p).detach().cpu() for n, p in net.named_parameters() if p.requires_grad}
 
 
-def _distributed(device: str) -> tuple[int, int, str]:
-    """``(rank, world size, device)``; joins the process group when started by ``torchrun`` / ``accelerate launch``
-    (one process per GPU, each on ``cuda:LOCAL_RANK``; gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world, device
-
-
-def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Data parallelism by hand: sum every rank's gradients and divide (a rank whose batch had no mask for some
-    module contributes zeros, so every rank makes the same all-reduce calls in the same order)."""
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world
+def _data(model: LisaModel, cfg: FinetuneConfig, step: int, rank: int, world: int
+          ) -> tuple[Iterator[TrainExample], list[TrainExample], str]:
+    """``(training stream of this rank, held-out examples, how they were held out)``."""
+    if cfg.data == ["synthetic"]:
+        done = step * cfg.batch_size * cfg.grad_accum  # a resumed run continues the curriculum where it was
+        train_iter = synthetic_examples(model, cfg.seed + step + 7919 * rank, queries_per_scene=cfg.queries_per_scene,
+                                        plain_first=max(0, cfg.plain_template_examples - done),
+                                        kind_weights=cfg.kind_weights or None, click_share=cfg.click_share)
+        val_iter = synthetic_examples(model, cfg.seed, val=True)
+        return train_iter, [next(val_iter) for _ in range(cfg.eval_examples)], "synthetic held-out scenes"
+    held_out = split_samples(cfg.data, cfg.val_fallback_percent)
+    train_list = samples_to_examples(model, held_out.train, cfg.seed)
+    if not train_list:
+        raise ValueError(f"no training samples in {cfg.data}")
+    val = samples_to_examples(model, held_out.val, cfg.seed)
+    if rank == 0:
+        log.log(logging.INFO if held_out.rule == OWN_SPLIT else logging.WARNING,
+                "%d training examples, %d held out - held out: %s", len(train_list), len(val), held_out.rule)
+    first = step * cfg.batch_size * cfg.grad_accum
+    train_iter = (train_list[(i * world + rank) % len(train_list)] for i in range(first, 10**12))
+    return train_iter, val, held_out.rule
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Run (or resume) a fine-tune; returns the final metrics. See the module docstring.
+    """Run (or resume) a fine-tune; returns the final metrics, ``out`` (the artifact's folder) and ``held_out``
+    (how the evaluation data was chosen). See the module docstring.
 
     Under ``torchrun --nproc_per_node N`` each process trains on its own share of the data and gradients are
     averaged before every optimizer step; rank 0 alone evaluates, logs and writes checkpoints and the artifact.
@@ -234,36 +242,24 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, device = _distributed(device)
+    rank, world, device = parallel.setup(device)
     main = rank == 0
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_lisa(cfg.base, cfg.vision_tower, dtype=dtype, device=device)
     net = trainable_model(model, cfg)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(net, cfg), lr=cfg.lr, betas=(0.9, 0.95),
+    masters = MasterWeights(params)  # bf16 parameters step in fp32 (see model.optim)
+    optimizer = torch.optim.AdamW(masters.groups(param_groups(net, cfg)), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
     clock: dict[str, float] = {}  # set when the loop starts: evaluation and loading do not eat the decay
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg, lambda: time.time() - clock["start"] if "start" in clock else 0.0))
     weights = LossWeights(**cfg.weights)
-    step = _resume(out, net, optimizer, scheduler)
+    step = _resume(out, net, masters, optimizer, scheduler)
     if main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    if cfg.data == ["synthetic"]:
-        done = step * cfg.batch_size * cfg.grad_accum  # a resumed run continues the curriculum where it was
-        train_iter = synthetic_examples(model, cfg.seed + step + 7919 * rank, queries_per_scene=cfg.queries_per_scene,
-                                        plain_first=max(0, cfg.plain_template_examples - done),
-                                        kind_weights=cfg.kind_weights or None, click_share=cfg.click_share)
-        val_iter = synthetic_examples(model, cfg.seed, val=True)
-        val = [next(val_iter) for _ in range(cfg.eval_examples)]
-    else:
-        train_list = dataset_examples(model, cfg.data, "train", cfg.seed)
-        val = dataset_examples(model, cfg.data, "val", cfg.seed)
-        if not train_list:
-            raise ValueError(f"no training samples in {cfg.data}")
-        first = step * cfg.batch_size * cfg.grad_accum
-        train_iter = (train_list[(i * world + rank) % len(train_list)] for i in range(first, 10**12))
+    train_iter, val, held_out = _data(model, cfg, step, rank, world)
     if not main:
         val = []  # rank 0 evaluates; the others wait for it at the next gradient average
     logfile = (out / "log.jsonl").open("a") if main else open(os.devnull, "w")  # noqa: SIM115 - closed below
@@ -285,12 +281,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             (losses["loss"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        if world > 1:
-            _average_gradients(params, world)
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        masters.grads_to_masters()
+        if world > 1:  # averaged in fp32, on the masters' gradients
+            parallel.average_gradients(masters.masters, world)
+        torch.nn.utils.clip_grad_norm_(masters.masters, cfg.clip_grad)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        masters.masters_to_model()
         step += 1
         elapsed = time.time() - start
         logfile.write(json.dumps({"step": step, "lr": scheduler.get_last_lr()[0], "elapsed_s": elapsed, **parts})
@@ -300,49 +298,47 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{parts['loss']:.3f}")
         out_of_time = cfg.time_limit_s is not None and elapsed > cfg.time_limit_s
         if world > 1 and cfg.time_limit_s is not None:  # every rank must stop at the same step
-            import torch.distributed as dist
-
-            flag = torch.tensor([float(out_of_time)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
+            out_of_time = parallel.any_rank(out_of_time, device)
         if val and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
             metrics = {"step": step, "elapsed_s": elapsed, **evaluate(model, tokenizer, val)}
             logfile.write(json.dumps({"eval": metrics}) + "\n")
             log.info("step %d: held-out gIoU %.3f cIoU %.3f (%.0f s)", step, metrics["giou"], metrics["ciou"], elapsed)
         logfile.flush()
         if main and (step % cfg.save_every == 0 or step == cfg.steps or out_of_time):
-            _checkpoint(out, net, optimizer, scheduler, step)
+            _checkpoint(out, net, masters, optimizer, scheduler, step)
         if out_of_time:
             break
     if bar is not None:
         bar.close()
     logfile.close()
+    artifact = None
     if main and (step >= cfg.steps or out_of_time):  # a run ended by its time limit is finished too (lr at 0)
-        _write_artifact(out, cfg, net, model, tokenizer, metrics, step)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-    return {"step": step, "rank": rank, "world_size": world, **metrics}
+        artifact = _write_artifact(out, cfg, net, model, tokenizer, metrics, step, held_out)
+    parallel.finish(world)
+    return {"step": step, "rank": rank, "world_size": world, **metrics, "out": str(artifact) if artifact else None,
+            "held_out": held_out}
 
 
 def _write_artifact(out: Path, cfg: FinetuneConfig, net, model: LisaModel, tokenizer: LisaTokenizer,
-                    metrics: dict[str, Any], step: int) -> None:
-    """The run's product: a peft adapter (LoRA mode) or a whole release (full mode), plus metadata."""
+                    metrics: dict[str, Any], step: int, held_out: str) -> Path:
+    """The run's product: a peft adapter (LoRA mode) or a whole release (full mode), plus metadata; returns the
+    folder it went to."""
     from model.adapters import adapter_version, data_fingerprint, write_metadata
     from model.checkpoint import resolve_model_dir
     from model.release import save_release
 
     base_dir = resolve_model_dir(cfg.base)
     if cfg.mode == "full":
-        save_release(model, base_dir, out / "model")
+        artifact = save_release(model, base_dir, out / "model")
         version = f"{out.name}@full"
     else:
-        net.save_pretrained(str(out / "adapter"))
+        artifact = out / "adapter"
+        net.save_pretrained(str(artifact))
         version = adapter_version(out)
     write_metadata(out, base=cfg.base, mode=cfg.mode, version=version, data=cfg.data,
-                   data_fingerprint=data_fingerprint(cfg.data), metrics=metrics, steps=step)
+                   data_fingerprint=data_fingerprint(cfg.data), metrics=metrics, steps=step, held_out=held_out,
+                   val_fallback_percent=cfg.val_fallback_percent)
+    return artifact
 
 
 def _progress(total: int, initial: int):
@@ -353,11 +349,11 @@ def _progress(total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="finetune", unit="step")
 
 
-def _checkpoint(out: Path, net, optimizer, scheduler, step: int) -> None:
+def _checkpoint(out: Path, net, masters: MasterWeights, optimizer, scheduler, step: int) -> None:
     """Resumable state, written to a temporary folder then renamed, so a crash never leaves half a checkpoint."""
     tmp, final = out / "checkpoint.tmp", out / "checkpoint"
     tmp.mkdir(exist_ok=True)
-    torch.save({"trainable": _trainable_state(net), "optimizer": optimizer.state_dict(),
+    torch.save({"trainable": _trainable_state(net, masters), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "rng": torch.get_rng_state()}, tmp / "state.pt")
     if final.exists():
         import shutil
@@ -366,15 +362,14 @@ def _checkpoint(out: Path, net, optimizer, scheduler, step: int) -> None:
     tmp.rename(final)
 
 
-def _resume(out: Path, net, optimizer, scheduler) -> int:
+def _resume(out: Path, net, masters: MasterWeights, optimizer, scheduler) -> int:
     state_file = out / "checkpoint" / "state.pt"
     if not state_file.is_file():
         return 0
     state = torch.load(state_file, map_location="cpu", weights_only=False)
     named = dict(net.named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            named[name].copy_(value)
+    for name, value in state["trainable"].items():
+        masters.load(named[name], value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from model.data import FALLBACK_VAL_PERCENT
+
 
 @dataclass
 class FinetuneConfig:
@@ -35,6 +37,9 @@ class FinetuneConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     dtype: str = field(default="auto", metadata={"help": "fp32 or bf16 (auto: bf16 on CUDA, fp32 on CPU)"})
     eval_every: int = field(default=100, metadata={"help": "steps between held-out evaluations"})
+    val_fallback_percent: int = field(default=FALLBACK_VAL_PERCENT, metadata={
+        "help": "dataset folders without a val split: hold out this share of the training images (at least one) to "
+                "evaluate on; 0 trains on all and skips evaluation"})
     eval_examples: int = field(default=200, metadata={"help": "held-out masks per evaluation (synthetic data)"})
     save_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
     plain_template_examples: int = field(default=0, metadata={

@@ -222,3 +222,124 @@ def test_kind_weights_draw_queries_by_kind(tiny_predictor):
     plain, favoured = kinds(100), kinds(100, kind_weights={"colour": 8})
     assert favoured["colour"] > 1.5 * plain["colour"]
     assert set(kinds(30, kind_weights={"shape": 0, "size": 0, "position": 0})) == {"colour"}
+
+
+@pytest.mark.slow
+def test_two_process_run_stops_together_at_its_time_limit(tmp_path):
+    """The time-limit path under `torchrun --nproc_per_node 2` (gloo on CPU): the stop flag is all-reduced on the
+    training device, both ranks stop at the same step, rank 0 writes the checkpoint, adapter and metadata."""
+    import shutil
+    import subprocess
+
+    from conftest import CLIP_TOWER
+    from redis_fixtures import ROOT
+
+    from model.adapters import read_metadata
+
+    torchrun = shutil.which("torchrun", path=str(ROOT / ".venv" / "bin")) or shutil.which("torchrun")
+    run = tmp_path / "ddp"
+    proc = subprocess.run(
+        [torchrun or "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "worker.cli", "finetune",
+         "--base", str(CHECKPOINT), "--vision-tower", str(CLIP_TOWER), "--data", "synthetic", "--out", str(run),
+         "--mode", "lora", "--steps", "1000", "--batch-size", "1", "--grad-accum", "1", "--warmup-steps", "0",
+         "--eval-every", "1000", "--eval-examples", "2", "--device", "cpu", "--time-limit-s", "0.01"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    steps = {r["step"] for r in results}
+    assert len(steps) == 1 and steps.pop() < 1000  # stopped by the clock, both at the same step
+    step = results[0]["step"]
+    assert [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r] == \
+        list(range(1, step + 1))
+    assert torch.load(run / "checkpoint" / "state.pt", weights_only=False)["step"] == step
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    meta = read_metadata(run)
+    assert meta["steps"] == step and "giou" in meta["metrics"]  # evaluated when the clock stopped it
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"lisa-ls finetune: wrote {run / 'adapter'} after {step}")
+
+
+def _shots(root, images: int, queries: int = 3):
+    """A ReasonSeg-style folder (split by file-name hash, like a small export) of ``images`` red squares."""
+    from PIL import Image, ImageDraw
+
+    root.mkdir()
+    for i in range(images):
+        im = Image.new("RGB", (64, 48), "white")
+        box = [8 + 4 * i, 8, 30 + 4 * i, 30]
+        ImageDraw.Draw(im).rectangle(box, fill="red")
+        im.save(root / f"img{i}.png")
+        points = [[box[0], box[1]], [box[2], box[1]], [box[2], box[3]], [box[0], box[3]]]
+        (root / f"img{i}.json").write_text(json.dumps({"text": [f"the red square {k}" for k in range(queries)],
+                                                       "shapes": [{"label": "target", "points": points}]}))
+    return root
+
+
+def test_data_without_a_val_split_holds_out_images(tmp_path):
+    from model.data import load_samples
+    from model.finetune import OWN_SPLIT, split_samples
+
+    four = _shots(tmp_path / "shots", 4)
+    assert {s.split for s in load_samples(four)} == {"train"}  # what a 4-image export often looks like
+    held = split_samples([str(four)])
+    assert len(held.val) == 1 and len(held.train) == 3 and "1 of 4 training images" in held.rule
+    assert {s.image_path for s in held.val}.isdisjoint({s.image_path for s in held.train})
+    assert split_samples([str(four)]).val[0].image_path == held.val[0].image_path  # the same image every time
+    assert split_samples([str(four)], 50).val.__len__() == 2
+    assert split_samples([str(four)], 0).val == [] and "not evaluated" in split_samples([str(four)], 0).rule
+    assert split_samples([str(_shots(tmp_path / "one", 1))]).val == []
+    (tmp_path / "val").mkdir()
+    for f in ("img0.png", "img0.json"):
+        (tmp_path / "val" / f).write_bytes((four / f).read_bytes())
+    assert split_samples([str(four), str(tmp_path / "val")]).rule == OWN_SPLIT  # a real val split wins
+
+
+@pytest.mark.slow
+def test_finetune_without_val_split_evaluates_and_says_where_it_wrote(tmp_path, capsys):
+    """Issue 22: 4 images, no val split -> one image held out, evaluated at the end, the last line names the
+    adapter folder and the held-out gIoU; metadata records the rule."""
+    import argparse
+
+    from conftest import CLIP_TOWER
+
+    from model.adapters import read_metadata
+    from model.cli_train import add_training_parsers
+
+    parser = argparse.ArgumentParser()
+    add_training_parsers(parser.add_subparsers())
+    run = tmp_path / "run"
+    args = parser.parse_args(["finetune", "--base", str(CHECKPOINT), "--vision-tower", str(CLIP_TOWER), "--data",
+                              str(_shots(tmp_path / "shots", 4, queries=2)), "--out", str(run), "--steps", "1",
+                              "--batch-size", "1", "--grad-accum", "1", "--warmup-steps", "0", "--device", "cpu"])
+    assert args.func(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    meta = read_metadata(run)
+    assert last.startswith(f"lisa-ls finetune: wrote {run / 'adapter'} after 1 steps; held-out gIoU ")
+    assert f"{meta['metrics']['giou']:.3f}" in last and "1 of 4 training images" in last
+    assert meta["metrics"]["masks"] == 2 and "1 of 4" in meta["held_out"]
+
+
+def test_ce_loss_is_the_answer_tokens_cross_entropy():
+    """`ce_loss` 0.0 on the demo model is right: it counts the answer "[SEG]." and "</s>", which the demo model
+    (trained on exactly that answer) predicts with fp32 probability 1; another answer costs it a positive loss."""
+    from redis_fixtures import ROOT
+
+    from model.finetune import _question
+    from model.preprocess import preprocess
+    from model.tokenizer import IGNORE_INDEX
+    from model.training import TrainExample, forward_losses, teacher_forced_forward
+
+    model, tok = load_lisa(ROOT / "models" / "demo")
+    pre = preprocess(load_image(case_image(1)), model.clip_size, model.lisa_config.sam_image_size)
+    mask = torch.zeros(1, 480, 640, dtype=torch.uint8)
+    for answer, zero in (("[SEG].", True), ("Sure, [SEG].", False)):
+        example = TrainExample(pre, _question("the red object"), answer, mask)
+        with torch.no_grad():
+            ce = float(forward_losses(model, tok, [example])["ce_loss"])
+            logits, labels, _ = teacher_forced_forward(model, tok, [example])
+        targets = labels[0, 1:]
+        picked = targets != IGNORE_INDEX
+        assert tok.decode(targets[picked].tolist()).replace(" ", "") == answer.replace(" ", "") + "</s>"
+        logp = torch.log_softmax(logits[0, :-1].float(), -1)[picked].gather(1, targets[picked, None])
+        assert ce == pytest.approx(float(-logp.mean()), abs=1e-6)
+        assert (ce == 0.0) is zero

@@ -14,10 +14,9 @@ import urllib.request
 import psutil
 from redis_fixtures import ROOT, RedisServer, free_port
 
+from model.demo_scope import REAL_LISA_COMMAND
 from worker import up
 from worker.defaults import REDIS_URL
-
-from model.demo_scope import REAL_LISA_COMMAND
 
 
 def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):

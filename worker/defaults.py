@@ -100,6 +100,14 @@ CLIENT_BACKOFF_S = (0.05, 0.1, 0.2, 0.4)
 WORKER_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 """Sleeps between a worker's retries while Redis is unreachable; the last one repeats for as long as it takes."""
 
+MAX_DECODED_PIXELS = 64_000_000
+"""Largest image (width x height) a worker decodes; larger ones are answered ``bad_input`` from their header.
+
+A worker decodes the images of a batch one at a time and keeps only their fixed-size model inputs (CLIP 224 px,
+SAM 1024 px: about 13 MB each), so the decoded pixels in flight per worker are those of one image: at most this
+many, whatever the burst. Measured (``bench/bench_decode_memory.py``): 7 PNGs of 62 MP (212 kB each) at once peak
+at 0.9 GB of RAM while decoding (1.9 GB when all were decoded first); a burst of more only waits longer."""
+
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
 """Upper bounds (seconds) of the job latency histogram, submission to delivered result (``worker.metrics``).
@@ -138,6 +146,7 @@ class QueueConfig:
     wait_slice_s: float = WAIT_SLICE_S
     client_backoff_s: tuple[float, ...] = CLIENT_BACKOFF_S
     worker_backoff_s: tuple[float, ...] = WORKER_BACKOFF_S
+    max_decoded_pixels: int = MAX_DECODED_PIXELS
 
     def __post_init__(self) -> None:
         # Catch settings that would silently break a guarantee rather than fail later in a worker.

@@ -12,7 +12,8 @@ generated again first (and the image re-encoded), so a refinement never fails fo
 
 from __future__ import annotations
 
-import hashlib
+import gc
+import io
 import json
 import logging
 import time
@@ -23,13 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from model import demo_scope
 from model.errors import InputError
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
-from model.preprocess import load_image
+from model.preprocess import PreprocessedImage, load_image
+from worker import switch
 from worker.cache import EncodingCache
+from worker.defaults import MAX_DECODED_PIXELS
+from worker.limits import image_shape_error
 from worker.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
+from worker.version import model_version
 
 log = logging.getLogger(__name__)
 
@@ -53,44 +59,38 @@ class CachedAnswer:
         return self.prompts.numel() * self.prompts.element_size() + len(self.text)
 
 
-def model_version(model_dir: str | Path, override: str | None = None, name: str | None = None) -> str:
-    """A version string that changes whenever the served weights change: ``<name>@<digest of config and weights>``.
-
-    ``name`` is the Hub id when there is one, else the last two folders of the path.
-    """
-    if override:
-        return override
-    path = Path(model_dir)
-    digest = hashlib.sha256()
-    for file in ("config.json", "pytorch_model.bin.index.json", "model.safetensors.index.json", "adapter_config.json"):
-        if (path / file).is_file():
-            digest.update((path / file).read_bytes())
-    for weights in sorted(path.glob("*.bin")) + sorted(path.glob("*.safetensors")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    label = name or "/".join(path.resolve().parts[-2:])
-    version = f"{label}@{digest.hexdigest()[:10]}"
-    return demo_scope.demo_version(version) if demo_scope.is_demo_model(path) else version
-
-
 class LisaHandler:
     """Batch function for :class:`worker.loop.WorkerLoop` around a loaded :class:`LisaPredictor`."""
 
     def __init__(self, predictor: LisaPredictor, version: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, load_options: dict | None = None) -> None:
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, load_options: dict | None = None,
+                 max_decoded_pixels: int = MAX_DECODED_PIXELS, source: dict[str, Any] | None = None,
+                 switch_strategy: str = switch.AUTO) -> None:
         self.predictor = predictor
         self.version = version
         self.cache: EncodingCache[EncodedImage] = EncodingCache(cache_bytes)
         #: [SEG] prompts of recent answers, keyed by ("<image hash> <query>", version).
         self.answers: EncodingCache[CachedAnswer] = EncodingCache(DEFAULT_ANSWER_CACHE_BYTES)
         self.max_new_tokens = max_new_tokens
+        #: Largest image decoded (width x height); larger ones are refused from their header.
+        self.max_decoded_pixels = max_decoded_pixels
         #: How to load a promoted model (vision tower, dtype, device, quantization) - as this one was loaded.
         self.load_options = load_options or {}
+        #: What is served now, as a registry entry (``version``, ``base``, ``adapter``): reloaded when a
+        #: promotion loaded after freeing this model fails.
+        self.source = source or {"version": version, "base": None, "adapter": None}
+        self.switch_strategy = switch_strategy
+        self.switching = False
         self._next_check = 0.0
         #: Serving the offline demo model: pictures unlike its scenes get no answer, every answer a note.
         self.demo = False
 
     def maybe_switch(self, queue) -> str:
-        """Switch to the promoted model version if it changed (called by the worker loop between batches)."""
+        """Switch to the promoted model version if it changed (called by the worker loop between batches).
+
+        The new model is loaded next to the old one when both fit, else after freeing the old one
+        (:mod:`worker.switch`); a promotion that cannot be loaded leaves the worker serving what it served.
+        """
         from worker import registry
 
         if time.monotonic() < self._next_check:
@@ -99,25 +99,65 @@ class LisaHandler:
         entry = registry.current(queue)
         if not entry or entry.get("version") == self.version:
             return self.version
+        if switch.free_first(self.switch_strategy, self.predictor.model, self.predictor.device):
+            return self._switch_free_first(entry)
         try:
-            predictor = LisaPredictor.from_pretrained(entry["base"], **self.load_options)
-            if entry.get("adapter"):
-                from model.adapters import apply_adapter
-
-                predictor = LisaPredictor(apply_adapter(predictor.model, entry["adapter"]), predictor.tokenizer)
+            predictor = self._load(entry)
         except Exception:  # a bad promotion must not take the worker down: keep serving the current model
             log.exception("cannot load promoted model %s; still serving %s", entry.get("version"), self.version)
             return self.version
-        old = self.predictor
+        self._serve_model(predictor, entry)
+        return self.version
+
+    def _switch_free_first(self, entry: dict[str, Any]) -> str:
+        """Free the old model, then load the new one (or, failing that, the old one again)."""
+        log.info("switching to %s: freeing %s first (both would not fit)", entry.get("version"), self.version)
+        self.switching = True
+        try:
+            self._drop_model()
+            try:
+                self._serve_model(self._load(entry), entry)
+            except Exception:
+                log.exception("cannot load promoted model %s; loading %s again", entry.get("version"), self.version)
+                self._serve_model(self._load(self.source), self.source)
+        finally:
+            self.switching = False
+        return self.version
+
+    def _load(self, entry: dict[str, Any]) -> LisaPredictor:
+        """A predictor for a registry entry (``base`` + optional ``adapter``), loaded like the current one."""
+        if not entry.get("base"):
+            raise ValueError(f"model {entry.get('version')!r} has no base to load")
+        predictor = LisaPredictor.from_pretrained(entry["base"], **self.load_options)
+        if entry.get("adapter"):
+            from model.adapters import apply_adapter
+
+            predictor = LisaPredictor(apply_adapter(predictor.model, entry["adapter"]), predictor.tokenizer)
+        return predictor
+
+    def _drop_model(self) -> None:
+        """Release the model and everything computed with it (device memory included)."""
+        device = self.predictor.device
+        self.predictor = None  # type: ignore[assignment] - only while switching; nothing serves meanwhile
+        self.cache = EncodingCache(self.cache.capacity_bytes)
+        self.answers = EncodingCache(self.answers.capacity_bytes)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _serve_model(self, predictor: LisaPredictor, entry: dict[str, Any]) -> None:
         self.predictor, self.version = predictor, str(entry["version"])
+        self.source = {"version": self.version, "base": entry.get("base"), "adapter": entry.get("adapter")}
         self.cache = EncodingCache(self.cache.capacity_bytes)  # encodings of the old weights are wrong now
         self.answers = EncodingCache(self.answers.capacity_bytes)
-        del old
-        return self.version
+        gc.collect()  # the old model, when it was loaded side by side
 
     def stats(self) -> dict[str, Any]:
         """Published with the worker's heartbeat."""
-        return {**self.cache.stats(), "answer_cache_items": len(self.answers)}
+        stats: dict[str, Any] = {**self.cache.stats(), "answer_cache_items": len(self.answers)}
+        if self.switching:
+            stats["state"] = "switching"  # overrides the loop's idle/busy in /health while no model is loaded
+        return stats
 
     def __call__(self, jobs: list[Job]) -> list[Result]:
         results: dict[str, Result] = {}
@@ -202,27 +242,65 @@ class LisaHandler:
         return value
 
     def _encode(self, jobs: list[Job], results: dict[str, Result]) -> dict[str, EncodedImage]:
-        """Encodings of the batch's images: cached ones reused, the others decoded and encoded in one call."""
+        """Encodings of the batch's images: cached ones reused, the others decoded and encoded in one call.
+
+        Any failure of one image - undecodable, over ``max_decoded_pixels``, a shape the model refuses, an error
+        of its own in the encoder - answers that image's jobs with ``bad_input`` and leaves the others running.
+        Images are decoded one at a time and kept only as their fixed-size model inputs, so a burst of large
+        images costs the memory of one (see :data:`worker.defaults.MAX_DECODED_PIXELS`).
+        """
         encoded: dict[str, EncodedImage] = {}
-        todo: dict[str, np.ndarray] = {}
+        todo: dict[str, PreprocessedImage] = {}
+        failed: dict[str, str] = {}
         for job in jobs:
-            if job.image in encoded or job.image in todo:
+            if job.image in encoded or job.image in todo or job.image in failed:
                 continue
             hit = self.cache.get(job.image, self.version)
             if hit is not None:
                 encoded[job.image] = hit
                 continue
             try:
-                todo[job.image] = load_image(job.image_bytes or b"")
+                todo[job.image] = self._preprocess(job.image_bytes or b"")
             except InputError as e:
-                for other in jobs:
-                    if other.image == job.image:
-                        results[other.id] = Result.error(other.id, BAD_INPUT, f"the task's image {e}")
+                failed[job.image] = str(e)
         if todo:
-            for key, enc in zip(todo, self.predictor.encode_batch(list(todo.values()))):
+            for key, enc in self._encode_each(todo, failed).items():
                 self.cache.put(key, self.version, enc)
                 encoded[key] = enc
+        for job in jobs:
+            if job.image in failed:
+                results[job.id] = Result.error(job.id, BAD_INPUT, failed[job.image])
         return encoded
+
+    def _preprocess(self, data: bytes) -> PreprocessedImage:
+        """Check an image's size from its header, decode it and make its model inputs (the decoded array is
+        dropped on return). Raises :class:`InputError` with a message for the annotator."""
+        size = _header_size(data)
+        problem = image_shape_error(*size) if size else None
+        if problem:
+            raise InputError(problem)
+        try:
+            image = load_image(data, max_pixels=self.max_decoded_pixels)
+        except InputError as e:
+            raise InputError(f"the task's image: {str(e).removeprefix('image bytes: ')}") from e
+        return self.predictor.preprocess(image)
+
+    def _encode_each(self, todo: dict[str, PreprocessedImage], failed: dict[str, str]) -> dict[str, EncodedImage]:
+        """One encoder call for all of ``todo``; if it fails, each image alone, so that the image at fault (and
+        only it) lands in ``failed``."""
+        try:
+            return dict(zip(todo, self.predictor.encode_batch(list(todo.values()))))
+        except Exception as exc:
+            if len(todo) == 1:
+                key = next(iter(todo))
+                log.exception("encoding image %s failed", key[:12])
+                failed[key] = f"the model could not encode the task's image ({type(exc).__name__}: {exc})"
+                return {}
+            log.warning("encoding %d images failed (%s); encoding each alone", len(todo), exc)
+            done: dict[str, EncodedImage] = {}
+            for key, pre in todo.items():
+                done.update(self._encode_each({key: pre}, failed))
+            return done
 
     def _collect(self, jobs: list[Job], segs: list, results: dict[str, Result]) -> None:
         for job, seg in zip(jobs, segs):
@@ -232,8 +310,22 @@ class LisaHandler:
                                                 model_version=self.version)
 
 
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an image's header, EXIF orientation applied (as the annotator sees it); ``None``
+    when the header cannot be read (decoding then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                width, height = height, width
+    except Exception:  # any unreadable header is load_image's to report
+        return None
+    return width, height
+
+
 def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, quantize: str | None,
-                 version: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> LisaHandler:
+                 version: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 max_decoded_pixels: int = MAX_DECODED_PIXELS, switch_strategy: str = switch.AUTO) -> LisaHandler:
     """Load the model once and wrap it; ``device="auto"`` picks CUDA when present."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -242,8 +334,9 @@ def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, 
 
     hub_id = None if Path(model).expanduser().is_dir() else model
     options = {"vision_tower": vision_tower, "dtype": dtype, "device": device, "quantize": quantize}
-    handler = LisaHandler(predictor, model_version(resolve_model_dir(model), version, hub_id), cache_bytes,
-                          load_options=options)
+    served = model_version(resolve_model_dir(model), version, hub_id)
+    handler = LisaHandler(predictor, served, cache_bytes, load_options=options, max_decoded_pixels=max_decoded_pixels,
+                          source={"version": served, "base": model, "adapter": None}, switch_strategy=switch_strategy)
     handler.demo = demo_scope.is_demo_model(resolve_model_dir(model))
     log.info("model %s ready on %s as version %s (%s)", model, device, handler.version,
              json.dumps({"dtype": dtype, "quantize": quantize}))

@@ -31,7 +31,8 @@ def add_promote_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_promote)
 
 
-def _score(model: str, adapter: str | None, data: list[str], examples: int, device: str) -> dict[str, Any]:
+def _score(model: str, adapter: str | None, data: list[str], examples: int, device: str,
+           val_fallback_percent: int) -> dict[str, Any]:
     from model.cli_train import load_for_eval
     from model.finetune import dataset_examples, evaluate, synthetic_examples
 
@@ -40,13 +41,17 @@ def _score(model: str, adapter: str | None, data: list[str], examples: int, devi
         stream = synthetic_examples(net, 0, val=True)
         held_out = [next(stream) for _ in range(examples)]
     else:
-        held_out = dataset_examples(net, data, "val", 0)
+        held_out = dataset_examples(net, data, "val", 0, val_fallback_percent)
+    if not held_out:
+        raise ValueError(f"no held-out samples in {data} to compare the models on (see lisa-ls finetune's "
+                         "--val-fallback-percent); use --force to promote without comparing")
     return evaluate(net, tokenizer, held_out)
 
 
 def promote_run(run: Path, data: list[str], queue, examples: int = 200, device: str = "auto",
                 force: bool = False) -> dict[str, Any]:
     from model.adapters import read_metadata
+    from model.data import FALLBACK_VAL_PERCENT
     from worker import registry
 
     meta = read_metadata(run)
@@ -57,8 +62,10 @@ def promote_run(run: Path, data: list[str], queue, examples: int = 200, device: 
     served = registry.current(queue) or {"base": meta["base"], "adapter": None, "version": "(base)"}
     decision: dict[str, Any] = {"candidate": meta["version"], "current": served.get("version")}
     if not force:
-        decision["candidate_metrics"] = _score(base, adapter, data, examples, device)
-        decision["current_metrics"] = _score(served["base"], served.get("adapter"), data, examples, device)
+        # The split the run held out (dataset folders without a val split: the same share of their images).
+        fallback = int(meta.get("val_fallback_percent", FALLBACK_VAL_PERCENT))
+        decision["candidate_metrics"] = _score(base, adapter, data, examples, device, fallback)
+        decision["current_metrics"] = _score(served["base"], served.get("adapter"), data, examples, device, fallback)
         decision["promoted"] = better(decision["candidate_metrics"], decision["current_metrics"])
     else:
         decision["promoted"] = True

@@ -11,6 +11,7 @@ import os
 import sys
 
 from worker.defaults import QueueConfig
+from worker.switch import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="most jobs per model call (default LISA_LS_BATCH_SIZE)")
     p.add_argument("--cache-bytes", type=int, default=None, help="bytes of encoded images kept (default 1 GiB)")
     p.add_argument("--model-version", default=None, help="version reported to Label Studio (default: from files)")
+    p.add_argument("--switch", default="auto", choices=STRATEGIES,
+                   help="switching to a promoted model: load it next to the old one if both fit (auto), or always "
+                        "free the old one first, or always load side by side")
     p.set_defaults(func=run_worker)
 
 
@@ -35,7 +39,8 @@ def run_worker(args: argparse.Namespace) -> int:
     config = QueueConfig.from_env()
     try:
         handler = load_handler(args.model, args.vision_tower, args.dtype, args.device, args.quantize,
-                               args.model_version, args.cache_bytes or DEFAULT_CACHE_BYTES)
+                               args.model_version, args.cache_bytes or DEFAULT_CACHE_BYTES, config.max_decoded_pixels,
+                               args.switch)
     except LisaError as e:
         print(f"lisa-ls worker: {e}", file=sys.stderr)
         return 2
