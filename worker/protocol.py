@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import struct
 import time
 import uuid
@@ -51,6 +52,8 @@ REFINE = "refine"
 """A refinement: SAM's decoder alone on the cached image, prompted with the [SEG] embeddings of the last answer to
 ``query`` (when given) plus the annotator's clicks and box in ``options`` (see :func:`refine_prompts`)."""
 KINDS = (SEGMENT, REFINE)
+#: Longest job id a job may have (ours are 32 hex characters); keeps keys built from ids small.
+MAX_JOB_ID_CHARS = 256
 #: Most clicks one refinement may carry (SAM was trained with a handful; more only slows the decoder down).
 MAX_POINTS = 64
 
@@ -91,6 +94,11 @@ def _text(fields: Mapping[Any, Any], name: str, default: str | None = None) -> s
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, for messages that quote input of any size."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _raw(fields: Mapping[Any, Any], name: str) -> bytes:
     value = fields.get(name, fields.get(name.encode(), b""))
     return value if isinstance(value, bytes) else str(value).encode()
@@ -124,10 +132,20 @@ class Job:
     image_bytes: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.image:
+        # Every field is checked here, not where it is used: a job rebuilt from a stream entry that anyone could
+        # have written must fail as one ValueError when it is read, never later inside a batch.
+        if not self.image or not isinstance(self.image, str):
             raise ValueError("a job needs an image hash")
+        if not self.id or not isinstance(self.id, str) or len(self.id) > MAX_JOB_ID_CHARS:
+            raise ValueError(f"a job needs an id of 1 to {MAX_JOB_ID_CHARS} characters")
         if self.kind not in KINDS:
-            raise ValueError(f"a job's kind must be one of {KINDS}, not {self.kind!r}")
+            raise ValueError(f"a job's kind must be one of {KINDS}, not {clip(repr(self.kind))}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"a job's options must be a JSON object, not {type(self.options).__name__}")
+        for name in ("deadline", "submitted"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"a job's {name} must be a finite unix time, not {clip(repr(value))}")
         if self.kind == SEGMENT and not self.query and self.answer is None:
             raise ValueError("a job needs a query or a teacher-forced answer")
         if self.kind == REFINE:
@@ -179,8 +197,16 @@ class Job:
                 attempts=attempts,
                 entry_id=entry_id,
             )
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...]]]]
             raise ValueError(f"malformed job fields: {exc}") from exc
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a finite JSON number (an integer too large for a float is not)."""
+    try:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def refine_prompts(options: Mapping[str, Any]) -> tuple[list[tuple[float, float, int]], list[float] | None]:
@@ -200,13 +226,13 @@ def refine_prompts(options: Mapping[str, Any]) -> tuple[list[tuple[float, float,
     points = []
     for p in raw_points:
         if (not isinstance(p, (list, tuple)) or len(p) != 3 or p[2] not in (0, 1)
-                or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in p[:2])):
-            raise ValueError(f"a point must be [x, y, label] with label 0 or 1, got {p!r}")
+                or not all(_finite(v) for v in p[:2])):
+            raise ValueError(f"a point must be [x, y, label] with label 0 or 1, got {clip(repr(p))}")
         points.append((float(p[0]), float(p[1]), int(p[2])))
     if box is not None:
         if (not isinstance(box, (list, tuple)) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in box)):
-            raise ValueError(f"a box must be [x0, y0, x1, y1], got {box!r}")
+                or not all(_finite(v) for v in box)):
+            raise ValueError(f"a box must be [x0, y0, x1, y1], got {clip(repr(box))}")
         box = [float(v) for v in box]
         if box[2] - box[0] < 1 or box[3] - box[1] < 1:
             raise ValueError("the box has no area: drag a rectangle at least one pixel wide and high")

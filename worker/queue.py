@@ -46,20 +46,34 @@ which the exactly-once rule makes harmless.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis
 from redis.client import Pipeline
 
 from worker import scripts
 from worker.connection import call_with_retry
-from worker.defaults import QueueConfig
-from worker.protocol import BAD_INPUT, BUSY, DEAD_LETTER, TIMEOUT, Job, QueueError, Result, image_hash
+from worker.defaults import MALFORMED_FIELD_BYTES, MALFORMED_MAX_FIELDS, QueueConfig
+from worker.protocol import (
+    BAD_INPUT,
+    BUSY,
+    DEAD_LETTER,
+    MAX_JOB_ID_CHARS,
+    TIMEOUT,
+    Job,
+    QueueError,
+    Result,
+    clip,
+    image_hash,
+)
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class BusyError(QueueError):
@@ -85,6 +99,38 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _b(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+class Reclaimed(NamedTuple):
+    """What :meth:`JobQueue.reclaim_round` took over, and when to look again."""
+
+    jobs: list[Job]
+    next_check_s: float | None
+    """Seconds until the heartbeat of a worker holding jobs could lapse; ``None`` when no other worker holds any."""
+
+
+def quarantine_fields(fields: Any) -> dict[bytes, bytes]:
+    """What the dead-letter stream keeps of an entry that is not a job: at most ``MALFORMED_MAX_FIELDS`` of its
+    fields, names and values cut to ``MALFORMED_FIELD_BYTES``, so that a flood of junk cannot fill Redis."""
+    items = fields.items() if isinstance(fields, Mapping) else ()
+    return {
+        _b(name)[:MALFORMED_FIELD_BYTES]: _b(value)[:MALFORMED_FIELD_BYTES]
+        for name, value in itertools.islice(items, MALFORMED_MAX_FIELDS)
+    }
+
+
+def entry_job_id(fields: Mapping[bytes, bytes], entry_id: str) -> str:
+    """The job id a malformed entry names, if it names a usable one (its waiter is answered there), else the
+    stream entry id."""
+    try:
+        named = fields.get(b"id", b"").decode()
+    except UnicodeDecodeError:
+        return entry_id
+    return named if 0 < len(named) <= MAX_JOB_ID_CHARS and named.isprintable() else entry_id
+
+
 class JobQueue:
     """Client and worker operations on one queue. Thread-safe as far as the redis-py client is.
 
@@ -101,6 +147,7 @@ class JobQueue:
         self._finish = client.register_script(scripts.FINISH)
         self._touch = client.register_script(scripts.TOUCH)
         self._prune = client.register_script(scripts.PRUNE)
+        self._reap = client.register_script(scripts.REAP)
 
     def key(self, kind: str, name: str = "") -> str:
         """The Redis key of ``kind`` (``img``, ``res``, ``done``, ``err``, ``worker``, ``workers``); see
@@ -281,24 +328,34 @@ class JobQueue:
         return self._admit(entries, dict.fromkeys((_s(e[0]) for e in entries), 1))
 
     def reclaim(self, consumer: str, count: int | None = None) -> list[Job]:
-        """Take over up to ``count`` jobs whose holder has been silent for the visibility timeout.
+        """Take over up to ``count`` jobs whose holder died or went silent; see :meth:`reclaim_round`."""
+        return self.reclaim_round(consumer, count).jobs
 
-        Each comes back with ``attempts`` one higher; one that has already failed ``max_attempts`` deliveries goes
-        to the dead-letter stream instead, and its waiter gets a ``dead_letter`` error naming the cause.
+    def reclaim_round(self, consumer: str, count: int | None = None) -> Reclaimed:
+        """Take over up to ``count`` jobs from workers that died, and say when to look again.
+
+        A job is taken over when its holder's heartbeat has lapsed and the job was not touched for the heartbeat
+        TTL (a killed worker's jobs move within ``heartbeat_ttl_s`` of its death), or, whoever holds it, when it
+        was not touched for the visibility timeout. A live worker is never robbed: it renews its heartbeat and
+        the leases of its jobs every heartbeat interval, however long its batch takes.
+
+        Each job comes back with ``attempts`` one higher; one that has already failed ``max_attempts`` deliveries
+        goes to the dead-letter stream instead, and its waiter gets a ``dead_letter`` error naming the cause.
         """
         cfg = self.config
         count, idle_ms = count or cfg.batch_size, int(cfg.visibility_timeout_s * 1000)
         try:
+            next_check_s = self._hand_back_lapsed(consumer)
             stale = self._call(
                 lambda: self.redis.xpending_range(cfg.job_stream, cfg.consumer_group, "-", "+", count, idle=idle_ms),
                 "reclaim",
             )
         except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                return []
+            if "NOGROUP" in str(exc) or "no such key" in str(exc):  # no group or no stream yet: nothing to take
+                return Reclaimed([], None)
             raise
         if not stale:
-            return []
+            return Reclaimed([], next_check_s)
         ids = [_s(p["message_id"]) for p in stale]
         attempts = {_s(p["message_id"]): int(p["times_delivered"]) + 1 for p in stale}
         # XCLAIM re-checks the idle time atomically, so a job another worker reclaimed a moment ago is skipped.
@@ -313,7 +370,56 @@ class JobQueue:
                     lambda i=entry_id: self.redis.xrange(cfg.job_stream, i, i), "reclaim"
                 ):
                     self._call(lambda i=entry_id: self.redis.xack(cfg.job_stream, cfg.consumer_group, i), "reclaim")
-        return self._admit(entries, attempts)
+        return Reclaimed(self._admit(entries, attempts), next_check_s)
+
+    def _hand_back_lapsed(self, consumer: str) -> float | None:
+        """Make the jobs of consumers whose heartbeat lapsed reclaimable now (:data:`worker.scripts.REAP`).
+
+        Returns the seconds until another holder's heartbeat could lapse (``None``: nobody else holds jobs).
+        """
+        cfg = self.config
+        found = self._call(lambda: self.redis.xinfo_consumers(cfg.job_stream, cfg.consumer_group), "reclaim")
+        others = [c for c in found if _s(c["name"]) != consumer]
+        if not others:
+            return None
+        # Names as the raw bytes Redis holds, so that no consumer name, however odd, can break the reclaim.
+        names = [c["name"] if isinstance(c["name"], bytes) else str(c["name"]).encode() for c in others]
+        beat = (self.key("worker") + ":").encode()
+        keys = [cfg.job_stream, *(beat + name for name in names)]
+        args: list[Any] = [cfg.consumer_group, int(cfg.heartbeat_ttl_s * 1000), int(cfg.visibility_timeout_s * 1000)]
+        args += [cfg.max_queue_length, len(names), *names, *(int(c["idle"]) for c in others)]
+        _handed, wake_ms = self._call(lambda: self._reap(keys=keys, args=args), "reclaim")
+        return None if int(wake_ms) < 0 else int(wake_ms) / 1000
+
+    def hand_back_own(self, consumer: str) -> int:
+        """Make every job the group lists under ``consumer`` reclaimable now; returns how many.
+
+        For a worker that starts under a name a dead predecessor used (``--name``, or a container restarted with
+        the same host name and pid): a process that is just starting holds nothing, so whatever the group lists
+        under its name was in the hands of the predecessor, and waits for nobody's heartbeat to lapse.
+        """
+        cfg = self.config
+        try:
+            held = self._call(
+                lambda: self.redis.xpending_range(
+                    cfg.job_stream, cfg.consumer_group, "-", "+", cfg.max_queue_length, consumername=consumer
+                ),
+                "hand_back_own",
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return 0
+            raise
+        ids = [p["message_id"] for p in held]
+        if ids:
+            idle_ms = int(cfg.visibility_timeout_s * 1000)
+            self._call(
+                lambda: self.redis.xclaim(
+                    cfg.job_stream, cfg.consumer_group, consumer, 0, ids, idle=idle_ms, justid=True
+                ),
+                "hand_back_own",
+            )
+        return len(ids)
 
     def _admit(self, entries: list[tuple[Any, Any]], attempts: Mapping[str, int]) -> list[Job]:
         """Turn stream entries into runnable jobs; answer and retire the malformed, exhausted and expired ones."""
@@ -322,9 +428,8 @@ class JobQueue:
             entry_id = _s(raw_id)
             try:
                 job = Job.from_fields(fields, attempts=attempts[entry_id], entry_id=entry_id)
-            except ValueError as exc:
-                job_id = _s(fields.get(b"id", entry_id))
-                self._retire(job_id, entry_id, Result.error(job_id, BAD_INPUT, f"malformed job: {exc}"))
+            except Exception as exc:  # anything that is not a job, whatever it trips over, must not reach a batch
+                self._quarantine(entry_id, fields, attempts[entry_id], exc)
                 continue
             if job.attempts > self.config.max_attempts:
                 self.dead_letter(job)
@@ -334,6 +439,17 @@ class JobQueue:
             else:
                 jobs.append(job)
         return jobs
+
+    def _quarantine(self, entry_id: str, fields: Any, attempts: int, exc: Exception) -> None:
+        """Dead-letter a stream entry that is not a job, with the cause, and answer its waiter (if it names one)
+        with ``bad_input``: a malformed entry is refused once, never retried, and never crashes a worker."""
+        reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        cause = clip(f"malformed job: {reason}", 500)
+        log.warning("stream entry %s is not a job; dead-lettered: %s", entry_id, cause)
+        copied = quarantine_fields(fields)
+        job_id = entry_job_id(copied, entry_id)
+        dead = {**copied, b"cause": cause.encode(), b"attempts": str(attempts).encode(), b"entry": entry_id.encode()}
+        self._retire(job_id, entry_id, Result.error(job_id, BAD_INPUT, cause), dead=dead)
 
     def dead_letter(self, job: Job) -> bool:
         """Move a job to the dead-letter stream and answer its waiter with the cause."""
@@ -351,7 +467,7 @@ class JobQueue:
         return self._retire(job.id, job.entry_id, result)
 
     def _retire(
-        self, job_id: str, entry_id: str | None, result: Result, dead: Mapping[str, bytes] | None = None
+        self, job_id: str, entry_id: str | None, result: Result, dead: Mapping[Any, bytes] | None = None
     ) -> bool:
         cfg = self.config
         keys = [self.key("done", job_id), self.key("res", job_id), cfg.job_stream, cfg.dead_letter_stream]
