@@ -201,23 +201,33 @@ class WorkerLoop:
             answered = self._handle(jobs)
             delivered = []  # (latency, outcome) of the results that reached their waiter, for worker.metrics
             for job, result in answered:
-                if self._deliver(job, result):
-                    outcome = metrics.OUTCOME_OK if result.ok else result.error_code
-                    delivered.append((time.time() - job.submitted, outcome))
+                try:
+                    if not self._deliver(job, result):
+                        continue
+                except (RedisDown, redis.RedisError):
+                    raise
+                except Exception as exc:  # e.g. a result that cannot be encoded: this job fails, not its batch
+                    self._fail(jobs=[job], exc=exc, what=f"the result of job {job.id}")
+                    continue
+                outcome = metrics.OUTCOME_OK if result.ok else result.error_code
+                delivered.append((time.time() - job.submitted, outcome))
             self.batches_served += 1
             self.jobs_served += len(answered)
             metrics.record_batch(self.queue.redis, self.config, len(jobs), delivered)  # never raises
         except (RedisDown, redis.RedisError):
             raise  # run() backs off; the jobs in hand stay leased to this worker and are finished or reclaimed
-        except Exception as exc:
-            # Not the handler's own failure (_handle deals with that): e.g. a result that cannot be encoded. Fail
-            # the batch by the usual rules (another delivery, then the dead-letter stream) rather than the process.
-            log.exception("worker %s: batch of %d failed outside the model", self.name, len(jobs))
-            self.queue.release(self.name, jobs, f"{type(exc).__name__}: {exc}")  # skips the jobs already answered
-            self._next_reclaim = 0.0
+        except Exception as exc:  # not the handler's own failure (_handle deals with that), e.g. a bug of ours
+            self._fail(jobs, exc, f"a batch of {len(jobs)}")
         finally:
             with self._lock:
                 self._in_hand = []
+
+    def _fail(self, jobs: list[Job], exc: Exception, what: str) -> None:
+        """Fail jobs by the usual rules (another delivery, then the dead-letter stream with ``exc`` as the cause)
+        after an unexpected exception, rather than the process; jobs already answered are left alone."""
+        log.exception("worker %s: %s failed outside the model", self.name, what, exc_info=exc)
+        self.queue.release(self.name, jobs, f"{type(exc).__name__}: {exc}")
+        self._next_reclaim = 0.0  # retry now rather than at the next scheduled reclaim
 
     def _attach_images(self, jobs: list[Job]) -> list[Job]:
         """Give each job its image bytes; answer jobs whose image is gone with ``bad_input`` right away."""
