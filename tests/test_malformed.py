@@ -13,8 +13,9 @@ import signal
 import threading
 
 import pytest
-from redis_fixtures import wait_for
+from redis_fixtures import make_config, wait_for
 
+from worker.connection import connect
 from worker.defaults import MALFORMED_FIELD_BYTES, MALFORMED_MAX_FIELDS
 from worker.loop import WorkerLoop
 from worker.protocol import BAD_INPUT, DEAD_LETTER, Job, Result
@@ -177,3 +178,32 @@ def test_an_error_between_batches_is_logged_and_the_loop_goes_on(job_queue: JobQ
 def test_job_options_must_be_an_object(options: str) -> None:
     with pytest.raises(ValueError, match="options must be a JSON object"):
         Job.from_fields({**GOOD, "id": "j", "options": options})
+
+
+def test_a_redis_error_mid_batch_hands_the_jobs_back_at_once(queue_config) -> None:
+    """A Redis error while a batch is delivered (here: the result list's key holds a string) must not leave the
+    job with a worker that keeps its heartbeat until the visibility timeout (120 s here): it is retried at once."""
+    cfg = make_config(queue_config.redis_url, visibility_timeout_s=120.0, job_deadline_s=30.0, result_ttl_s=300)
+    q = JobQueue(connect(config=cfg), cfg)
+    attempts: list[int] = []
+
+    def handler(jobs: list[Job]) -> list[Result]:
+        attempts.append(jobs[0].attempts)
+        if jobs[0].attempts == 1:  # the answer's RPUSH fails with WRONGTYPE
+            q.redis.set(q.key("res", jobs[0].id), "not a list")
+        else:
+            q.redis.delete(q.key("res", jobs[0].id))
+        return [Result(job_id=j.id, text=f"attempt {j.attempts}") for j in jobs]
+
+    loop = WorkerLoop.from_url(handler, config=cfg, name="w-redis-error")
+    runner = threading.Thread(target=loop.run, kwargs={"install_signals": False})
+    runner.start()
+    try:
+        job = Job(image=q.put_image(IMAGE), query="delivered on the second try")
+        q.submit(job)
+        wait_for(lambda: len(attempts) >= 2, timeout=20, what="the job's second delivery")
+        assert q.wait(job, timeout=10).text == "attempt 2"
+    finally:
+        loop.stop()
+        runner.join(10)
+    assert attempts == [1, 2]

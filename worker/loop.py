@@ -23,6 +23,7 @@ its own cache and fetches bytes itself through ``loop.queue.get_images``). The l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -126,8 +127,8 @@ class WorkerLoop:
                 except Exception as exc:
                     if not isinstance(exc, (RedisDown, *CONNECTION_ERRORS)):
                         # e.g. Redis out of memory, or a bug outside any batch (a model switch that fails).
-                        # Reloading the model costs minutes, so log and back off rather than crash; jobs in hand
-                        # were handed back by _serve.
+                        # Reloading the model costs minutes, so log and back off rather than crash; a failure
+                        # inside a batch has already handed that batch's jobs back (_serve).
                         log.exception("worker %s: unexpected error", self.name)
                     delays = delays or backoff_forever(self.config.worker_backoff_s)
                     self._pause(exc, next(delays))
@@ -214,8 +215,12 @@ class WorkerLoop:
             self.batches_served += 1
             self.jobs_served += len(answered)
             metrics.record_batch(self.queue.redis, self.config, len(jobs), delivered)  # never raises
-        except (RedisDown, redis.RedisError):
-            raise  # run() backs off; the jobs in hand stay leased to this worker and are finished or reclaimed
+        except (RedisDown, redis.RedisError) as exc:
+            # run() backs off. Hand the unanswered jobs back if Redis still takes a call, or, since this worker
+            # keeps its heartbeat, they would wait for the visibility timeout.
+            with contextlib.suppress(Exception):
+                self.queue.release(self.name, jobs, f"Redis failed mid-batch: {type(exc).__name__}: {exc}")
+            raise
         except Exception as exc:  # not the handler's own failure (_handle deals with that), e.g. a bug of ours
             self._fail(jobs, exc, f"a batch of {len(jobs)}")
         finally:

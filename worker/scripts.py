@@ -27,11 +27,14 @@ return out
 # Answer a job at most once, optionally dead-letter it, and always retire its stream entry. KEYS: done, res,
 # stream, dead. ARGV: group, entry id ('' if none), payload, ttl, marker value, dead maxlen ('' = not dead), then
 # dead-letter field/value pairs. Returns 1 if this call delivered the answer, 0 if the job was already answered.
+# The "answered" marker is set last: a script that fails half-way keeps what it wrote, and a marker without its
+# answer would leave the waiter with nothing for ever.
 FINISH = """
 local delivered = 0
-if redis.call('SET', KEYS[1], ARGV[5], 'NX', 'EX', ARGV[4]) then
+if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call('SET', KEYS[1], ARGV[5], 'EX', ARGV[4])
   delivered = 1
 end
 if ARGV[6] ~= '' then
