@@ -160,6 +160,7 @@ class BackendConfig:
             raise ValueError(f"{ENV_PREFIX}PORT={self.port} is not a TCP port")
         if self.predict_deadline_s <= 0 or self.health_timeout_s <= 0:
             raise ValueError(f"{ENV_PREFIX}PREDICT_DEADLINE_S and {ENV_PREFIX}HEALTH_TIMEOUT_S must be positive")
+        self.queue.check_deadline(self.predict_deadline_s, f"{ENV_PREFIX}PREDICT_DEADLINE_S")  # > heartbeat TTL
         if not 0 <= self.val_percent <= 100:
             raise ValueError(f"{ENV_PREFIX}VAL_PERCENT={self.val_percent} must be 0-100")
         if self.capture_backlog < 1 or self.capture_reclaim_s <= 0:

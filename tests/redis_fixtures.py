@@ -30,11 +30,13 @@ from worker.queue import JobQueue
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_SCRIPT = Path(__file__).resolve().parent / "worker_proc.py"
 
-# Short timings so that reclaim, dead-lettering and heartbeats happen within a second or two.
+# Short timings so that reclaim, dead-lettering and heartbeats happen within a second or two: a dead worker's jobs
+# move when its heartbeat lapses (2 s), the visibility timeout is the later fallback (heartbeat interval < heartbeat
+# TTL < visibility timeout, as QueueConfig.check_timings requires of every worker).
 FAST = {
     "batch_size": 4,
     "block_ms": 200,
-    "visibility_timeout_s": 1.0,
+    "visibility_timeout_s": 3.0,
     "reclaim_interval_s": 0.2,
     "heartbeat_interval_s": 0.2,
     "heartbeat_ttl_s": 2.0,

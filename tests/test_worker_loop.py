@@ -1,7 +1,7 @@
 """The issue's job_queue guarantees, each against a real Redis server and real worker processes.
 
 Workers run ``tests/worker_proc.py`` (zero-cost handler, see there for the job options that steer it) with the
-fast timings of ``redis_fixtures.FAST``: visibility timeout 1 s, batch size 4.
+fast timings of ``redis_fixtures.FAST``: heartbeat TTL 2 s, visibility timeout 3 s, batch size 4.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_sigkill_mid_batch_loses_nothing(job_queue: JobQueue, spawn_worker) -> N
     wait_for(lambda: _seen(job_queue, jobs[0]), what="the batch to start")
     doomed.signal(signal.SIGKILL)
     doomed.wait(5)
-    spawn_worker("w-rescue", job_queue.config)  # reclaims after the 1 s visibility timeout
+    spawn_worker("w-rescue", job_queue.config)  # reclaims once w-doomed's heartbeat lapses (2 s)
     for job in jobs:
         result = job_queue.wait(job, timeout=10)
         _check_answer(result, job)
@@ -89,7 +89,7 @@ def test_sigkill_mid_batch_loses_nothing(job_queue: JobQueue, spawn_worker) -> N
 
 
 def test_stalled_worker_finishing_late_is_not_delivered_twice(job_queue: JobQueue, spawn_worker) -> None:
-    """A worker frozen past the visibility timeout loses its job to another; its late answer is dropped."""
+    """A worker frozen past its heartbeat TTL loses its job to another; its late answer is dropped."""
     slow = spawn_worker("w-stalled", job_queue.config)
     _ready(job_queue, "w-stalled")
     job = _job(job_queue, "frozen", sleep_first=0.5)

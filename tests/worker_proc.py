@@ -4,11 +4,14 @@ Usage: ``python tests/worker_proc.py NAME`` with ``REDIS_URL`` and ``LISA_LS_*``
 
 The handler answers each job with one mask made from its query (the first ``len(query) % 8`` columns of a 4×8
 image) and the query upper-cased as text, after recording the batch in the Redis list ``test:batches`` so that
-tests can see what the model was handed, and when. Job options steer it:
+tests can see what the model was handed, by whom, on which delivery, and which workers were live (had a heartbeat)
+when it started. Job options steer it:
 
 - ``sleep``: seconds to sleep in the batch (the longest in the batch wins);
 - ``sleep_first``: the same, but only on a job's first delivery (so a reclaiming worker answers quickly);
-- ``fail``: raise ``RuntimeError("poison ...")`` whenever the job is in the batch.
+- ``fail``: raise ``RuntimeError("poison ...")`` whenever the job is in the batch;
+- ``bad_result``: answer the job with a result that cannot be encoded (its timings are not numbers), a failure
+  outside the model call that the loop must survive.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from worker.loop import WorkerLoop
 from worker.protocol import Job, Result
 
 
-def make_handler(recorder: redis.Redis, name: str):
-    """The zero-cost batch function; ``recorder`` is a plain client used only to record what it saw."""
+def make_handler(recorder: redis.Redis, name: str, config: QueueConfig):
+    """The zero-cost batch function; ``recorder`` is a fail-fast client used only to record what it saw."""
+
+    def live() -> list[str]:
+        names = [n.decode() for n in recorder.zrange(config.key("workers"), 0, -1)]
+        return [n for n in names if recorder.exists(config.key("worker", n))]
 
     def handler(jobs: list[Job]) -> list[Result]:
         record = {
@@ -41,6 +48,7 @@ def make_handler(recorder: redis.Redis, name: str):
             "attempts": [j.attempts for j in jobs],
         }
         with contextlib.suppress(redis.RedisError):  # best effort: the Redis-down test stops Redis under us
+            record["live"] = live()
             recorder.rpush("test:batches", json.dumps(record))
         for job in jobs:  # the loop must hand over the right image bytes
             if job.image_bytes is None or hashlib.sha256(job.image_bytes).hexdigest() != job.image:
@@ -58,6 +66,8 @@ def make_handler(recorder: redis.Redis, name: str):
             mask = np.zeros((1, 4, 8), dtype=bool)
             mask[0, :, : len(job.query) % 8] = True
             results.append(Result.from_masks(job.id, mask, [0.5], text=job.query.upper()))
+            if job.options.get("bad_result"):
+                results[-1].timings["model_s"] = "not a number"
         return results
 
     return handler
@@ -69,7 +79,7 @@ def main() -> int:
     config = QueueConfig.from_env()
     recorder = connect(config=config)  # fails fast, so recording never stalls a batch while Redis is down
     loop = WorkerLoop.from_url(
-        make_handler(recorder, name), config=config, name=name, device="cpu", model_version="test-v1"
+        make_handler(recorder, name, config), config=config, name=name, device="cpu", model_version="test-v1"
     )
     return loop.run()
 

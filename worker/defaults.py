@@ -53,10 +53,18 @@ BLOCK_MS = 1000
 """How long a worker's read blocks waiting for jobs; also bounds how late it notices SIGTERM when idle."""
 
 VISIBILITY_TIMEOUT_S = 60.0
-"""A delivered job not finished (nor its lease renewed) for this long is taken over by another worker."""
+"""A delivered job not finished (nor its lease renewed) for this long is taken over by another worker, whoever
+holds it. The fallback: the job of a worker whose heartbeat lapsed is taken over after ``HEARTBEAT_TTL_S`` already
+(see :meth:`~worker.queue.JobQueue.reclaim`); this one serves holders without a heartbeat, and failed jobs are
+handed back by setting their idle time to it."""
 
 RECLAIM_INTERVAL_S = 5.0
-"""How often an idle-or-busy worker looks for jobs whose visibility timeout ran out."""
+"""How often an idle-or-busy worker looks for jobs to take over; sooner when the heartbeat of a worker holding jobs
+is about to lapse, so that a dead worker's jobs move the moment its heartbeat expires."""
+
+MIN_RECLAIM_WAIT_S = 0.01
+"""Shortest wait between two reclaims when a holder's heartbeat is about to lapse, so that a heartbeat that
+expires a little late (Redis expires keys to the millisecond, a busy server later) cannot start a hot loop."""
 
 MAX_ATTEMPTS = 3
 """Deliveries a job gets before it goes to the dead-letter stream and its waiter gets a ``dead_letter`` error."""
@@ -77,10 +85,14 @@ DEAD_LETTER_MAXLEN = 10_000
 """Approximate cap of the dead-letter stream so that a poison flood cannot fill Redis."""
 
 HEARTBEAT_INTERVAL_S = 5.0
-"""How often a worker refreshes its heartbeat and renews the lease of the jobs it is working on."""
+"""How often a worker refreshes its heartbeat and renews the lease of the jobs it is working on; must be below
+``HEARTBEAT_TTL_S``."""
 
 HEARTBEAT_TTL_S = 15.0
-"""A worker whose heartbeat is older than this is no longer listed as live."""
+"""A worker whose heartbeat is older than this is dead: it is no longer listed as live, and the jobs it holds that
+were not touched for this long go to other workers at once. Must lie between ``HEARTBEAT_INTERVAL_S`` and
+``VISIBILITY_TIMEOUT_S``, and below every job deadline (``JOB_DEADLINE_S``, the backend's
+``LISA_LS_PREDICT_DEADLINE_S``), or a killed worker's jobs could never be answered in time."""
 
 CONNECT_TIMEOUT_S = 0.5
 """TCP connect timeout to Redis; short so that a down Redis is reported quickly."""
@@ -108,6 +120,13 @@ SAM 1024 px: about 13 MB each), so the decoded pixels in flight per worker are t
 many, whatever the burst. Measured (``bench/bench_decode_memory.py``): 7 PNGs of 62 MP (212 kB each) at once peak
 at 0.9 GB of RAM while decoding (1.9 GB when all were decoded first); a burst of more only waits longer."""
 
+
+MALFORMED_MAX_FIELDS = 64
+"""A stream entry that is not a job is copied to the dead-letter stream with at most this many of its fields..."""
+
+MALFORMED_FIELD_BYTES = 4096
+"""...each cut to this many bytes: enough to see what was sent, while a flood of huge junk cannot fill Redis
+(a real job's fields are far smaller: the image travels as a hash)."""
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
 """Upper bounds (seconds) of the job latency histogram, submission to delivered result (``worker.metrics``).
@@ -161,6 +180,35 @@ class QueueConfig:
         if not self.key_prefix.strip(":"):
             raise ValueError("key_prefix must name the deployment (e.g. 'lisa:'): it becomes the keys' hash tag")
 
+    def check_timings(self) -> None:
+        """Refuse heartbeat, lease and deadline settings that cannot work together, naming the variables.
+
+        Called where a process starts (:meth:`from_env`, :class:`~worker.loop.WorkerLoop`) rather than in
+        ``__post_init__``: a client or a test may build a config with timings no worker would run under.
+        """
+        interval, ttl, visibility = self.heartbeat_interval_s, self.heartbeat_ttl_s, self.visibility_timeout_s
+        if not 0 < interval < ttl:
+            raise ValueError(
+                f"{ENV_PREFIX}HEARTBEAT_INTERVAL_S ({interval:g}) must be positive and below "
+                f"{ENV_PREFIX}HEARTBEAT_TTL_S ({ttl:g}): otherwise a live worker's heartbeat expires between two "
+                "beats and its jobs are taken from it"
+            )
+        if not ttl < visibility:
+            raise ValueError(
+                f"{ENV_PREFIX}HEARTBEAT_TTL_S ({ttl:g}) must be below {ENV_PREFIX}VISIBILITY_TIMEOUT_S "
+                f"({visibility:g}): a worker counts as dead after the heartbeat TTL, and the visibility timeout is "
+                "the later fallback for holders without a heartbeat"
+            )
+        self.check_deadline(self.job_deadline_s, f"{ENV_PREFIX}JOB_DEADLINE_S")
+
+    def check_deadline(self, deadline_s: float, variable: str) -> None:
+        """Refuse a job deadline (``variable`` names its setting) that a killed worker's jobs could never meet."""
+        if not deadline_s > self.heartbeat_ttl_s:
+            raise ValueError(
+                f"{variable} ({deadline_s:g}) must exceed {ENV_PREFIX}HEARTBEAT_TTL_S ({self.heartbeat_ttl_s:g}): "
+                "the jobs of a killed worker move to another worker only once its heartbeat has lapsed"
+            )
+
     @property
     def key_tag(self) -> str:
         """The start of every key: ``key_prefix`` as a Redis Cluster hash tag (see :data:`KEY_PREFIX`)."""
@@ -190,7 +238,11 @@ class QueueConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> QueueConfig:
-        """Build a config from ``REDIS_URL`` and ``LISA_LS_*`` variables; keyword ``overrides`` win over both."""
+        """Build a config from ``REDIS_URL`` and ``LISA_LS_*`` variables; keyword ``overrides`` win over both.
+
+        Raises ``ValueError`` naming the variable for a bad value or for timings that cannot work together
+        (:meth:`check_timings`).
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         if env.get("REDIS_URL"):
@@ -201,7 +253,9 @@ class QueueConfig:
                 continue
             values[f.name] = parse_env_value(ENV_PREFIX + f.name.upper(), raw, type(f.default))
         values.update(overrides)
-        return cls(**values)
+        config = cls(**values)
+        config.check_timings()
+        return config
 
 
 def parse_env_value(variable: str, raw: str, kind: type) -> Any:

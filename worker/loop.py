@@ -5,9 +5,13 @@ its image bytes in ``job.image_bytes`` (unless ``fetch_images=False``, for a han
 its own cache and fetches bytes itself through ``loop.queue.get_images``). The loop owns everything else:
 
 - batching: it reads up to B jobs at once, so the jobs that queued while the model was busy form the next batch;
-- reliability: every ``reclaim_interval_s`` it takes over jobs from silent workers; a handler exception hands the
-  jobs back for another delivery (after retrying each job of a failed batch alone, so one poison job does not
-  fail its neighbours), and a job that keeps failing reaches the dead-letter stream;
+- reliability: it takes over the jobs of a worker as soon as that worker's heartbeat lapses (and, as a fallback,
+  any job untouched for the visibility timeout), looking every ``reclaim_interval_s`` and at the moment a
+  holder's heartbeat is due to lapse; a worker starting under a dead predecessor's name hands its jobs back first.
+  A handler exception hands the jobs back for another delivery (after retrying each job of a failed batch alone,
+  so one poison job does not fail its neighbours), and a job that keeps failing reaches the dead-letter stream.
+  Nothing a job or a stream entry holds can end the process: an entry that is not a job is dead-lettered when it
+  is read, and any other exception in a batch is logged and fails that batch's jobs by the same retry rules;
 - liveness: a heartbeat thread publishes host, pid, device, model version and counters, and renews the lease of
   the jobs in hand so that a batch longer than the visibility timeout is not taken from a live worker;
 - metrics: after each batch one round trip adds the job latencies and the batch size to counters in Redis
@@ -19,7 +23,9 @@ its own cache and fetches bytes itself through ``loop.queue.get_images``). The l
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -32,7 +38,7 @@ import redis
 
 from worker import metrics
 from worker.connection import CONNECTION_ERRORS, RedisDown, backoff_forever, connect
-from worker.defaults import QueueConfig
+from worker.defaults import MIN_RECLAIM_WAIT_S, QueueConfig
 from worker.protocol import BAD_INPUT, INTERNAL, Job, Result
 from worker.queue import JobQueue
 
@@ -68,6 +74,7 @@ class WorkerLoop:
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.name = name or f"{self.host}:{self.pid}:{device}"
         self.batch_size = batch_size or self.config.batch_size
+        self.config.check_timings()  # a worker must not start on timings that would rob it or lose its jobs
         self.fetch_images, self.split_on_error = fetch_images, split_on_error
         read_timeout = queue.redis.connection_pool.connection_kwargs.get("socket_timeout")
         if read_timeout is not None and read_timeout <= self.config.block_ms / 1000:
@@ -83,6 +90,7 @@ class WorkerLoop:
         self._lock = threading.Lock()
         self._in_hand: list[Job] = []
         self._next_reclaim = 0.0
+        self._predecessor_checked = False
 
     @classmethod
     def from_url(
@@ -116,11 +124,12 @@ class WorkerLoop:
                 try:
                     self.serve_once()
                     delays = None
-                except (RedisDown, redis.RedisError) as exc:
+                except Exception as exc:
                     if not isinstance(exc, (RedisDown, *CONNECTION_ERRORS)):
-                        # e.g. Redis out of memory. Reloading the model costs minutes, so log and back off rather
-                        # than crash; the jobs in hand are reclaimed after the visibility timeout.
-                        log.exception("worker %s: Redis error", self.name)
+                        # e.g. Redis out of memory, or a bug outside any batch (a model switch that fails).
+                        # Reloading the model costs minutes, so log and back off rather than crash; a failure
+                        # inside a batch has already handed that batch's jobs back (_serve).
+                        log.exception("worker %s: unexpected error", self.name)
                     delays = delays or backoff_forever(self.config.worker_backoff_s)
                     self._pause(exc, next(delays))
         finally:
@@ -162,13 +171,24 @@ class WorkerLoop:
                 log.info("worker %s now serves model version %s", self.name, version)
                 self.model_version = version
                 self._beat()
+        if not self._predecessor_checked:
+            handed = self.queue.hand_back_own(self.name)
+            if handed:
+                log.warning("worker %s: %d jobs held under this name by a dead predecessor go back to the queue",
+                            self.name, handed)
+            self._predecessor_checked = True
         jobs: list[Job] = []
         if time.monotonic() >= self._next_reclaim:
-            jobs = self.queue.reclaim(self.name, self.batch_size)
-            self._next_reclaim = time.monotonic() + self.config.reclaim_interval_s
+            jobs, lapse_s = self.queue.reclaim_round(self.name, self.batch_size)
+            wait_s = self.config.reclaim_interval_s
+            if lapse_s is not None:  # look again the moment a holder's heartbeat lapses
+                wait_s = min(wait_s, max(lapse_s, MIN_RECLAIM_WAIT_S))
+            self._next_reclaim = time.monotonic() + wait_s
         if len(jobs) < self.batch_size and not self._stop.is_set():
-            # Do not block when reclaimed jobs are already waiting to run.
-            jobs += self.queue.consume(self.name, self.batch_size - len(jobs), block_ms=0 if jobs else None)
+            # Do not block when reclaimed jobs are already waiting to run, nor past the next reclaim.
+            until_ms = math.ceil((self._next_reclaim - time.monotonic()) * 1000)
+            block = 0 if jobs else max(1, min(self.config.block_ms, until_ms))
+            jobs += self.queue.consume(self.name, self.batch_size - len(jobs), block_ms=block)
         if jobs:
             self._serve(jobs)
         return len(jobs)
@@ -182,15 +202,37 @@ class WorkerLoop:
             answered = self._handle(jobs)
             delivered = []  # (latency, outcome) of the results that reached their waiter, for worker.metrics
             for job, result in answered:
-                if self._deliver(job, result):
-                    outcome = metrics.OUTCOME_OK if result.ok else result.error_code
-                    delivered.append((time.time() - job.submitted, outcome))
+                try:
+                    if not self._deliver(job, result):
+                        continue
+                except (RedisDown, redis.RedisError):
+                    raise
+                except Exception as exc:  # e.g. a result that cannot be encoded: this job fails, not its batch
+                    self._fail(jobs=[job], exc=exc, what=f"the result of job {job.id}")
+                    continue
+                outcome = metrics.OUTCOME_OK if result.ok else result.error_code
+                delivered.append((time.time() - job.submitted, outcome))
             self.batches_served += 1
             self.jobs_served += len(answered)
             metrics.record_batch(self.queue.redis, self.config, len(jobs), delivered)  # never raises
+        except (RedisDown, redis.RedisError) as exc:
+            # run() backs off. Hand the unanswered jobs back if Redis still takes a call, or, since this worker
+            # keeps its heartbeat, they would wait for the visibility timeout.
+            with contextlib.suppress(Exception):
+                self.queue.release(self.name, jobs, f"Redis failed mid-batch: {type(exc).__name__}: {exc}")
+            raise
+        except Exception as exc:  # not the handler's own failure (_handle deals with that), e.g. a bug of ours
+            self._fail(jobs, exc, f"a batch of {len(jobs)}")
         finally:
             with self._lock:
                 self._in_hand = []
+
+    def _fail(self, jobs: list[Job], exc: Exception, what: str) -> None:
+        """Fail jobs by the usual rules (another delivery, then the dead-letter stream with ``exc`` as the cause)
+        after an unexpected exception, rather than the process; jobs already answered are left alone."""
+        log.exception("worker %s: %s failed outside the model", self.name, what, exc_info=exc)
+        self.queue.release(self.name, jobs, f"{type(exc).__name__}: {exc}")
+        self._next_reclaim = 0.0  # retry now rather than at the next scheduled reclaim
 
     def _attach_images(self, jobs: list[Job]) -> list[Job]:
         """Give each job its image bytes; answer jobs whose image is gone with ``bad_input`` right away."""

@@ -9,22 +9,25 @@ build jobs and read results. Everything that crosses Redis is flat bytes:
 - masks are an ``n×H×W`` boolean array encoded by :func:`encode_masks` as one 1-bit PNG per mask — lossless, and a
   typical object mask at 1 megapixel takes a few kB instead of the 1 MB a JSON pixel list would;
 - images are stored once per content hash (:func:`image_hash`), and a job refers to the hash.
+
+The byte encodings (:func:`pack_fields`, :func:`encode_masks` and their inverses) live in :mod:`worker.codec`
+and are importable from here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
-import struct
+import math
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from worker.codec import decode_masks, encode_masks, pack_fields, unpack_fields
 
 STATUS_OK = "ok"
 """The job ran and the result carries masks, scores and text."""
@@ -51,6 +54,8 @@ REFINE = "refine"
 """A refinement: SAM's decoder alone on the cached image, prompted with the [SEG] embeddings of the last answer to
 ``query`` (when given) plus the annotator's clicks and box in ``options`` (see :func:`refine_prompts`)."""
 KINDS = (SEGMENT, REFINE)
+#: Longest job id a job may have (ours are 32 hex characters); keeps keys built from ids small.
+MAX_JOB_ID_CHARS = 256
 #: Most clicks one refinement may carry (SAM was trained with a handful; more only slows the decoder down).
 MAX_POINTS = 64
 
@@ -61,10 +66,6 @@ class QueueError(RuntimeError):
     code = INTERNAL
 
 
-_FIELDS_MAGIC = b"LSF1"
-_MASKS_MAGIC = b"LSM1"
-_MASKS_HEADER = struct.Struct(">4sIII")  # magic, n, H, W
-_PNG_COMPRESS_LEVEL = 3  # measured: as small as level 6 within 15% on object masks, and faster
 
 
 def new_job_id() -> str:
@@ -89,6 +90,11 @@ def _text(fields: Mapping[Any, Any], name: str, default: str | None = None) -> s
             raise ValueError(f"missing field {name!r}")
         return default
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, for messages that quote input of any size."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _raw(fields: Mapping[Any, Any], name: str) -> bytes:
@@ -124,10 +130,20 @@ class Job:
     image_bytes: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.image:
+        # Every field is checked here, not where it is used: a job rebuilt from a stream entry that anyone could
+        # have written must fail as one ValueError when it is read, never later inside a batch.
+        if not self.image or not isinstance(self.image, str):
             raise ValueError("a job needs an image hash")
+        if not self.id or not isinstance(self.id, str) or len(self.id) > MAX_JOB_ID_CHARS:
+            raise ValueError(f"a job needs an id of 1 to {MAX_JOB_ID_CHARS} characters")
         if self.kind not in KINDS:
-            raise ValueError(f"a job's kind must be one of {KINDS}, not {self.kind!r}")
+            raise ValueError(f"a job's kind must be one of {KINDS}, not {clip(repr(self.kind))}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"a job's options must be a JSON object, not {type(self.options).__name__}")
+        for name in ("deadline", "submitted"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"a job's {name} must be a finite unix time, not {clip(repr(value))}")
         if self.kind == SEGMENT and not self.query and self.answer is None:
             raise ValueError("a job needs a query or a teacher-forced answer")
         if self.kind == REFINE:
@@ -179,8 +195,16 @@ class Job:
                 attempts=attempts,
                 entry_id=entry_id,
             )
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...]]]]
             raise ValueError(f"malformed job fields: {exc}") from exc
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a finite JSON number (an integer too large for a float is not)."""
+    try:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def refine_prompts(options: Mapping[str, Any]) -> tuple[list[tuple[float, float, int]], list[float] | None]:
@@ -200,13 +224,13 @@ def refine_prompts(options: Mapping[str, Any]) -> tuple[list[tuple[float, float,
     points = []
     for p in raw_points:
         if (not isinstance(p, (list, tuple)) or len(p) != 3 or p[2] not in (0, 1)
-                or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in p[:2])):
-            raise ValueError(f"a point must be [x, y, label] with label 0 or 1, got {p!r}")
+                or not all(_finite(v) for v in p[:2])):
+            raise ValueError(f"a point must be [x, y, label] with label 0 or 1, got {clip(repr(p))}")
         points.append((float(p[0]), float(p[1]), int(p[2])))
     if box is not None:
         if (not isinstance(box, (list, tuple)) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in box)):
-            raise ValueError(f"a box must be [x0, y0, x1, y1], got {box!r}")
+                or not all(_finite(v) for v in box)):
+            raise ValueError(f"a box must be [x0, y0, x1, y1], got {clip(repr(box))}")
         box = [float(v) for v in box]
         if box[2] - box[0] < 1 or box[3] - box[1] < 1:
             raise ValueError("the box has no area: drag a rectangle at least one pixel wide and high")
@@ -309,87 +333,3 @@ class Result:
     def from_bytes(cls, data: bytes) -> Result:
         """Inverse of :meth:`to_bytes`."""
         return cls.from_fields(unpack_fields(data))
-
-
-def pack_fields(fields: Mapping[str, bytes]) -> bytes:
-    """Pack ``str -> bytes`` fields into one value: magic, count, then per field key and value lengths and bytes."""
-    parts = [_FIELDS_MAGIC, struct.pack(">I", len(fields))]
-    for key, value in fields.items():
-        kb = key.encode()
-        parts += [struct.pack(">HI", len(kb), len(value)), kb, bytes(value)]
-    return b"".join(parts)
-
-
-def unpack_fields(data: bytes) -> dict[str, bytes]:
-    """Inverse of :func:`pack_fields`; raises ``ValueError`` on anything truncated or foreign."""
-    view = memoryview(data)
-    if bytes(view[:4]) != _FIELDS_MAGIC or len(view) < 8:
-        raise ValueError("not a packed result (bad magic)")
-    (count,) = struct.unpack_from(">I", view, 4)
-    pos, out = 8, {}
-    for _ in range(count):
-        if pos + 6 > len(view):
-            raise ValueError("packed fields truncated")
-        klen, vlen = struct.unpack_from(">HI", view, pos)
-        pos += 6
-        if pos + klen + vlen > len(view):
-            raise ValueError("packed fields truncated")
-        key = bytes(view[pos : pos + klen]).decode()
-        out[key] = bytes(view[pos + klen : pos + klen + vlen])
-        pos += klen + vlen
-    if pos != len(view):
-        raise ValueError("trailing bytes after packed fields")
-    return out
-
-
-def encode_masks(masks: np.ndarray) -> bytes:
-    """Encode an ``n×H×W`` mask array losslessly as a header ``(n, H, W)`` and one 1-bit PNG per mask.
-
-    Accepts ``bool`` or integer arrays holding only 0 and 1; a float array (probabilities, logits) is refused
-    rather than silently thresholded. ``n`` may be 0 (no object found); the header then keeps the image size.
-    """
-    arr = np.asarray(masks)
-    if arr.ndim != 3:
-        raise ValueError(f"masks must be n×H×W, got shape {arr.shape}")
-    if arr.dtype != bool:
-        if not np.issubdtype(arr.dtype, np.integer) or (arr.size and (arr.min() < 0 or arr.max() > 1)):
-            raise ValueError(f"masks must be boolean (or 0/1 integers), got {arr.dtype}")
-        arr = arr.astype(bool)
-    n, height, width = arr.shape
-    if n and (height == 0 or width == 0):
-        raise ValueError(f"masks must have a non-empty H×W, got shape {arr.shape}")
-    parts = [_MASKS_HEADER.pack(_MASKS_MAGIC, n, height, width)]
-    for mask in arr:
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(mask)).save(buf, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
-        png = buf.getvalue()
-        parts += [struct.pack(">I", len(png)), png]
-    return b"".join(parts)
-
-
-def decode_masks(data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_masks`: an ``n×H×W`` boolean array. Raises ``ValueError`` on malformed bytes."""
-    if len(data) < _MASKS_HEADER.size:
-        raise ValueError("mask bytes truncated")
-    magic, n, height, width = _MASKS_HEADER.unpack_from(data, 0)
-    if magic != _MASKS_MAGIC:
-        raise ValueError("not encoded masks (bad magic)")
-    out = np.zeros((n, height, width), dtype=bool)
-    pos = _MASKS_HEADER.size
-    for i in range(n):
-        if pos + 4 > len(data):
-            raise ValueError("mask bytes truncated")
-        (size,) = struct.unpack_from(">I", data, pos)
-        pos += 4
-        try:
-            with Image.open(io.BytesIO(data[pos : pos + size])) as image:
-                if image.size != (width, height):
-                    raise ValueError(f"mask {i} is {image.size}, header says {(width, height)}")
-                pixels = np.asarray(image)
-        except OSError as exc:  # Pillow's UnidentifiedImageError and truncation errors are OSErrors
-            raise ValueError(f"mask {i} is not a readable PNG: {exc}") from exc
-        out[i] = pixels if pixels.dtype == bool else pixels != 0
-        pos += size
-    if pos != len(data):
-        raise ValueError("trailing bytes after encoded masks")
-    return out

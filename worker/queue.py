@@ -8,9 +8,10 @@ Why Streams with a consumer group, rather than rq or plain lists:
 - A job must survive a worker killed mid-batch. The group's pending entries list (PEL) records, server-side, who
   holds each delivered job, for how long, and how many times it was delivered. Reclaiming is one ``XCLAIM`` with a
   minimum idle time, which is atomic, so two workers reclaiming at once never both get a job; the delivery count
-  gives the attempt number for the dead-letter rule for free. With lists (``BLMOVE`` to a per-worker processing
-  list) all of that bookkeeping — owners, idle times, counts, scans of other workers' lists — would be ours to
-  write and get right.
+  gives the attempt number for the dead-letter rule for free. The jobs of a worker whose heartbeat lapsed become
+  reclaimable at once (:data:`worker.scripts.REAP`), any other job after the visibility timeout. With lists
+  (``BLMOVE`` to a per-worker processing list) all of that bookkeeping — owners, idle times, counts, scans of
+  other workers' lists — would be ours to write and get right.
 - It needs nothing beyond redis-py and Redis >= 6.2 (for ``XPENDING ... IDLE``), both in the base install.
 
 Keys, all built by :meth:`~worker.defaults.QueueConfig.key`, which starts each with the deployment's Redis Cluster
@@ -40,211 +41,77 @@ cluster-aware proxy in front of it, or a cluster client.)
 Semantics: a job is *run* at least once (a reclaimed job may be run twice if its first worker was merely slow) and
 *answered* exactly once. Client calls fail with :class:`~worker.connection.RedisDown` within
 ``redis_down_after_s`` when Redis is unreachable; a submit retried after a lost reply may enqueue a job twice,
-which the exactly-once rule makes harmless.
+which the exactly-once rule makes harmless. A stream entry that is not a job is dead-lettered with its cause when
+it is read, never handed to a worker.
+
+:class:`JobQueue` is the whole queue; its client half, :class:`worker.client.QueueClient`, is what the backend uses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import redis
 from redis.client import Pipeline
 
 from worker import scripts
-from worker.connection import call_with_retry
-from worker.defaults import QueueConfig
-from worker.protocol import BAD_INPUT, BUSY, DEAD_LETTER, TIMEOUT, Job, QueueError, Result, image_hash
+from worker.client import BadInputError, BusyError, QueueClient, _b, _s
+from worker.defaults import MALFORMED_FIELD_BYTES, MALFORMED_MAX_FIELDS, QueueConfig
+from worker.protocol import BAD_INPUT, DEAD_LETTER, MAX_JOB_ID_CHARS, TIMEOUT, Job, Result, clip
 
-T = TypeVar("T")
+__all__ = ["BadInputError", "BusyError", "JobQueue", "Reclaimed"]
 
-
-class BusyError(QueueError):
-    """The queue is above its bound (backpressure): the jobs were not enqueued; retry later."""
-
-    code = BUSY
-
-    def __init__(self, depth: int, adding: int, bound: int) -> None:
-        super().__init__(
-            f"queue is busy: {depth} jobs queued or running, adding {adding} would exceed the bound of {bound}; "
-            "retry later or start more workers"
-        )
-        self.depth, self.adding, self.bound = depth, adding, bound
+log = logging.getLogger(__name__)
 
 
-class BadInputError(QueueError):
-    """A job cannot be enqueued as given."""
+class Reclaimed(NamedTuple):
+    """What :meth:`JobQueue.reclaim_round` took over, and when to look again."""
 
-    code = BAD_INPUT
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    jobs: list[Job]
+    next_check_s: float | None
+    """Seconds until the heartbeat of a worker holding jobs could lapse; ``None`` when no other worker holds any."""
 
 
-class JobQueue:
-    """Client and worker operations on one queue. Thread-safe as far as the redis-py client is.
+def quarantine_fields(fields: Any) -> dict[bytes, bytes]:
+    """What the dead-letter stream keeps of an entry that is not a job: at most ``MALFORMED_MAX_FIELDS`` of its
+    fields, names and values cut to ``MALFORMED_FIELD_BYTES``, so that a flood of junk cannot fill Redis."""
+    items = fields.items() if isinstance(fields, Mapping) else ()
+    return {
+        _b(name)[:MALFORMED_FIELD_BYTES]: _b(value)[:MALFORMED_FIELD_BYTES]
+        for name, value in itertools.islice(items, MALFORMED_MAX_FIELDS)
+    }
 
-    Pass a client made by :func:`worker.connection.connect`: the 2 s "Redis is down" answer relies on its short
-    timeouts and on redis-py's own retries being off.
-    """
+
+def entry_job_id(fields: Mapping[bytes, bytes], entry_id: str) -> str:
+    """The job id a malformed entry names, if it names a usable one (its waiter is answered there), else the
+    stream entry id."""
+    try:
+        named = fields.get(b"id", b"").decode()
+    except UnicodeDecodeError:
+        return entry_id
+    return named if 0 < len(named) <= MAX_JOB_ID_CHARS and named.isprintable() else entry_id
+
+
+class JobQueue(QueueClient):
+    """Client and worker operations on one queue (the client half is :class:`worker.client.QueueClient`)."""
 
     def __init__(self, client: redis.Redis, config: QueueConfig | None = None) -> None:
-        self.redis = client
-        self.config = config or QueueConfig.from_env()
-        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
-        self._attempt_s = float(timeout) if timeout else self.config.socket_timeout_s
-        self._submit = client.register_script(scripts.SUBMIT)
+        super().__init__(client, config)
         self._finish = client.register_script(scripts.FINISH)
         self._touch = client.register_script(scripts.TOUCH)
         self._prune = client.register_script(scripts.PRUNE)
-
-    def key(self, kind: str, name: str = "") -> str:
-        """The Redis key of ``kind`` (``img``, ``res``, ``done``, ``err``, ``worker``, ``workers``); see
-        :meth:`QueueConfig.key <worker.defaults.QueueConfig.key>`."""
-        return self.config.key(kind, name)
-
-    def _call(self, fn: Callable[[], T], what: str) -> T:
-        cfg = self.config
-        return call_with_retry(
-            fn, budget_s=cfg.redis_down_after_s, backoff_s=cfg.client_backoff_s, attempt_s=self._attempt_s, what=what
-        )
-
-    def _pipeline(
-        self, build: Callable[[Pipeline], Any], what: str, *, transaction: bool = False, raise_on_error: bool = True
-    ) -> list[Any]:
-        """Run the commands ``build`` queues as one round trip; a retry rebuilds them (``execute`` clears them)."""
-
-        def run() -> list[Any]:
-            pipe = self.redis.pipeline(transaction=transaction)
-            build(pipe)
-            return pipe.execute(raise_on_error=raise_on_error)
-
-        return self._call(run, what)
-
-    # ---- client side (backend) ----
-
-    def put_image(self, data: bytes) -> str:
-        """Store image bytes under their content hash (once) and return the hash; a reuse only refreshes the TTL.
-
-        The bytes cross the network only when Redis does not have them: ``EXPIRE`` on an existing key answers 1.
-        """
-        digest = image_hash(data)
-        key, ttl = self.key("img", digest), self.config.image_ttl_s
-        self._call(lambda: self.redis.expire(key, ttl) or self.redis.set(key, data, ex=ttl, nx=True), "put_image")
-        return digest
-
-    def get_images(self, digests: Iterable[str]) -> dict[str, bytes | None]:
-        """Fetch image bytes by hash in one round trip; ``None`` for an image that expired or was never stored."""
-        unique = list(dict.fromkeys(digests))
-        if not unique:
-            return {}
-        values = self._call(lambda: self.redis.mget([self.key("img", d) for d in unique]), "get_images")
-        return dict(zip(unique, values))
-
-    def submit(self, job: Job) -> str:
-        """Enqueue one job and return its id at once; raises :class:`BusyError` above the bound."""
-        return self.submit_many([job])[0]
-
-    def submit_many(self, jobs: Sequence[Job]) -> list[str]:
-        """Enqueue jobs all-or-none (one round trip) and return their ids; fills in missing deadlines.
-
-        Raises :class:`BusyError` if they do not all fit under ``max_queue_length`` (chunk big pre-label runs), and
-        :class:`BadInputError` for a batch that could never fit.
-        """
-        if not jobs:
-            return []
-        if len(jobs) > self.config.max_queue_length:
-            raise BadInputError(f"{len(jobs)} jobs can never fit a queue bounded at {self.config.max_queue_length}")
-        now = time.time()
-        args: list[Any] = [self.config.max_queue_length, len(jobs)]
-        for job in jobs:
-            if job.deadline is None:
-                job.deadline = now + self.config.job_deadline_s
-            fields = job.to_fields()
-            args.append(2 * len(fields))
-            for name, value in fields.items():
-                args += [name, value]
-        reply = self._call(lambda: self._submit(keys=[self.config.job_stream], args=args), "submit")
-        if not reply[0]:
-            raise BusyError(int(reply[1]), len(jobs), self.config.max_queue_length)
-        for job, entry_id in zip(jobs, reply[2:]):
-            job.entry_id = _s(entry_id)
-        return [job.id for job in jobs]
-
-    def wait(self, job: Job | str, timeout: float | None = None) -> Result:
-        """Block until the job's result arrives; a ``timeout`` error result once ``timeout`` or the deadline passes.
-
-        A timed-out waiter marks the job answered, so a worker finishing it later is dropped and the job is never
-        answered twice. Raises :class:`~worker.connection.RedisDown` when Redis is unreachable.
-        """
-        job_id = job.id if isinstance(job, Job) else job
-        limit = self.config.job_deadline_s if timeout is None else timeout
-        if isinstance(job, Job):
-            limit = min(limit, job.remaining())
-        end, res_key = time.monotonic() + limit, self.key("res", job_id)
-        while (left := end - time.monotonic()) > 0.01:  # BLPOP rounds to ms, and 0 would mean "for ever"
-            slice_s = min(left, self.config.wait_slice_s)
-            popped = self._call(lambda s=slice_s: self.redis.blpop([res_key], timeout=s), "wait")
-            if popped:
-                return Result.from_bytes(popped[1])
-        claimed = self._call(
-            lambda: self.redis.set(self.key("done", job_id), "timeout", nx=True, ex=self.config.result_ttl_s), "wait"
-        )
-        if not claimed:  # a worker answered between our last pop and the claim: that answer wins
-            late = self._call(lambda: self.redis.lpop(res_key), "wait")
-            if late:
-                return Result.from_bytes(late)
-        return Result.error(
-            job_id,
-            TIMEOUT,
-            f"no result within {max(limit, 0):.1f} s: the job's deadline passed while it was queued "
-            "or running (workers overloaded, too few, or down)",
-        )
-
-    def live_workers(self) -> list[dict[str, Any]]:
-        """Heartbeats of the workers seen within ``heartbeat_ttl_s``, oldest registration first."""
-        names = self._call(lambda: self.redis.zrange(self.key("workers"), 0, -1), "live_workers")
-        if not names:
-            return []
-        beats = self._pipeline(lambda p: [p.hgetall(self.key("worker", _s(n))) for n in names], "live_workers")
-        live, gone = [], []
-        for name, beat in zip(names, beats):
-            if beat:
-                live.append({_s(k): json.loads(v) for k, v in beat.items()})
-            else:
-                gone.append(name)
-        if gone:  # the hash expired: the worker died without unregistering
-            self._call(lambda: self.redis.zrem(self.key("workers"), *gone), "live_workers")
-        return sorted(live, key=lambda w: w.get("started", 0))
-
-    def stats(self) -> dict[str, int]:
-        """Queue depth (queued + in flight), in-flight (pending), queued, dead-letter count and the bound."""
-
-        def build(pipe: Pipeline) -> None:
-            pipe.xlen(self.config.job_stream)
-            pipe.xpending(self.config.job_stream, self.config.consumer_group)
-            pipe.xlen(self.config.dead_letter_stream)
-
-        depth, pending, dead = self._pipeline(build, "stats", raise_on_error=False)
-        in_flight = 0 if isinstance(pending, Exception) else int(pending["pending"])  # no group yet: none
-        return {
-            "depth": int(depth),
-            "pending": in_flight,
-            "queued": int(depth) - in_flight,
-            "dead_letter": int(dead),
-            "max_queue_length": self.config.max_queue_length,
-        }
-
-    # ---- worker side ----
+        self._reap = client.register_script(scripts.REAP)
 
     def ensure_group(self) -> None:
         """Create the stream and the consumer group if missing (from the start: earlier jobs are served too)."""
         try:
-            self._call(
+            self.call(
                 lambda: self.redis.xgroup_create(
                     self.config.job_stream, self.config.consumer_group, "0", mkstream=True
                 ),
@@ -274,46 +141,105 @@ class JobQueue:
                 self.ensure_group()  # first worker ever, or Redis restarted without persistence
                 return self.redis.xreadgroup(*args, count=count, block=block or None)
 
-        reply = self._call(read, "consume")
+        reply = self.call(read, "consume")
         if isinstance(reply, dict):  # RESP3 clients
             reply = list(reply.items())
         entries = [entry for _stream, stream_entries in reply or [] for entry in stream_entries]
         return self._admit(entries, dict.fromkeys((_s(e[0]) for e in entries), 1))
 
     def reclaim(self, consumer: str, count: int | None = None) -> list[Job]:
-        """Take over up to ``count`` jobs whose holder has been silent for the visibility timeout.
+        """Take over up to ``count`` jobs whose holder died or went silent; see :meth:`reclaim_round`."""
+        return self.reclaim_round(consumer, count).jobs
 
-        Each comes back with ``attempts`` one higher; one that has already failed ``max_attempts`` deliveries goes
-        to the dead-letter stream instead, and its waiter gets a ``dead_letter`` error naming the cause.
+    def reclaim_round(self, consumer: str, count: int | None = None) -> Reclaimed:
+        """Take over up to ``count`` jobs from workers that died, and say when to look again.
+
+        A job is taken over when its holder's heartbeat has lapsed and the job was not touched for the heartbeat
+        TTL (a killed worker's jobs move within ``heartbeat_ttl_s`` of its death), or, whoever holds it, when it
+        was not touched for the visibility timeout. A live worker is never robbed: it renews its heartbeat and
+        the leases of its jobs every heartbeat interval, however long its batch takes.
+
+        Each job comes back with ``attempts`` one higher; one that has already failed ``max_attempts`` deliveries
+        goes to the dead-letter stream instead, and its waiter gets a ``dead_letter`` error naming the cause.
         """
         cfg = self.config
         count, idle_ms = count or cfg.batch_size, int(cfg.visibility_timeout_s * 1000)
         try:
-            stale = self._call(
+            next_check_s = self._hand_back_lapsed(consumer)
+            stale = self.call(
                 lambda: self.redis.xpending_range(cfg.job_stream, cfg.consumer_group, "-", "+", count, idle=idle_ms),
                 "reclaim",
             )
         except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                return []
+            if "NOGROUP" in str(exc) or "no such key" in str(exc):  # no group or no stream yet: nothing to take
+                return Reclaimed([], None)
             raise
         if not stale:
-            return []
+            return Reclaimed([], next_check_s)
         ids = [_s(p["message_id"]) for p in stale]
         attempts = {_s(p["message_id"]): int(p["times_delivered"]) + 1 for p in stale}
         # XCLAIM re-checks the idle time atomically, so a job another worker reclaimed a moment ago is skipped.
-        claimed = self._call(
+        claimed = self.call(
             lambda: self.redis.xclaim(cfg.job_stream, cfg.consumer_group, consumer, idle_ms, ids), "reclaim"
         )
         entries = [e for e in claimed if e[0] is not None]
         if len(entries) < len(claimed):  # Redis 6.2 keeps pending entries whose stream entry is gone: retire them
             got = {_s(e[0]) for e in entries}
             for entry_id in ids:
-                if entry_id not in got and not self._call(
+                if entry_id not in got and not self.call(
                     lambda i=entry_id: self.redis.xrange(cfg.job_stream, i, i), "reclaim"
                 ):
-                    self._call(lambda i=entry_id: self.redis.xack(cfg.job_stream, cfg.consumer_group, i), "reclaim")
-        return self._admit(entries, attempts)
+                    self.call(lambda i=entry_id: self.redis.xack(cfg.job_stream, cfg.consumer_group, i), "reclaim")
+        return Reclaimed(self._admit(entries, attempts), next_check_s)
+
+    def _hand_back_lapsed(self, consumer: str) -> float | None:
+        """Make the jobs of consumers whose heartbeat lapsed reclaimable now (:data:`worker.scripts.REAP`).
+
+        Returns the seconds until another holder's heartbeat could lapse (``None``: nobody else holds jobs).
+        """
+        cfg = self.config
+        found = self.call(lambda: self.redis.xinfo_consumers(cfg.job_stream, cfg.consumer_group), "reclaim")
+        others = [c for c in found if _s(c["name"]) != consumer]
+        if not others:
+            return None
+        # Names as the raw bytes Redis holds, so that no consumer name, however odd, can break the reclaim.
+        names = [c["name"] if isinstance(c["name"], bytes) else str(c["name"]).encode() for c in others]
+        beat = (self.key("worker") + ":").encode()
+        keys = [cfg.job_stream, *(beat + name for name in names)]
+        args: list[Any] = [cfg.consumer_group, int(cfg.heartbeat_ttl_s * 1000), int(cfg.visibility_timeout_s * 1000)]
+        args += [cfg.max_queue_length, len(names), *names, *(int(c["idle"]) for c in others)]
+        _handed, wake_ms = self.call(lambda: self._reap(keys=keys, args=args), "reclaim")
+        return None if int(wake_ms) < 0 else int(wake_ms) / 1000
+
+    def hand_back_own(self, consumer: str) -> int:
+        """Make every job the group lists under ``consumer`` reclaimable now; returns how many.
+
+        For a worker that starts under a name a dead predecessor used (``--name``, or a container restarted with
+        the same host name and pid): a process that is just starting holds nothing, so whatever the group lists
+        under its name was in the hands of the predecessor, and waits for nobody's heartbeat to lapse.
+        """
+        cfg = self.config
+        try:
+            held = self.call(
+                lambda: self.redis.xpending_range(
+                    cfg.job_stream, cfg.consumer_group, "-", "+", cfg.max_queue_length, consumername=consumer
+                ),
+                "hand_back_own",
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return 0
+            raise
+        ids = [p["message_id"] for p in held]
+        if ids:
+            idle_ms = int(cfg.visibility_timeout_s * 1000)
+            self.call(
+                lambda: self.redis.xclaim(
+                    cfg.job_stream, cfg.consumer_group, consumer, 0, ids, idle=idle_ms, justid=True
+                ),
+                "hand_back_own",
+            )
+        return len(ids)
 
     def _admit(self, entries: list[tuple[Any, Any]], attempts: Mapping[str, int]) -> list[Job]:
         """Turn stream entries into runnable jobs; answer and retire the malformed, exhausted and expired ones."""
@@ -322,9 +248,8 @@ class JobQueue:
             entry_id = _s(raw_id)
             try:
                 job = Job.from_fields(fields, attempts=attempts[entry_id], entry_id=entry_id)
-            except ValueError as exc:
-                job_id = _s(fields.get(b"id", entry_id))
-                self._retire(job_id, entry_id, Result.error(job_id, BAD_INPUT, f"malformed job: {exc}"))
+            except Exception as exc:  # anything that is not a job, whatever it trips over, must not reach a batch
+                self._quarantine(entry_id, fields, attempts[entry_id], exc)
                 continue
             if job.attempts > self.config.max_attempts:
                 self.dead_letter(job)
@@ -335,9 +260,20 @@ class JobQueue:
                 jobs.append(job)
         return jobs
 
+    def _quarantine(self, entry_id: str, fields: Any, attempts: int, exc: Exception) -> None:
+        """Dead-letter a stream entry that is not a job, with the cause, and answer its waiter (if it names one)
+        with ``bad_input``: a malformed entry is refused once, never retried, and never crashes a worker."""
+        reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        cause = clip(f"malformed job: {reason}", 500)
+        log.warning("stream entry %s is not a job; dead-lettered: %s", entry_id, cause)
+        copied = quarantine_fields(fields)
+        job_id = entry_job_id(copied, entry_id)
+        dead = {**copied, b"cause": cause.encode(), b"attempts": str(attempts).encode(), b"entry": entry_id.encode()}
+        self._retire(job_id, entry_id, Result.error(job_id, BAD_INPUT, cause), dead=dead)
+
     def dead_letter(self, job: Job) -> bool:
         """Move a job to the dead-letter stream and answer its waiter with the cause."""
-        last = self._call(lambda: self.redis.get(self.key("err", job.id)), "dead_letter")
+        last = self.call(lambda: self.redis.get(self.key("err", job.id)), "dead_letter")
         cause = _s(last) if last else "no error recorded (the worker died, hung or lost Redis mid-batch)"
         failed = job.attempts - 1
         msg = f"job failed {failed} of {self.config.max_attempts} allowed deliveries; last error: {cause}"
@@ -351,7 +287,7 @@ class JobQueue:
         return self._retire(job.id, job.entry_id, result)
 
     def _retire(
-        self, job_id: str, entry_id: str | None, result: Result, dead: Mapping[str, bytes] | None = None
+        self, job_id: str, entry_id: str | None, result: Result, dead: Mapping[Any, bytes] | None = None
     ) -> bool:
         cfg = self.config
         keys = [self.key("done", job_id), self.key("res", job_id), cfg.job_stream, cfg.dead_letter_stream]
@@ -359,7 +295,7 @@ class JobQueue:
         args.append(str(cfg.dead_letter_maxlen) if dead is not None else "")
         for name, value in (dead or {}).items():
             args += [name, value]
-        return bool(self._call(lambda: self._finish(keys=keys, args=args), "complete"))
+        return bool(self.call(lambda: self._finish(keys=keys, args=args), "complete"))
 
     def release(self, consumer: str, jobs: Sequence[Job], error: str) -> int:
         """Give failed jobs back for an immediate retry by any worker (attempts are counted on redelivery).
@@ -380,7 +316,7 @@ class JobQueue:
         keys = [self.config.job_stream, *(self.key("err", job.id) for job in owned)]
         args = [self.config.consumer_group, consumer, idle_ms, error, self.config.result_ttl_s]
         args += [job.entry_id for job in owned]
-        return int(self._call(lambda: self._touch(keys=keys, args=args), "touch"))
+        return int(self.call(lambda: self._touch(keys=keys, args=args), "touch"))
 
     def heartbeat(self, name: str, info: Mapping[str, Any]) -> None:
         """Publish a worker's heartbeat (JSON-encoded values) that expires after ``heartbeat_ttl_s``."""
@@ -392,13 +328,13 @@ class JobQueue:
             pipe.pexpire(key, ttl_ms)
             pipe.zadd(self.key("workers"), {name: time.time()})
 
-        self._pipeline(build, "heartbeat", transaction=True)
+        self.pipeline(build, "heartbeat", transaction=True)
 
     def unregister(self, name: str) -> None:
         """Remove a stopping worker's heartbeat, and its consumer from the group if it holds no jobs."""
-        self._pipeline(lambda p: (p.delete(self.key("worker", name)), p.zrem(self.key("workers"), name)), "unregister")
+        self.pipeline(lambda p: (p.delete(self.key("worker", name)), p.zrem(self.key("workers"), name)), "unregister")
         with contextlib.suppress(redis.ResponseError):  # no stream or group (Redis restarted): nothing to prune
-            self._call(
+            self.call(
                 lambda: self._prune(keys=[self.config.job_stream], args=[self.config.consumer_group, name]),
                 "unregister",
             )

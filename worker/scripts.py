@@ -27,11 +27,14 @@ return out
 # Answer a job at most once, optionally dead-letter it, and always retire its stream entry. KEYS: done, res,
 # stream, dead. ARGV: group, entry id ('' if none), payload, ttl, marker value, dead maxlen ('' = not dead), then
 # dead-letter field/value pairs. Returns 1 if this call delivered the answer, 0 if the job was already answered.
+# The "answered" marker is set last: a script that fails half-way keeps what it wrote, and a marker without its
+# answer would leave the waiter with nothing for ever.
 FINISH = """
 local delivered = 0
-if redis.call('SET', KEYS[1], ARGV[5], 'NX', 'EX', ARGV[4]) then
+if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call('SET', KEYS[1], ARGV[5], 'EX', ARGV[4])
   delivered = 1
 end
 if ARGV[6] ~= '' then
@@ -69,4 +72,43 @@ PRUNE = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
+"""
+
+# Hand back the jobs of workers whose heartbeat lapsed, at once rather than after the visibility timeout: an entry
+# held by a consumer without a heartbeat and untouched for the heartbeat TTL gets idle = visibility timeout (JUSTID:
+# no delivery is counted), so the ordinary reclaim takes it over next, atomically and with attempts counted. The
+# heartbeat check sits here, next to the change it guards, so a worker that is alive cannot be robbed: a live
+# worker renews its heartbeat, and then its leases, every heartbeat interval. A consumer without a heartbeat that
+# holds nothing and was silent for the TTL is removed from the group. KEYS: stream, then the heartbeat key of each
+# consumer. ARGV: group, TTL ms, visibility ms, most entries per consumer, n, n consumer names, n consumer idle ms.
+# Returns {entries handed back, ms until a holder could lapse next (-1 = none holds anything)}.
+REAP = """
+local group, ttl, visibility = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local limit, n = tonumber(ARGV[4]), tonumber(ARGV[5])
+local handed, wake = 0, -1
+local function soon(ms)
+  if ms >= 0 and (wake < 0 or ms < wake) then wake = ms end
+end
+for i = 1, n do
+  local name = ARGV[5 + i]
+  local held = redis.call('XPENDING', KEYS[1], group, '-', '+', limit, name)
+  local beat = redis.call('PTTL', KEYS[1 + i])
+  if beat == -2 then
+    for _, entry in ipairs(held) do
+      local idle = tonumber(entry[3])
+      if idle >= ttl then
+        redis.call('XCLAIM', KEYS[1], group, name, 0, entry[1], 'IDLE', visibility, 'JUSTID')
+        handed = handed + 1
+      else
+        soon(ttl - idle)
+      end
+    end
+    if #held == 0 and tonumber(ARGV[5 + n + i]) >= ttl then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], group, name)
+    end
+  elseif #held > 0 then
+    soon(beat)
+  end
+end
+return {handed, wake}
 """
