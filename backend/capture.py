@@ -24,8 +24,9 @@ arrives after its DELETE is dropped. The check and the file writes happen togeth
 still unacknowledged.
 
 Outcomes, counted in the hash ``{lisa}:capture:stats``: ``written``/``updated``/``unchanged`` (a sample),
-``deleted``, ``stale`` (superseded), ``skipped`` plus ``skipped:<code>`` (written to ``skipped/<id>.json`` of the
-project's dataset, or of ``$LISA_LS_DATASET_DIR/skipped/`` when the event names no project or annotation).
+``deleted`` (one per deletion part), ``stale`` (superseded), ``split`` (an event replaced by its parts),
+``skipped`` plus ``skipped:<code>`` (written to ``skipped/<id>.json`` of the project's dataset, or of
+``$LISA_LS_DATASET_DIR/skipped/`` when the event names no project or annotation).
 
 Requires every backend process to see the same dataset directory (one host, or a shared volume).
 """
@@ -34,11 +35,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -49,9 +48,27 @@ from typing import Any
 import redis
 
 from backend.capture_store import APPEND as APPEND
-from backend.capture_store import DONE, OFFER, TRIM, VERSIONS_KEEP_S, CaptureFull, keys, store_event
+from backend.capture_store import (
+    BULK_CREATED,
+    CREATED,
+    DELETE_PART,
+    DELETED,
+    DONE,
+    OFFER,
+    TRIM,
+    UPDATED,
+    VERSIONS_KEEP_S,
+    CaptureFull,
+    bulk_parts,
+    delete_parts,
+    deleted_ids,
+    keys,
+    part_of,
+    store_event,
+    version_of,
+)
 from backend.config import BackendConfig
-from backend.dataset import Dataset, atomic_write, now_iso, parse_time, sample_id
+from backend.dataset import Dataset, atomic_write, now_iso, sample_id
 from backend.images import ImageFetcher
 from backend.samples import RetryLater, SkipSample, annotation_identity, build_sample, ls_id
 from worker import scripts
@@ -61,36 +78,17 @@ __all__ = ["ACTIONS", "CaptureConsumer", "CaptureFull", "keys", "store_event"]
 
 log = logging.getLogger(__name__)
 
-CREATED, UPDATED, DELETED = "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"
-#: Label Studio's bulk creation (annotations imported with tasks): lists of annotations and of their tasks, in order.
-BULK_CREATED = "ANNOTATIONS_CREATED"
 ACTIONS = (CREATED, BULK_CREATED, UPDATED, DELETED)
 GROUP = "lisa-capture"
 BATCH = 8
 BLOCK_S = 1.0  # also how late a stopping consumer notices
 MAX_DELIVERIES = 5
-DELETE_PART = 1000  # annotation ids per step of a large deletion: one versions script call, one dataset lock
 TRIM_COUNT, TRIM_STEPS = 1000, 8  # version records looked at per trim step, steps per reclaim round
 ERROR_CHARS = 2000  # of an error kept in the errors hash (the message may quote a large event)
-_PART_OF = re.compile(rb"\d{1,20}-\d{1,20}")
 
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _version(annotation: dict[str, Any], entry_id: str) -> tuple[int, int, int]:
-    """``(updated_at in microseconds, entry ms, entry seq)``: the order in which versions supersede each other.
-
-    The stream entry id breaks ties (the later arrival wins); an annotation without timestamps counts as oldest.
-    """
-    when = parse_time(annotation.get("updated_at")) or parse_time(annotation.get("created_at"))
-    micros = (when - _EPOCH) // dt.timedelta(microseconds=1) if when else 0
-    ms, _, seq = entry_id.partition("-")
-    return int(micros), int(ms), int(seq or 0)
-
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 class CaptureConsumer:
@@ -243,7 +241,7 @@ class CaptureConsumer:
         """Apply one event; acknowledge it unless it should be tried again. Returns the outcome (None: retry)."""
         final = deliveries >= MAX_DELIVERIES
         raw = fields.get(b"event") or b""
-        where = _part(fields) or (entry_id, None)
+        where = part_of(fields) or (entry_id, None)
         parts: list[bytes] = []
         try:
             try:
@@ -256,11 +254,11 @@ class CaptureConsumer:
             elif action in (CREATED, UPDATED):
                 outcomes = [self._upsert(event, entry_id, final, where)]
             elif action == BULK_CREATED:
-                parts = _bulk_parts(event)
+                parts = bulk_parts(event)
                 outcomes = ["split"] if parts else self._bulk(event, entry_id, final, where)
             elif action == DELETED:
-                ids = _deleted_ids(event)
-                parts = _delete_parts(ids, event) if len(ids) > DELETE_PART else []
+                ids = deleted_ids(event)
+                parts = delete_parts(ids, event) if len(ids) > DELETE_PART else []
                 outcomes = ["split"] if parts else [self._delete(ids, event, entry_id, where)]
             else:
                 outcomes = [self._skip_event(where, "unknown_action", f"action {_short(action)} is not captured",
@@ -310,7 +308,7 @@ class CaptureConsumer:
         except SkipSample as s:
             return self._skip_event(where, s.code, s.reason, event.get("action"))
         assert isinstance(annotation, dict)
-        version = _version(annotation, entry_id)
+        version = version_of(annotation, entry_id)
         if self._superseded(aid, version):
             return "stale"
         label_config = project.get("label_config") if isinstance(project, dict) else None
@@ -359,7 +357,7 @@ class CaptureConsumer:
         if not ids:
             return self._skip_event(where, "missing_field", "the deletion names no annotation ids", DELETED)
         pid = ls_id(event.get("project"))
-        _, ms, seq = _version({}, entry_id)
+        _, ms, seq = version_of({}, entry_id)
         projects: dict[int, list[int]] = {}
         for aid, project in zip(ids, self._admit(ids, (0, ms, seq), "del", pid)):
             if project is not None and project >= 0:  # unknown: the tombstone alone keeps a late CREATED out
@@ -393,36 +391,3 @@ def _short(value: object, chars: int = 80) -> str:
     """An untrusted value for a log line or a reason: quoted (no line breaks get through) and cut short."""
     text = repr(value)
     return text if len(text) <= chars else text[: chars - 3] + "..."
-
-
-def _part(fields: dict[bytes, bytes]) -> tuple[str, int] | None:
-    """``(original entry id, index)`` of a part that splitting an event appended (fields only we write)."""
-    origin, index = fields.get(b"part_of"), fields.get(b"index")
-    if origin and index and _PART_OF.fullmatch(origin) and index.isdigit() and len(index) < 10:
-        return origin.decode(), int(index)
-    return None
-
-
-def _deleted_ids(event: dict[str, Any]) -> list[int]:
-    """The annotation ids an ``ANNOTATIONS_DELETED`` names, once each, in order (invalid ones left out)."""
-    listed = event.get("annotations")
-    items = listed if isinstance(listed, list) else [event.get("annotation")]
-    return list(dict.fromkeys(i for i in map(ls_id, items) if i is not None))
-
-
-def _delete_parts(ids: list[int], event: dict[str, Any]) -> list[bytes]:
-    """A long deletion as events of :data:`DELETE_PART` ids each."""
-    project = ls_id(event.get("project"))
-    return [json.dumps({"action": DELETED, "annotations": ids[i : i + DELETE_PART], "project": project}).encode()
-            for i in range(0, len(ids), DELETE_PART)]
-
-
-def _bulk_parts(event: dict[str, Any]) -> list[bytes]:
-    """A bulk creation of several annotations as one event per annotation (with its task), else none."""
-    annotations, tasks = event.get("annotation"), event.get("task")
-    if not isinstance(annotations, list) or len(annotations) < 2:
-        return []
-    if not isinstance(tasks, list) or len(tasks) != len(annotations):
-        tasks = [None] * len(annotations)
-    return [json.dumps({"action": BULK_CREATED, "annotation": [a], "task": [t], "project": event.get("project")})
-            .encode() for a, t in zip(annotations, tasks)]

@@ -15,16 +15,26 @@ Keys (all in the queue's hash-tag slot, built by ``config.key``), each bounded:
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import re
 import time
 import uuid
+from typing import Any
 
 import redis
 
 from backend.config import BackendConfig
+from backend.dataset import parse_time
+from backend.samples import ls_id
 from worker.connection import call_with_retry
 from worker.defaults import QueueConfig
 from worker.protocol import BUSY, QueueError
 
+CREATED, UPDATED, DELETED = "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"
+#: Label Studio's bulk creation (annotations imported with tasks): lists of annotations and of their tasks, in order.
+BULK_CREATED = "ANNOTATIONS_CREATED"
+DELETE_PART = 1000  # annotation ids per part of a large deletion: one versions script call, one dataset lock
 WEBHOOK_BUDGET_S = 0.8  # Label Studio gives the whole call 1 s
 STORED_TTL_S = 60  # far above WEBHOOK_BUDGET_S: the retries of one store call all happen within it
 VERSIONS_KEEP_S = 24 * 3600
@@ -49,8 +59,9 @@ return id
 """
 
 # Acknowledge one event: delete it, count its outcomes and, if it was split, append its parts (in one step, so a
-# crash leaves either the event or all of its parts). KEYS: stream, bytes, errors, stats. ARGV: group, entry id,
-# its body bytes, received, number of outcome names, the names, then the parts' bodies.
+# crash leaves either the event or all of its parts; the parts pass the backlog's bounds: the event they replace
+# was already acknowledged to Label Studio). KEYS: stream, bytes, errors, stats. ARGV: group, entry id, its body
+# bytes, received, number of outcome names, the names, then the parts' bodies.
 DONE = """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 local held = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -117,6 +128,20 @@ return {reply[1], removed}
 """
 
 
+def version_of(annotation: dict[str, Any], entry_id: str) -> tuple[int, int, int]:
+    """``(updated_at in microseconds, entry ms, entry seq)``: the order in which versions supersede each other.
+
+    The stream entry id breaks ties (the later arrival wins); an annotation without timestamps counts as oldest.
+    """
+    when = parse_time(annotation.get("updated_at")) or parse_time(annotation.get("created_at"))
+    micros = (when - _EPOCH) // dt.timedelta(microseconds=1) if when else 0
+    ms, _, seq = entry_id.partition("-")
+    return int(micros), int(ms), int(seq or 0)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
 class CaptureFull(QueueError):
     """Too many webhook events (or bytes of them) wait to be processed: answered 503 (Label Studio logs it)."""
 
@@ -152,3 +177,41 @@ def store_event(client: redis.Redis, config: BackendConfig, raw: bytes, attempt_
                           "LISA_LS_CAPTURE_BACKLOG_MB); the backend's capture threads cannot keep up or cannot reach "
                           "Label Studio's images. Run `lisa-ls export` later to pick up what was refused")
     return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+
+# ---- the parts of a split event (stream fields ``part_of`` and ``index``: written by us, never by a webhook) ----
+
+_PART_OF = re.compile(rb"\d{1,20}-\d{1,20}")
+
+
+def part_of(fields: dict[bytes, bytes]) -> tuple[str, int] | None:
+    """``(original entry id, index)`` of a part that splitting an event appended (fields only we write)."""
+    origin, index = fields.get(b"part_of"), fields.get(b"index")
+    if origin and index and _PART_OF.fullmatch(origin) and index.isdigit() and len(index) < 10:
+        return origin.decode(), int(index)
+    return None
+
+
+def deleted_ids(event: dict[str, Any]) -> list[int]:
+    """The annotation ids an ``ANNOTATIONS_DELETED`` names, once each, in order (invalid ones left out)."""
+    listed = event.get("annotations")
+    items = listed if isinstance(listed, list) else [event.get("annotation")]
+    return list(dict.fromkeys(i for i in map(ls_id, items) if i is not None))
+
+
+def delete_parts(ids: list[int], event: dict[str, Any]) -> list[bytes]:
+    """A long deletion as events of :data:`DELETE_PART` ids each."""
+    project = ls_id(event.get("project"))
+    return [json.dumps({"action": DELETED, "annotations": ids[i : i + DELETE_PART], "project": project}).encode()
+            for i in range(0, len(ids), DELETE_PART)]
+
+
+def bulk_parts(event: dict[str, Any]) -> list[bytes]:
+    """A bulk creation of several annotations as one event per annotation (with its task), else none."""
+    annotations, tasks = event.get("annotation"), event.get("task")
+    if not isinstance(annotations, list) or len(annotations) < 2:
+        return []
+    if not isinstance(tasks, list) or len(tasks) != len(annotations):
+        tasks = [None] * len(annotations)
+    return [json.dumps({"action": BULK_CREATED, "annotation": [a], "task": [t], "project": event.get("project")})
+            .encode() for a, t in zip(annotations, tasks)]

@@ -286,21 +286,27 @@ class Dataset:
         return existed
 
     def remove_many(self, sids: list[str]) -> int:
-        """:meth:`remove` for many samples, listing the masks folder once (call under :meth:`lock`); returns how
-        many samples went."""
+        """:meth:`remove` for many samples (call under :meth:`lock`); returns how many samples went.
+
+        Each folder is listed once and only files that exist are unlinked: most ids of a large deletion have no
+        sample, and a failed unlink costs as much as a real one.
+        """
         wanted = set(sids)
-        masks: dict[str, list[Path]] = {}
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.root / "masks") as listing:
-            for entry in listing:
-                sid, _, rest = entry.name.rpartition("_")  # <id>_<k>.png, <id>_ignore.png (ids hold no "_")
-                if sid in wanted and rest.endswith(".png"):
-                    masks.setdefault(sid, []).append(Path(entry.path))
+        found: dict[str, dict[str, list[Path]]] = {}
+        for sub in ("samples", "masks", "skipped"):
+            found[sub] = {}
+            with contextlib.suppress(FileNotFoundError), os.scandir(self.root / sub) as listing:
+                for entry in listing:
+                    # samples/<id>.json, skipped/<id>.json, masks/<id>_<k>.png, masks/<id>_ignore.png; ids hold no
+                    # "_" or "."; hidden temporary files start with "."
+                    sid = entry.name.rpartition("_")[0] if sub == "masks" else entry.name.partition(".")[0]
+                    if sid in wanted and entry.name.endswith(".png" if sub == "masks" else ".json"):
+                        found[sub].setdefault(sid, []).append(Path(entry.path))
         removed = 0
-        for sid in sids:
-            removed += self._unlink(self.sample_path(sid))  # the commit point first: no sample without its masks
-            for path in masks.get(sid, ()):
+        for sid in sids:  # the commit point first: no sample without its masks
+            removed += sum(self._unlink(path) for path in found["samples"].get(sid, ()))
+            for path in (*found["masks"].get(sid, ()), *found["skipped"].get(sid, ())):
                 self._unlink(path)
-            self._unlink(self.skipped_path(sid))
         return removed
 
     def record_skip(self, sid: str, code: str, reason: str, info: dict[str, Any]) -> bool:
