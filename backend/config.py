@@ -47,9 +47,10 @@ Variable                        Default         Meaning
                                                 ``/webhook`` answers 503 rather than grow Redis without bound
 ``LISA_LS_CAPTURE_RECLAIM_S``   ``120``         an event a backend process took but has not finished for this
                                                 long (the process died) is processed by another
-``LISA_LS_MAX_BODY_MB``         ``32``          largest request body; a larger one is answered 413 before it is
-                                                read (a webhook refused so is not captured: run ``lisa-ls
-                                                export`` to pick it up)
+``LISA_LS_MAX_BODY_MB``         ``16``          largest request body, in MiB; a larger one is answered 413 before
+                                                it is read (a webhook refused so is not captured: run ``lisa-ls
+                                                export`` to pick it up). Storing a 16 MiB webhook took 0.24 s on
+                                                a loaded test machine, 32 MiB 0.6 s, of the 1 s Label Studio gives
 ``LISA_LS_CAPTURE_BACKLOG_MB``  ``512``         webhook bodies stored but not yet processed, in MiB, above which
                                                 ``/webhook`` answers 503 (at least ``LISA_LS_MAX_BODY_MB``)
 ==============================  ==============  ===================================================================
@@ -86,7 +87,7 @@ VAL_PERCENT = 10
 CAPTURE_BACKLOG = 100_000
 CAPTURE_RECLAIM_S = 120.0  # above an image fetch's 30 s deadline, so a live process keeps its events
 # -- request and capture sizes (issue 18) --
-MAX_BODY_MB = 32
+MAX_BODY_MB = 16
 CAPTURE_BACKLOG_MB = 512
 
 
