@@ -37,9 +37,11 @@ def create_app(config: BackendConfig | None = None) -> Flask:
     app = Flask("lisa_ls_backend")
     app.json.sort_keys = False  # keep "status" first in /health, where people look
     app.extensions[EXTENSION] = state = BackendState.build(config)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_mb * 2**20  # 413 before the body is read (issue 18)
     if config.capture:
         state.start_capture()  # after gunicorn's fork (no --preload): threads do not survive a fork
     register_error_handlers(app)
+    app.register_error_handler(413, _too_large)
     if config.basic_auth is not None:
         app.before_request(_require_basic_auth)
     for module in BLUEPRINTS:
@@ -50,6 +52,13 @@ def create_app(config: BackendConfig | None = None) -> Flask:
         "on" if config.basic_auth else "off",
     )
     return app
+
+
+def _too_large(_exc: Exception) -> tuple[Response, int]:
+    """A body over ``LISA_LS_MAX_BODY_MB``: say what the limit is and what to do about a refused webhook."""
+    limit = current_state().config.max_body_mb
+    return json_error(413, f"the request body is larger than {limit} MiB (LISA_LS_MAX_BODY_MB); a webhook refused "
+                           "so is not captured: raise the limit, or run `lisa-ls export` to pick the annotation up")
 
 
 def _require_basic_auth() -> tuple[Response, int] | None:

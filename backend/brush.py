@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["BrushRLEError", "mask_to_rle", "rle_to_mask"]
+__all__ = ["BrushRLEError", "band_to_rle", "mask_to_rle", "rle_to_mask"]
 
 _HEADER_BITS = 53
 _WORD_BITS = 8
@@ -75,12 +75,53 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
         raise ValueError(f"a {mask.shape[1]}×{mask.shape[0]} mask is too large for brush RLE (at most 2^30 pixels)")
 
     flat = mask.ravel() if mask.dtype == np.bool_ else (mask > 0).ravel()
-    # Runs of equal pixels; every pixel is 4 equal bytes, so a byte run is 4 × the pixel run.
+    run_len, run_val = _runs(flat)
+    return _encode_runs(run_len, run_val, flat.size)
+
+
+def band_to_rle(band: np.ndarray, top: int, height: int) -> list[int]:
+    """The RLE of a ``height × W`` mask that is empty outside the rows ``top .. top + len(band)``, given those rows.
+
+    Equal to ``mask_to_rle`` of the whole mask, without allocating it: an instance of a large answer is encoded
+    from the rows its bounding box spans (``band``, ``rows × W``, bool or integer; > 0 is foreground).
+    """
+    band = np.asarray(band)
+    if band.ndim != 2 or band.size == 0:
+        raise ValueError(f"a mask band must be 2-D and non-empty, got shape {band.shape}")
+    if not 0 <= top <= height - band.shape[0]:
+        raise ValueError(f"rows {top}..{top + band.shape[0]} do not fit in a mask of {height} rows")
+    width = band.shape[1]
+    if height * width * 4 > _MAX_WORDS:
+        raise ValueError(f"a {width}×{height} mask is too large for brush RLE (at most 2^30 pixels)")
+    flat = band.ravel() if band.dtype == np.bool_ else (band > 0).ravel()
+    run_len, run_val = _runs(flat)
+    above, below = top * width * 4, (height - top - band.shape[0]) * width * 4
+    # The rows outside the band are background: they lengthen the band's first / last run when it is background
+    # too, else they are runs of their own.
+    if above:
+        if run_val[0] == 0:
+            run_len[0] += above
+        else:
+            run_len, run_val = np.concatenate(([above], run_len)), np.concatenate(([0], run_val)).astype(np.uint64)
+    if below:
+        if run_val[-1] == 0:
+            run_len[-1] += below
+        else:
+            run_len, run_val = np.concatenate((run_len, [below])), np.concatenate((run_val, [0])).astype(np.uint64)
+    return _encode_runs(run_len, run_val, height * width)
+
+
+def _runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of equal pixels of a flat bool mask: their lengths in words (4 per pixel, int64) and byte values."""
     cuts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     starts = np.concatenate(([0], cuts))
     run_len = np.diff(np.concatenate((starts, [flat.size]))).astype(np.int64) * 4
     run_val = np.where(flat[starts], 255, 0).astype(np.uint64)
+    return run_len, run_val
 
+
+def _encode_runs(run_len: np.ndarray, run_val: np.ndarray, pixels: int) -> list[int]:
+    """The token stream of a mask of ``pixels`` pixels given as runs (lengths in words, byte values)."""
     # Runs longer than 65536 words become several tokens (see the module docstring).
     pieces = np.where(run_len > _MAX_RUN, -(-run_len // _MAX_RUN), 1)
     if np.any(pieces > 1):
@@ -102,7 +143,7 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
         | ((count - 1).astype(np.uint64) << np.uint64(8))
         | value
     )
-    header = (flat.size * 4) << 21 | (_WORD_BITS - 1) << 16 | 2 << 12 | 3 << 8 | 7 << 4 | 15
+    header = (pixels * 4) << 21 | (_WORD_BITS - 1) << 16 | 2 << 12 | 3 << 8 | 7 << 4 | 15
     fields = np.concatenate(([np.uint64(header)], token))
     widths = np.concatenate(([_HEADER_BITS], nbits.astype(np.int64) + 11))
     return _pack_fields(fields, widths).tolist()

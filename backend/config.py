@@ -47,6 +47,12 @@ Variable                        Default         Meaning
                                                 ``/webhook`` answers 503 rather than grow Redis without bound
 ``LISA_LS_CAPTURE_RECLAIM_S``   ``120``         an event a backend process took but has not finished for this
                                                 long (the process died) is processed by another
+``LISA_LS_MAX_BODY_MB``         ``16``          largest request body, in MiB; a larger one is answered 413 before
+                                                it is read (a webhook refused so is not captured: run ``lisa-ls
+                                                export`` to pick it up). Storing a 16 MiB webhook took 0.24 s on
+                                                a loaded test machine, 32 MiB 0.6 s, of the 1 s Label Studio gives
+``LISA_LS_CAPTURE_BACKLOG_MB``  ``512``         webhook bodies stored but not yet processed, in MiB, above which
+                                                ``/webhook`` answers 503 (at least ``LISA_LS_MAX_BODY_MB``)
 ==============================  ==============  ===================================================================
 
 Bad values raise :class:`ValueError` naming the variable, at start-up rather than on the first request.
@@ -80,6 +86,9 @@ QUERY_FIELD = "query"
 VAL_PERCENT = 10
 CAPTURE_BACKLOG = 100_000
 CAPTURE_RECLAIM_S = 120.0  # above an image fetch's 30 s deadline, so a live process keeps its events
+# -- request and capture sizes (issue 18) --
+MAX_BODY_MB = 16
+CAPTURE_BACKLOG_MB = 512
 
 
 def _env(name: str, doc: str) -> dict[str, str]:
@@ -145,6 +154,13 @@ class BackendConfig:
     capture_reclaim_s: float = dataclasses.field(
         default=CAPTURE_RECLAIM_S, metadata=_env(ENV_PREFIX + "CAPTURE_RECLAIM_S", "retake a dead process's events")
     )
+    # -- request and capture sizes (issue 18) --
+    max_body_mb: int = dataclasses.field(
+        default=MAX_BODY_MB, metadata=_env(ENV_PREFIX + "MAX_BODY_MB", "largest request body (MiB): 413 above")
+    )
+    capture_backlog_mb: int = dataclasses.field(
+        default=CAPTURE_BACKLOG_MB, metadata=_env(ENV_PREFIX + "CAPTURE_BACKLOG_MB", "most unprocessed webhook MiB")
+    )
     queue: QueueConfig = dataclasses.field(default_factory=QueueConfig)
     """The job queue's settings (``REDIS_URL`` and the queue's ``LISA_LS_*`` variables)."""
 
@@ -165,6 +181,10 @@ class BackendConfig:
             raise ValueError(f"{ENV_PREFIX}VAL_PERCENT={self.val_percent} must be 0-100")
         if self.capture_backlog < 1 or self.capture_reclaim_s <= 0:
             raise ValueError(f"{ENV_PREFIX}CAPTURE_BACKLOG and {ENV_PREFIX}CAPTURE_RECLAIM_S must be positive")
+        # -- request and capture sizes (issue 18) --
+        if not 1 <= self.max_body_mb <= self.capture_backlog_mb:
+            raise ValueError(f"{ENV_PREFIX}MAX_BODY_MB={self.max_body_mb} must be at least 1 and at most "
+                             f"{ENV_PREFIX}CAPTURE_BACKLOG_MB={self.capture_backlog_mb} (a webhook must fit)")
         # Only one of the two is almost certainly a typo; serving without auth then would be a silent hole.
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")

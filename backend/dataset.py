@@ -285,6 +285,30 @@ class Dataset:
         self._unlink(self.skipped_path(sid))
         return existed
 
+    def remove_many(self, sids: list[str]) -> int:
+        """:meth:`remove` for many samples (call under :meth:`lock`); returns how many samples went.
+
+        Each folder is listed once and only files that exist are unlinked: most ids of a large deletion have no
+        sample, and a failed unlink costs as much as a real one.
+        """
+        wanted = set(sids)
+        found: dict[str, dict[str, list[Path]]] = {}
+        for sub in ("samples", "masks", "skipped"):
+            found[sub] = {}
+            with contextlib.suppress(FileNotFoundError), os.scandir(self.root / sub) as listing:
+                for entry in listing:
+                    # samples/<id>.json, skipped/<id>.json, masks/<id>_<k>.png, masks/<id>_ignore.png; ids hold no
+                    # "_" or "."; hidden temporary files start with "."
+                    sid = entry.name.rpartition("_")[0] if sub == "masks" else entry.name.partition(".")[0]
+                    if sid in wanted and entry.name.endswith(".png" if sub == "masks" else ".json"):
+                        found[sub].setdefault(sid, []).append(Path(entry.path))
+        removed = 0
+        for sid in sids:  # the commit point first: no sample without its masks
+            removed += sum(self._unlink(path) for path in found["samples"].get(sid, ()))
+            for path in (*found["masks"].get(sid, ()), *found["skipped"].get(sid, ())):
+                self._unlink(path)
+        return removed
+
     def record_skip(self, sid: str, code: str, reason: str, info: dict[str, Any]) -> bool:
         """Record why an annotation is not a sample, replacing any sample of an older version of it (call under
         :meth:`lock`). Returns True if that removed a sample."""

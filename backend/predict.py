@@ -273,7 +273,8 @@ def webhook() -> Response | tuple[Response, int]:
     action = body["action"]
     annotation = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}
     task = body.get("task") if isinstance(body.get("task"), dict) else {}
-    log.info("webhook %s annotation=%s task=%s", action, annotation.get("id"), task.get("id") or annotation.get("task"))
+    log.info("webhook %.100r annotation=%.40r task=%.40r", action, annotation.get("id"),  # quoted: not checked yet
+             task.get("id") or annotation.get("task"))
     if action not in capture.ACTIONS:
         return jsonify({"status": "Unknown event"})
     if not state.config.capture:

@@ -12,30 +12,87 @@ it meant something. It is kept in ``meta.sam_score`` (and ``LISA_LS_MIN_SCORE`` 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from backend.brush import mask_to_rle
+from backend.brush import band_to_rle, mask_to_rle
 from backend.labeling import LabelingSetup
 
+log = logging.getLogger(__name__)
 
-def split_instances(mask: np.ndarray, min_pixels: int = 1) -> list[np.ndarray]:
-    """Connected components (8-connected) of a boolean mask, largest first; specks under ``min_pixels`` dropped."""
-    from scipy import ndimage
 
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if n <= 1:
-        return [mask] if mask.sum() >= min_pixels else []
-    sizes = np.bincount(labels.ravel())[1:]
-    order = [i + 1 for i in np.argsort(-sizes) if sizes[i] >= min_pixels]
-    return [labels == i for i in order]
+#: The most regions one answer holds when it is split into instances: a mask of salt noise or a crowd can have
+#: thousands of connected components, and each region costs the labeling UI a canvas and the answer an RLE of the
+#: whole image. Past it the largest are kept and the interactive answer says so in the message TextArea.
+MAX_REGIONS = 100
+_COUNT_CHUNK = 1 << 20  # pixels counted per step when sizing instances
+
+
+@dataclasses.dataclass
+class Instances:
+    """The connected components (8-connected) of one ``H x W`` mask, labelled once.
+
+    ``labels`` is the ``H x W`` int32 label image (component ``k`` is ``labels == k``); ``order`` the labels of the
+    components of at least ``min_pixels`` pixels, largest first (ties: in label order); ``rows[k - 1]`` the rows
+    component ``k`` spans. Nothing here holds a full-size mask per component: :meth:`rle` and :meth:`mask` make one
+    component's at a time.
+    """
+
+    labels: np.ndarray
+    order: list[int]
+    rows: list[slice]
+
+    @classmethod
+    def find(cls, mask: np.ndarray, min_pixels: int = 1) -> Instances:
+        from scipy import ndimage
+
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool), output=np.int32)
+        flat, sizes = labels.ravel(), np.zeros(n + 1, dtype=np.int64)
+        for start in range(0, flat.size, _COUNT_CHUNK):  # bincount copies its input to int64: a slice at a time
+            sizes += np.bincount(flat[start : start + _COUNT_CHUNK], minlength=n + 1)
+        sizes = sizes[1:]
+        kept = np.flatnonzero(sizes >= max(1, min_pixels))  # specks go before anything is allocated for them
+        order = (kept[np.argsort(-sizes[kept], kind="stable")] + 1).tolist()
+        rows = [box[0] for box in ndimage.find_objects(labels)] if order else []
+        return cls(labels=labels, order=order, rows=rows)
+
+    def band(self, k: int) -> tuple[np.ndarray, int]:
+        """Component ``k`` as the rows it spans: ``(rows x W bool, first row)``."""
+        span = self.rows[k - 1]
+        return self.labels[span] == k, span.start
+
+    def rle(self, k: int) -> list[int]:
+        """Component ``k`` as Label Studio brush RLE of the whole image."""
+        band, top = self.band(k)
+        return band_to_rle(band, top, self.labels.shape[0])
+
+    def mask(self, k: int) -> np.ndarray:
+        """Component ``k`` as an ``H x W`` bool mask."""
+        return self.labels == k
+
+
+def split_instances(mask: np.ndarray, min_pixels: int = 1, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Connected components (8-connected) of a boolean mask, largest first, one ``H x W`` mask at a time (at most
+    ``limit``); specks under ``min_pixels`` dropped."""
+    found = Instances.find(mask, min_pixels)
+    for k in found.order[:limit]:
+        yield found.mask(k)
 
 
 def brush_region(mask: np.ndarray, setup: LabelingSetup, label: str, score: float, meta: dict[str, Any]) -> dict:
     """One editable ``brushlabels`` region for an ``H x W`` boolean mask."""
     height, width = mask.shape
+    return rle_region(mask_to_rle(mask), width, height, setup, label, score, meta)
+
+
+def rle_region(rle: list[int], width: int, height: int, setup: LabelingSetup, label: str, score: float,
+               meta: dict[str, Any]) -> dict:
+    """One editable ``brushlabels`` region for a mask already encoded as brush RLE of a ``width x height`` image."""
     return {
         "id": uuid.uuid4().hex[:10],
         "from_name": setup.brush_name,
@@ -45,7 +102,7 @@ def brush_region(mask: np.ndarray, setup: LabelingSetup, label: str, score: floa
         "original_width": int(width),
         "original_height": int(height),
         "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
         "readonly": False,
         "meta": {**meta, "sam_score": round(float(score), 4)},
     }
@@ -66,9 +123,16 @@ def message_region(setup: LabelingSetup, text: str) -> dict[str, Any]:
             "value": {"text": [text] if text else []}, "readonly": True}
 
 
+def capped_message(query: str, found: int, kept: int) -> str:
+    """What the message TextArea says when an answer split into more instances than it may hold."""
+    return (f"LISA found {found} separate regions for '{query}'; showing the {kept} largest (at most {kept} per "
+            "answer). Turn split_instances off for this project to get the whole mask as one region.")
+
+
 def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, label: str, model_version: str,
                query: str, split: bool = False, *, ids: list[str] | None = None, min_score: float = float("-inf"),
-               min_area: int = 0, meta: dict[str, Any] | None = None, message: bool = False) -> dict[str, Any]:
+               min_area: int = 0, meta: dict[str, Any] | None = None, message: bool = False,
+               max_regions: int = MAX_REGIONS) -> dict[str, Any]:
     """A Label Studio prediction: one region per kept mask (or per connected instance with ``split``).
 
     Args:
@@ -79,23 +143,39 @@ def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, lab
             accepting it replaces them in the annotation instead of adding a copy).
         meta: more to record in each region's ``meta`` (the clicks of a refinement).
         message: an interactive answer: add the config's message TextArea (if any), saying "found nothing" when
-            nothing is kept and nothing otherwise, which clears the message of an earlier answer.
+            nothing is kept, :func:`capped_message` when ``max_regions`` cut the answer, and nothing otherwise,
+            which clears the message of an earlier answer.
+        max_regions: the most regions of the answer (the largest instances are kept; whole masks are never cut).
     Returns:
         ``{"result": [...], "score": None, "model_version": ...}``; ``result`` has no region when nothing is kept.
         ``score`` is None (Label Studio stores no prediction score) for the reason in the module docstring.
     """
-    regions = []
+    regions: list[dict[str, Any]] = []
+    found = 0
+    min_pixels = max(1, min_area)
     for mask, score in zip(masks, scores):
         if score < min_score:
             continue
-        for part in split_instances(mask, max(1, min_area)) if split else ([mask] if mask.sum() >= max(1, min_area)
-                                                                          else []):
-            info = {"prompt": query, "model_version": model_version, **(meta or {})}
-            regions.append(brush_region(part, setup, label, score, info))
+        info = {"prompt": query, "model_version": model_version, **(meta or {})}
+        height, width = mask.shape
+        if not split:
+            if mask.sum() >= min_pixels:
+                regions.append(rle_region(mask_to_rle(mask), width, height, setup, label, score, info))
+            continue
+        parts = Instances.find(mask, min_pixels)  # one label image per mask; each instance encoded in turn
+        found += len(parts.order)
+        for k in parts.order[:max(0, max_regions - len(regions))]:
+            regions.append(rle_region(parts.rle(k), width, height, setup, label, score, dict(info)))
+        del parts
     for region, rid in zip(regions, ids or []):
         region["id"] = rid
+    capped = split and found > len(regions)
+    if capped:
+        log.warning("the answer for %r has %d instances; kept the %d largest", query, found, len(regions))
     if message and setup.message_name:
-        regions.append(message_region(setup, "" if regions else f"LISA found nothing matching '{query}'"))
+        said = (capped_message(query, found, len(regions)) if capped
+                else "" if regions else f"LISA found nothing matching '{query}'")
+        regions.append(message_region(setup, said))
     return {"result": regions, "score": None, "model_version": model_version}
 
 

@@ -55,14 +55,23 @@ class RetryLater(Exception):
     """A passing failure (the image host is unreachable): the same annotation may work later."""
 
 
+#: The largest id Label Studio can hand out (its ids are 64-bit database keys).
+MAX_ID = 2**63 - 1
+
+
 def ls_id(value: object) -> int | None:
-    """A Label Studio id: an int, digits in a string, or the ``id`` of an object; else None."""
+    """A Label Studio id: an int, ASCII digits in a string, or the ``id`` of an object; else None (also for a
+    negative or out-of-range number, and for digits like ``"²"`` that ``str.isdigit`` accepts but ``int`` does not).
+    Ids become file names (:func:`backend.dataset.sample_id`), so nothing else gets through."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+        return value if 0 <= value <= MAX_ID else None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= len(str(MAX_ID)):
+            return ls_id(int(text))
+        return None
     if isinstance(value, dict):
         return ls_id(value.get("id"))
     return None
@@ -82,7 +91,7 @@ def annotation_identity(annotation: object, task: object = None, project: object
     pid = ls_id(project) or ls_id(annotation.get("project")) or ls_id(task_project)
     for name, value in (("annotation.id", aid), ("task id", tid), ("project id", pid)):
         if value is None:
-            raise SkipSample("missing_field", f"the annotation has no {name}")
+            raise SkipSample("missing_field", f"the annotation has no {name} (a Label Studio id is a whole number)")
     return pid, tid, aid  # type: ignore[return-value]
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from test_backend_predict import NO_MESSAGES, QUERY, UPLOADS, predict, task, textarea
 
 from backend.brush import rle_to_mask
+from backend.regions import MAX_REGIONS, Instances
 from model.preprocess import load_image
 from worker.protocol import MAX_POINTS
 
@@ -129,11 +130,19 @@ def test_split_instances_is_a_project_setting(stack):
         setup = {"project": project, "schema": NO_MESSAGES, "extra_params": {"split_instances": split}}
         assert requests.post(backend.url + "/setup", json=setup, timeout=5).status_code == 200
     whole = regions(predict(backend, [task(1)], {"result": [textarea(QUERY)]}, project="9.1"))
-    parts = regions(predict(backend, [task(1)], {"result": [textarea(QUERY)]}, project="10.1"))
+    answer = regions(predict(backend, [task(1)], {"result": [textarea(QUERY)]}, project="10.1"))
+    parts = [r for r in answer if r["type"] == "brushlabels"]
     masks = [rle_to_mask(r["value"]["rle"], 480, 640) for r in parts]
     union, one = np.logical_or.reduce(masks), rle_to_mask(whole[0]["value"]["rle"], 480, 640)
     assert len(whole) == 1 and len(parts) > 1
-    # The instances tile the whole mask, but for specks under LISA_LS_MIN_AREA (16 px) dropped as noise.
-    assert not (union & ~one).any() and (one & ~union).sum() <= 16 * len(parts) + 0.01 * one.sum()
-    assert all(m.sum() >= 16 for m in masks)
+    # The instances are the whole mask's, largest first, but for specks under LISA_LS_MIN_AREA (16 px) dropped as
+    # noise and for those past the MAX_REGIONS largest, which the lisa TextArea then mentions.
+    found = Instances.find(one, 16)
+    sizes = np.bincount(found.labels.ravel())[found.order].tolist()
+    assert [int(m.sum()) for m in masks] == sizes[:MAX_REGIONS] and not (union & ~one).any()
+    said = [r["value"]["text"][0] for r in answer if r["type"] == "textarea"]
+    if len(sizes) > MAX_REGIONS:
+        assert len(said) == 1 and said[0].startswith(f"LISA found {len(sizes)} separate regions for '{QUERY}'")
+    else:
+        assert said == []
     assert all("sam_score" in r["meta"] for r in parts) and len({r["id"] for r in parts}) == len(parts)

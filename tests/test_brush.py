@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.brush import BrushRLEError, mask_to_rle, rle_to_mask
+from backend.brush import BrushRLEError, band_to_rle, mask_to_rle, rle_to_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,3 +289,26 @@ def test_bad_arguments() -> None:
 def test_bad_masks(mask: np.ndarray, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         mask_to_rle(mask)
+
+
+def test_band_encoding_equals_the_whole_mask() -> None:
+    """``band_to_rle`` (an instance encoded from the rows it spans) gives the bytes of ``mask_to_rle`` on the whole
+    mask: bands touching the top or bottom, starting or ending on a set pixel, one row, every row, long runs."""
+    rng = np.random.default_rng(11)
+    for height, width in ((1, 1), (1, 9), (7, 1), (40, 33), (300, 700)):
+        for _ in range(12):
+            top = int(rng.integers(0, height))
+            rows = int(rng.integers(1, height - top + 1))
+            band = rng.random((rows, width)) < rng.choice([0.02, 0.5, 0.98])
+            if rng.random() < 0.3:
+                band[0, 0] = True
+            if rng.random() < 0.3:
+                band[-1, -1] = True
+            whole = np.zeros((height, width), bool)
+            whole[top : top + rows] = band
+            assert band_to_rle(band, top, height) == mask_to_rle(whole), (height, width, top, rows)
+            assert band_to_rle(band.astype(np.uint8) * 255, top, height) == mask_to_rle(whole)
+    with pytest.raises(ValueError, match="do not fit"):
+        band_to_rle(np.ones((3, 4), bool), 2, 4)
+    with pytest.raises(ValueError, match="non-empty"):
+        band_to_rle(np.ones((0, 4), bool), 0, 4)

@@ -19,7 +19,7 @@ from PIL import Image
 from backend import dataset as ds
 from backend.brush import mask_to_rle
 from backend.images import FetchedImage, ImageFetchError, inspect_image
-from backend.samples import RetryLater, SkipSample, build_sample
+from backend.samples import RetryLater, SkipSample, build_sample, ls_id
 from model.data import load_samples, rasterize
 
 CONFIG = """<View><Image name="image" value="$image"/><TextArea name="query" toName="image"/>
@@ -224,6 +224,33 @@ def test_image_failures_skip_or_retry() -> None:
         build_sample(ann, TASK, CONFIG, failing("not_found"))
     with pytest.raises(RetryLater):
         build_sample(ann, TASK, CONFIG, failing("unreachable"))
+
+
+def test_remove_many_removes_what_remove_does_and_nothing_else(tmp_path: Path) -> None:
+    """Samples 1-4 with masks (one with an ignore mask), a skipped record for 5, a writer's temporary file: removing
+    1, 3, 5 and ids with no files leaves exactly 2 and 4 as they were."""
+    data = ds.Dataset.open(tmp_path / "d", project_id=1)
+    with data.lock():
+        for aid in (1, 2, 3, 4):
+            extra = [region(rect(9, 12, 0, 32), "Ignore")] if aid == 3 else []
+            data.commit(build_sample(annotation(region(rect(0, aid + 2, 0, 5)), *extra, aid=aid), TASK, CONFIG,
+                                     fetcher(png())), "webhook")
+        data.record_skip("ls-1-5", "no_query", "no query", {})
+        (data.root / "masks" / ".ls-1-1_0.png.99.1.tmp").write_bytes(b"half")
+        before = {p.relative_to(data.root) for p in data.root.rglob("*") if p.is_file()}
+        assert data.remove_many(["ls-1-1", "ls-1-3", "ls-1-5", "ls-1-77", "ls-1-1"]) == 2
+    left = {p.relative_to(data.root) for p in data.root.rglob("*") if p.is_file()}
+    gone = {Path(p) for p in ("samples/ls-1-1.json", "masks/ls-1-1_0.png", "samples/ls-1-3.json",
+                              "masks/ls-1-3_0.png", "masks/ls-1-3_ignore.png", "skipped/ls-1-5.json")}
+    assert before - left == gone
+    assert [s.id for s in load_samples(data.root)] == ["ls-1-2", "ls-1-4"]
+
+
+def test_ids_are_ascii_digits_in_range() -> None:
+    assert [ls_id(v) for v in (7, "7", " 12 ", {"id": "3"}, 0, 2**63 - 1)] == [7, 7, 12, 3, 0, 2**63 - 1]
+    # "²" and "١" pass str.isdigit; int() refuses the first and reads the second as 1: both are no id here.
+    for bad in ("²", "١", "1\nERROR x", -4, 2**63, "9" * 5000, 10**30, True, 1.0, None, [1], "", "0x10"):
+        assert ls_id(bad) is None, bad
 
 
 def _polygon_json(path: Path, shapes: list[dict], text: object, encoding: str = "utf-8", **extra) -> None:
