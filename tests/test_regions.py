@@ -154,7 +154,7 @@ def test_a_fragmented_answer_is_capped_through_the_backend(queue_config, squares
         assert answer[-1]["value"]["text"][0].startswith("LISA found 300 separate regions for '300 squares'")
         assert all(r["original_width"] == 1000 and r["original_height"] == 800 for r in answer[:-1])
         assert [r["type"] for r in ask("300 squares", interactive=False)] == ["brushlabels"] * MAX_REGIONS
-        assert [r["type"] for r in ask("12 squares")] == ["brushlabels"] * 12 + ["textarea"]  # specks dropped; no message
+        assert [r["type"] for r in ask("12 squares")] == ["brushlabels"] * 12 + ["textarea"]  # specks dropped
         assert "Traceback" not in backend.log()
     finally:
         ls.close()
