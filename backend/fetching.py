@@ -1,0 +1,157 @@
+"""Task images for one request: fetched concurrently, under the request's deadline, within per-process bounds.
+
+Two rules, both about gunicorn's threads (``THREADS`` per process, shared by every endpoint):
+
+- **Bounded fetches.** A slow image host (a 1 byte/s server, a blackholed bucket) holds a thread for the whole
+  fetch deadline. Were every request allowed to fetch, 64 such tasks would hold all 64 threads and ``/health``
+  would time out, so Label Studio marks the backend disconnected. :class:`FetchGate` counts the fetches in flight
+  in this process, overall (``LISA_LS_FETCH_CONCURRENCY``) and per image host (``LISA_LS_FETCH_PER_HOST``), both
+  below the thread count; a request that finds no free slot is answered "busy" at once instead of waiting (a
+  waiting thread is as lost to ``/health`` as a fetching one).
+- **One deadline.** A batch ``/predict`` fetches its images in parallel (:data:`~backend.config
+  .FETCH_PARALLEL_PER_REQUEST` at a time), each cut at what is left of the request's deadline, so the whole request
+  answers before Label Studio's 100 s ``ML_TIMEOUT_PREDICT`` however many tasks it carries.
+
+A batch request that holds slots and finds none free for its next image waits for one of its own fetches to end
+(it then frees a slot it can take); only a request with none in flight is answered busy, so a batch is never
+refused half-way by itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from backend.config import ENV_PREFIX, FETCH_PARALLEL_PER_REQUEST
+from backend.images import FetchedImage, ImageFetcher, ImageFetchError
+from worker.protocol import BUSY  # the code of a fetch refused for want of a slot, as of a full queue
+
+
+class FetchGate:
+    """Counts the image fetches in flight in this process, overall and per host; thread-safe.
+
+    Args:
+        total: most fetches at once (``BackendConfig.fetch_slots``).
+        per_host: most fetches at once from one ``host:port`` (``BackendConfig.fetch_slots_per_host``).
+    """
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self.total, self.per_host = total, per_host
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._hosts: collections.Counter[str] = collections.Counter()
+
+    def try_acquire(self, host: str | None) -> ImageFetchError | None:
+        """Take a slot for a fetch from ``host`` (``None``: no network, no slot); the refusal if none is free."""
+        if host is None:
+            return None
+        with self._lock:
+            if self._in_flight >= self.total:
+                return ImageFetchError(
+                    f"busy: {self._in_flight} image fetches are in flight in this backend process, its bound "
+                    f"({ENV_PREFIX}FETCH_CONCURRENCY); try again in a moment", BUSY)
+            if self._hosts[host] >= self.per_host:
+                return ImageFetchError(
+                    f"busy: {self._hosts[host]} image fetches from {host} are in flight, the bound per host "
+                    f"({ENV_PREFIX}FETCH_PER_HOST); that host is slow or the backend overloaded: try again in a "
+                    "moment", BUSY)
+            self._in_flight += 1
+            self._hosts[host] += 1
+            return None
+
+    def release(self, host: str | None) -> None:
+        if host is None:
+            return
+        with self._lock:
+            self._in_flight -= 1
+            self._hosts[host] -= 1
+            if not self._hosts[host]:
+                del self._hosts[host]
+
+    def snapshot(self) -> dict[str, int]:
+        """Fetches in flight (overall, and from the busiest host) and the bounds, for ``/health``."""
+        with self._lock:
+            busiest = max(self._hosts.values(), default=0)
+            return {"in_flight": self._in_flight, "max": self.total, "busiest_host": busiest,
+                    "max_per_host": self.per_host}
+
+
+Outcome = FetchedImage | ImageFetchError
+"""One image of a request: its bytes, or why there are none."""
+
+
+def fetch_one(fetcher: ImageFetcher, gate: FetchGate, value: object, task: int | None, deadline: float,
+              request_deadline_s: float) -> FetchedImage:
+    """One image, in the calling thread (an interactive call), within a slot; raises
+    :class:`~backend.images.ImageFetchError` (code ``busy`` without a free slot). Arguments as :func:`fetch_each`."""
+    host = fetcher.host(value, task)
+    refusal = gate.try_acquire(host)
+    if refusal is not None:
+        raise refusal
+    try:
+        outcome = _fetch(fetcher, (value, task), deadline, request_deadline_s)
+    finally:
+        gate.release(host)
+    if isinstance(outcome, ImageFetchError):
+        raise outcome
+    return outcome
+
+
+def fetch_each(fetcher: ImageFetcher, gate: FetchGate, items: Sequence[tuple[object, int | None]],
+               deadline: float, request_deadline_s: float) -> Iterator[tuple[int, Outcome]]:
+    """Fetch the images ``items`` name (``(image value, task id)`` each) concurrently, none past ``deadline``;
+    yields ``(index in items, outcome)`` as each ends, in the calling thread, so its job can be queued at once.
+
+    Args:
+        deadline: absolute wall-clock time (``time.time()``) by which every fetch has ended: each is given what is
+            left of it (or the fetcher's own, shorter, deadline).
+        request_deadline_s: the request's whole deadline, for messages (``LISA_LS_PREDICT_DEADLINE_S``).
+    """
+    hosts = [fetcher.host(value, task) for value, task in items]
+
+    def one(i: int) -> Outcome:
+        try:
+            return _fetch(fetcher, items[i], deadline, request_deadline_s)
+        finally:
+            gate.release(hosts[i])
+
+    pending = collections.deque(range(len(items)))
+    running: dict[Future[Outcome], int] = {}
+    lanes = min(FETCH_PARALLEL_PER_REQUEST, len(items))
+    with ThreadPoolExecutor(max_workers=max(lanes, 1), thread_name_prefix="fetch") as pool:
+        while pending or running:
+            waiting: list[int] = []  # no free slot right now
+            while pending and len(running) < lanes:
+                i = pending.popleft()
+                refusal = gate.try_acquire(hosts[i])
+                if refusal is None:
+                    running[pool.submit(one, i)] = i
+                elif running:
+                    waiting.append(i)  # one of ours ends soon and frees a slot
+                else:
+                    yield i, refusal
+            pending.extendleft(reversed(waiting))
+            if not running:
+                continue  # every waiting one is retried, and refused if still nothing of ours runs
+            done, _ = wait(running, return_when=FIRST_COMPLETED)  # each fetch ends by its deadline (netguard)
+            for future in done:
+                yield running.pop(future), future.result()
+
+
+def _fetch(fetcher: ImageFetcher, item: tuple[object, int | None], deadline: float,
+           request_deadline_s: float) -> Outcome:
+    value, task = item
+    left = round(deadline - time.time(), 2)  # (messages quote it)
+    if left <= 0:
+        return ImageFetchError(f"the image was not fetched: the request's {request_deadline_s:g} s deadline "
+                               f"({ENV_PREFIX}PREDICT_DEADLINE_S) passed first", "timeout")
+    try:
+        return fetcher.fetch(value, task, deadline_s=left)
+    except ImageFetchError as e:
+        if e.code == "timeout" and left < fetcher.settings.deadline_s:  # cut by the request, not the fetcher
+            return ImageFetchError(f"{e.message}, all that was left of the request's {request_deadline_s:g} s "
+                                   f"deadline ({ENV_PREFIX}PREDICT_DEADLINE_S)", "timeout")
+        return e
