@@ -325,10 +325,11 @@ class ImageFetcher:
         if deadline.expired:
             return ImageFetchError(f"fetching {here} took longer than {deadline.seconds:g} s", "timeout")
         if isinstance(e, requests.ConnectTimeout):
-            return ImageFetchError(f"could not connect to {urlsplit(url).netloc} within {timeout[0]:g} s", "timeout")
+            return ImageFetchError(f"could not connect to {urlsplit(url).netloc} within {round(timeout[0], 2):g} s",
+                                   "timeout")
         if isinstance(e, requests.ReadTimeout) or (e is not None and any(
                 isinstance(a, ReadTimeoutError) for a in e.args)):
-            return ImageFetchError(f"timed out after {timeout[1]:g} s waiting for {here}", "timeout")
+            return ImageFetchError(f"timed out after {round(timeout[1], 2):g} s waiting for {here}", "timeout")
         reason = _reason(e)
         if isinstance(e, requests.exceptions.InvalidURL):
             return ImageFetchError(f"the image URL {here} is malformed ({reason})")

@@ -61,7 +61,7 @@ def project_id(value: object) -> str:
     match = PROJECT_ID.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         shown = repr(text[:40]) + ("..." if len(text) > 40 else "") if isinstance(text, str) else _kind(value)
-        raise Refusal(422, f"the project id {shown} is not a Label Studio project id (a number, or "
+        raise Refusal(422, f"the project id is {shown}, not a Label Studio project id (a number, or "
                            "'<number>.<timestamp>')")
     return match.group(1)
 
