@@ -118,6 +118,8 @@ def typed_query(context: dict[str, Any], setup: LabelingSetup) -> str | None:
             continue
         if setup.query_name and item.get("from_name") not in (setup.query_name, None):
             continue
+        if setup.message_name and item.get("from_name") == setup.message_name:
+            continue  # the backend's own message, never a query (a config without a query TextArea)
         value = item.get("value") or {}
         if not isinstance(value, dict):
             raise Refusal(422, f"the value of the query textarea is {_kind(value)}, not an object with 'text'")

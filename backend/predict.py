@@ -105,7 +105,7 @@ def predict() -> Answer:
         query = typed_query(context, setup)
         if query is None:  # clicks, or (after Submit) nothing
             return refine(state, setup, project, settings, tasks[0], context, started)
-        return _segment(state, setup, settings, tasks, [(0, query)], started, project=project)
+        return _segment(state, setup, settings, tasks, [(0, query)], started, interactive=True, project=project)
     except Refusal as e:
         return refused(setup, interactive, e.status, e.message)
     except SettingsError as e:
@@ -152,7 +152,7 @@ def _batch(state: BackendState, setup: LabelingSetup, settings: ProjectSettings,
             wanted.append((i, query))
     if not wanted:
         return jsonify({"results": []})  # task loading waits for this call
-    return _segment(state, setup, settings, tasks, wanted, started)
+    return _segment(state, setup, settings, tasks, wanted, started, interactive=False)
 
 
 def _status(error_code: str) -> int:
@@ -165,11 +165,12 @@ def _fetch_status(e: Exception) -> int:
 
 
 def _segment(state: BackendState, setup: LabelingSetup, settings: ProjectSettings, tasks: list[dict],
-             wanted: list[tuple[int, str]], started: float, project: str | None = None) -> Answer:
-    """Text queries: phrase them, fetch the images (concurrently, under the deadline), queue each task's job as
-    soon as its image is stored, wait, and turn masks into regions in task order. ``project`` is set for an
-    interactive call (whose problems are answered in the message TextArea)."""
-    config, interactive = state.config, project is not None
+             wanted: list[tuple[int, str]], started: float, *, interactive: bool, project: str = "") -> Answer:
+    """Text queries (``wanted``: task index, query): phrase them, fetch the images (concurrently, under the
+    deadline), queue each task's job as soon as its image is stored, wait, and turn masks into regions in task
+    order. An interactive call (one task) answers its problems in the message TextArea and remembers the answer
+    for clicks, under ``project``."""
+    config = state.config
     deadline = started + config.predict_deadline_s
     problems: dict[int, Exception] = {}
     asked: list[tuple[int, str, str, object]] = []  # (task index, query, question, image value)
@@ -220,7 +221,7 @@ def _segment(state: BackendState, setup: LabelingSetup, settings: ProjectSetting
             continue
         query = job.options["query"]
         results[i] = _prediction(result, setup, settings, query, say_nothing=interactive)
-        if project is not None:  # what a click on this task refines next, and the image it need not fetch again
+        if interactive:  # what a click on this task refines next, and the image it need not fetch again
             ids = [r["id"] for r in results[i]["result"] if r["type"] == "brushlabels"]
             TaskMemory(query=query, image=job.image, regions=ids, source=source_digest(value),
                        size=[image.width, image.height]).save(state.queue, project, task_id(tasks[i], i))

@@ -12,7 +12,9 @@ click means one was deleted, so what it carries is what the annotator keeps. A n
 
 The record also names the image's stored bytes (their hash), its size and a digest of the task's image value, so a
 click on the same image neither downloads nor hashes it again: while the stored bytes are still in Redis
-(:meth:`TaskMemory.reusable_image`), the click only needs their hash and the size to convert its coordinates.
+(:meth:`TaskMemory.reusable_image`), the click only needs their hash and the size to convert its coordinates. (An
+image replaced under the same URL is seen by the next typed query, which always fetches, or once the stored bytes
+expire, ``LISA_LS_IMAGE_TTL_S`` after their last use.)
 """
 
 from __future__ import annotations

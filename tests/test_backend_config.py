@@ -117,7 +117,6 @@ def test_label_studio_host_is_a_fallback() -> None:
         ({"LISA_LS_BATCH_SIZE": "x"}, "LISA_LS_BATCH_SIZE"),
         ({"LISA_LS_VAL_PERCENT": "101"}, "LISA_LS_VAL_PERCENT"),
         ({"LISA_LS_FETCH_DEADLINE_S": "0"}, "LISA_LS_FETCH_DEADLINE_S"),
-        ({"LISA_LS_FETCH_DEADLINE_S": "200"}, "LISA_LS_CAPTURE_RECLAIM_S"),
         ({"LISA_LS_FETCH_MAX_BYTES": "lots"}, "LISA_LS_FETCH_MAX_BYTES"),
         ({"LISA_LS_TLS_VERIFY": "/no/such/ca.pem"}, "LISA_LS_TLS_VERIFY"),
         ({"LISA_LS_ALLOWED_PRIVATE_HOSTS": "http://minio/"}, "LISA_LS_ALLOWED_PRIVATE_HOSTS"),

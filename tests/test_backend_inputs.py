@@ -243,3 +243,16 @@ def test_elongated_images_are_refused_with_lisas_message(client: FlaskClient, wi
     batch = client.post("/predict", json=body(None, tasks=[{**task[0], "data": {**task[0]["data"], "query": "a"}}]))
     assert batch.status_code == 200 and batch.get_json()["results"] == [{"error": expected}]
     assert aspect_problem(5000, 100) is None and aspect_problem(100, 5000) is None  # 50:1 itself is fine
+
+
+def test_no_job_is_queued_once_the_deadline_has_passed(make_client: Callable[..., FlaskClient],
+                                                       job_queue: JobQueue) -> None:
+    # A 1 ms deadline passes while the request is read and its image checked: nothing may reach the queue (a job
+    # submitted already expired would only be dropped by a worker, after taking a slot in the bounded queue).
+    client = make_client(predict_deadline_s=0.001)
+    said = shown(client.post("/predict", json=body({"result": [textarea("the dog")]})))
+    batch = client.post("/predict", json=body(None, tasks=[{"id": n, "data": {"image": data_uri(64 + n), "query": "a"}}
+                                                          for n in range(3)]))
+    errors = [r["error"] for r in batch.get_json()["results"]]
+    assert all("0.001 s deadline" in e for e in [said, *errors]), (said, errors)
+    assert job_queue.stats()["depth"] == 0
