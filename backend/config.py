@@ -69,9 +69,10 @@ Variable                            Default         Meaning
                                                     to private addresses, e.g. an in-cluster MinIO serving
                                                     presigned URLs; they never receive credentials
 ``LISA_LS_FETCH_CONCURRENCY``       THREADS / 2     image fetches in flight at once in one backend process; a
-                                                    ``/predict`` that finds none free answers "busy" at once, so
-                                                    slow image hosts never hold every thread and ``/health`` and
-                                                    ``/webhook`` always find one. Must be below ``THREADS``
+                                                    ``/predict`` that finds none free waits up to 2 s (a few at a
+                                                    time), then answers "busy", so slow image hosts never hold
+                                                    every thread and ``/health`` and ``/webhook`` always find one.
+                                                    Must be below ``THREADS``
 ``LISA_LS_FETCH_PER_HOST``          half the above  the same bound per image host (host:port of the image URL),
                                                     so one slow host cannot take every fetch slot
 ==================================  ==============  ===============================================================
@@ -115,6 +116,9 @@ FETCH_DEADLINE_S = 30.0
 FETCH_MAX_REDIRECTS = 5
 FETCH_PARALLEL_PER_REQUEST = 8
 """Most images one batch ``/predict`` fetches at once (each also takes a slot of ``LISA_LS_FETCH_CONCURRENCY``)."""
+FETCH_SLOT_WAIT_S = 2.0
+"""How long a ``/predict`` without a free fetch slot waits for one before answering "busy": quick fetches free
+theirs in milliseconds, so a burst of clicks is served; a slow host's are refused soon."""
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -273,6 +277,12 @@ class BackendConfig:
     def fetch_slots(self) -> int:
         """Image fetches in flight at once in one process (``LISA_LS_FETCH_CONCURRENCY``, else ``THREADS // 2``)."""
         return self.fetch_concurrency or max(1, self.threads // 2)
+
+    @property
+    def fetch_waiters(self) -> int:
+        """Threads that may wait for a fetch slot at once: what the fetching ones leave, but for an eighth of the
+        threads (at least one) kept for ``/health``, ``/webhook`` and requests past their fetch."""
+        return max(0, self.threads - self.fetch_slots - max(1, self.threads // 8))
 
     @property
     def fetch_slots_per_host(self) -> int:

@@ -6,8 +6,8 @@ Two rules, both about gunicorn's threads (``THREADS`` per process, shared by eve
   fetch deadline. Were every request allowed to fetch, 64 such tasks would hold all 64 threads and ``/health``
   would time out, so Label Studio marks the backend disconnected. :class:`FetchGate` counts the fetches in flight
   in this process, overall (``LISA_LS_FETCH_CONCURRENCY``) and per image host (``LISA_LS_FETCH_PER_HOST``), both
-  below the thread count; a request that finds no free slot is answered "busy" at once instead of waiting (a
-  waiting thread is as lost to ``/health`` as a fetching one).
+  below the thread count; a request that finds no free slot waits a moment for one, with only a few others
+  (a waiting thread is as lost to ``/health`` as a fetching one), then is answered "busy".
 - **One deadline.** A batch ``/predict`` fetches its images in parallel (:data:`~backend.config
   .FETCH_PARALLEL_PER_REQUEST` at a time), each cut at what is left of the request's deadline, so the whole request
   answers before Label Studio's 100 s ``ML_TIMEOUT_PREDICT`` however many tasks it carries.
@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from backend.config import ENV_PREFIX, FETCH_PARALLEL_PER_REQUEST
+from backend.config import ENV_PREFIX, FETCH_PARALLEL_PER_REQUEST, FETCH_SLOT_WAIT_S
 from backend.images import FetchedImage, ImageFetcher, ImageFetchError
 from worker.protocol import BUSY  # the code of a fetch refused for want of a slot, as of a full queue
 
@@ -33,50 +33,71 @@ from worker.protocol import BUSY  # the code of a fetch refused for want of a sl
 class FetchGate:
     """Counts the image fetches in flight in this process, overall and per host; thread-safe.
 
+    A request that finds no free slot may wait a moment for one (``wait_s``, :data:`~backend.config
+    .FETCH_SLOT_WAIT_S`), so that a burst of quick fetches (twenty annotators clicking at once) is served, not
+    refused; but only ``waiters`` threads wait at once, so fetching and waiting threads together stay below the
+    thread count. Past either, the answer is "busy".
+
     Args:
         total: most fetches at once (``BackendConfig.fetch_slots``).
         per_host: most fetches at once from one ``host:port`` (``BackendConfig.fetch_slots_per_host``).
+        waiters: most threads waiting for a slot at once (``BackendConfig.fetch_waiters``).
     """
 
-    def __init__(self, total: int, per_host: int) -> None:
-        self.total, self.per_host = total, per_host
-        self._lock = threading.Lock()
-        self._in_flight = 0
+    def __init__(self, total: int, per_host: int, waiters: int = 0) -> None:
+        self.total, self.per_host, self.waiters = total, per_host, waiters
+        self._free = threading.Condition()
+        self._in_flight = self._waiting = 0
         self._hosts: collections.Counter[str] = collections.Counter()
 
-    def try_acquire(self, host: str | None) -> ImageFetchError | None:
-        """Take a slot for a fetch from ``host`` (``None``: no network, no slot); the refusal if none is free."""
+    def try_acquire(self, host: str | None, wait_s: float = 0.0) -> ImageFetchError | None:
+        """Take a slot for a fetch from ``host`` (``None``: no network, no slot), waiting up to ``wait_s`` for one;
+        the refusal if none came."""
         if host is None:
             return None
-        with self._lock:
-            if self._in_flight >= self.total:
-                return ImageFetchError(
-                    f"busy: {self._in_flight} image fetches are in flight in this backend process, its bound "
-                    f"({ENV_PREFIX}FETCH_CONCURRENCY); try again in a moment", BUSY)
-            if self._hosts[host] >= self.per_host:
-                return ImageFetchError(
-                    f"busy: {self._hosts[host]} image fetches from {host} are in flight, the bound per host "
-                    f"({ENV_PREFIX}FETCH_PER_HOST); that host is slow or the backend overloaded: try again in a "
-                    "moment", BUSY)
+        end = time.monotonic() + wait_s
+        with self._free:
+            while (refusal := self._refusal(host)) is not None:
+                left = end - time.monotonic()
+                if left <= 0 or self._waiting >= self.waiters:
+                    return refusal
+                self._waiting += 1
+                try:
+                    self._free.wait(left)
+                finally:
+                    self._waiting -= 1
             self._in_flight += 1
             self._hosts[host] += 1
             return None
 
+    def _refusal(self, host: str) -> ImageFetchError | None:
+        if self._in_flight >= self.total:
+            return ImageFetchError(
+                f"busy: {self._in_flight} image fetches are in flight in this backend process, its bound "
+                f"({ENV_PREFIX}FETCH_CONCURRENCY); try again in a moment", BUSY)
+        if self._hosts[host] >= self.per_host:
+            return ImageFetchError(
+                f"busy: {self._hosts[host]} image fetches from {host} are in flight, the bound per host "
+                f"({ENV_PREFIX}FETCH_PER_HOST); that host is slow or the backend overloaded: try again in a "
+                "moment", BUSY)
+        return None
+
     def release(self, host: str | None) -> None:
         if host is None:
             return
-        with self._lock:
+        with self._free:
             self._in_flight -= 1
             self._hosts[host] -= 1
             if not self._hosts[host]:
                 del self._hosts[host]
+            self._free.notify_all()  # waiters for other hosts may still find theirs full: each checks its own
 
     def snapshot(self) -> dict[str, int]:
         """Fetches in flight (overall, and from the busiest host) and the bounds, for ``/health``."""
-        with self._lock:
+        with self._free:
             busiest = max(self._hosts.values(), default=0)
             return {"in_flight": self._in_flight, "max": self.total, "busiest_host": busiest,
-                    "max_per_host": self.per_host}
+                    "max_per_host": self.per_host, "waiting": self._waiting}
 
 
 Outcome = FetchedImage | ImageFetchError
@@ -88,7 +109,7 @@ def fetch_one(fetcher: ImageFetcher, gate: FetchGate, value: object, task: int |
     """One image, in the calling thread (an interactive call), within a slot; raises
     :class:`~backend.images.ImageFetchError` (code ``busy`` without a free slot). Arguments as :func:`fetch_each`."""
     host = fetcher.host(value, task)
-    refusal = gate.try_acquire(host)
+    refusal = gate.try_acquire(host, _grace(deadline))
     if refusal is not None:
         raise refusal
     try:
@@ -126,7 +147,7 @@ def fetch_each(fetcher: ImageFetcher, gate: FetchGate, items: Sequence[tuple[obj
             waiting: list[int] = []  # no free slot right now
             while pending and len(running) < lanes:
                 i = pending.popleft()
-                refusal = gate.try_acquire(hosts[i])
+                refusal = gate.try_acquire(hosts[i], 0.0 if running else _grace(deadline))
                 if refusal is None:
                     running[pool.submit(one, i)] = i
                 elif running:
@@ -139,6 +160,11 @@ def fetch_each(fetcher: ImageFetcher, gate: FetchGate, items: Sequence[tuple[obj
             done, _ = wait(running, return_when=FIRST_COMPLETED)  # each fetch ends by its deadline (netguard)
             for future in done:
                 yield running.pop(future), future.result()
+
+
+def _grace(deadline: float) -> float:
+    """How long a request without a slot waits for one: a moment, never past its deadline."""
+    return max(0.0, min(FETCH_SLOT_WAIT_S, deadline - time.time()))
 
 
 def _fetch(fetcher: ImageFetcher, item: tuple[object, int | None], deadline: float,

@@ -56,7 +56,7 @@ class BackendState:
             queue=JobQueue(connect(config=config.queue), config.queue),
             status_queue=JobQueue(connect(config=fast), fast),
             fetcher=ImageFetcher(FetchSettings.from_config(config)),
-            fetch_gate=FetchGate(config.fetch_slots, config.fetch_slots_per_host),
+            fetch_gate=FetchGate(config.fetch_slots, config.fetch_slots_per_host, config.fetch_waiters),
         )
 
     def start_capture(self) -> None:

@@ -129,10 +129,11 @@ def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
 
 
 def test_fetch_bounds_default_below_the_thread_count(tmp_path: Path) -> None:
-    # Auto: half the threads for all fetches, half of that per host, so /health and /webhook always find a thread.
+    # Auto: half the threads for all fetches, half of that per host, and waiters for a slot only as many as
+    # leave an eighth of the threads free, so /health and /webhook always find one.
     envs = [{}, {"THREADS": "8"}, {"THREADS": "2"}, {"THREADS": "8", "LISA_LS_FETCH_PER_HOST": "9"}]
-    bounds = [(c.fetch_slots, c.fetch_slots_per_host) for c in map(BackendConfig.from_env, envs)]
-    assert bounds == [(32, 16), (4, 2), (1, 1), (4, 4)]
+    bounds = [(c.fetch_slots, c.fetch_slots_per_host, c.fetch_waiters) for c in map(BackendConfig.from_env, envs)]
+    assert bounds == [(32, 16, 24), (4, 2, 3), (1, 1, 0), (4, 4, 3)]  # fetching + waiting < threads, always
     bundle = tmp_path / "ca.pem"
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
     assert BackendConfig.from_env({"LISA_LS_TLS_VERIFY": str(bundle)}).tls_verify == str(bundle)

@@ -152,6 +152,20 @@ def test_a_click_reuses_the_image_of_the_tasks_memory(backend, hosts: list[Image
     client.close()
 
 
+def test_a_burst_of_quick_fetches_is_served_not_refused(backend, hosts: list[ImageHost], spawn_worker,
+                                                        queue_config: QueueConfig) -> None:
+    # 40 annotators ask at once, all from one host (Label Studio): more than its 16 slots, but each fetch is quick,
+    # so the others wait a moment for a slot instead of being told "busy".
+    spawn_worker("w1", queue_config)
+    proc = backend(threads=64)
+    a, _ = hosts
+    tasks = [[{"id": n, "data": {"image": f"{a.url}/fast/{n}.png"}}] for n in range(40)]
+    with ThreadPoolExecutor(40) as pool:
+        said = list(pool.map(lambda t: message(predict(proc, t, {"result": [textarea("the dog")]})), tasks))
+    assert said == [None] * 40, [m for m in said if m]
+    assert a.max_open <= 16
+
+
 # ---- fetch_each itself ----
 
 
