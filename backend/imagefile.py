@@ -2,8 +2,9 @@
 
 Split from :mod:`backend.images` (which fetches the bytes, safely) along the seam between the network and the file:
 :func:`inspect_image` reads the format and size from the header, refuses too many pixels and sides LISA refuses
-(:func:`worker.protocol.aspect_problem`), and walks the file to catch truncation. :class:`ImageFetchError` is the
-one error of both modules; :mod:`backend.images` re-exports all three names.
+(:func:`worker.limits.image_shape_error`, the rule the worker applies too), and walks the file to catch
+truncation. :class:`ImageFetchError` is the one error of both modules; :mod:`backend.images` re-exports all three
+names.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 from PIL import Image, UnidentifiedImageError
 
 from backend.config import FETCH_MAX_PIXELS
-from worker.protocol import aspect_problem
+from worker.limits import image_shape_error
 
 # Formats a browser shows and Pillow decodes without external programs (EPS would run Ghostscript).
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
@@ -94,7 +95,7 @@ def inspect_image(data: bytes, max_pixels: int = FETCH_MAX_PIXELS, name: str = "
         raise ImageFetchError(f"{name} is corrupt or truncated ({e})", "not_image") from e
     if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
         width, height = height, width
-    problem = aspect_problem(width, height)  # LISA's own words, so the annotator reads the same either way
+    problem = image_shape_error(width, height)  # the worker's own words, so the annotator reads the same either way
     if problem:
         raise ImageFetchError(problem, "bad_shape")
     return fmt, width, height

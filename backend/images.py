@@ -10,7 +10,7 @@ URL, or a ``data:`` URI. :class:`ImageFetcher` turns each into bytes, under thes
 - http(s) only, through :mod:`backend.netguard`: no non-public address (but the Label Studio host and operator-allowed
   hosts), no DNS rebinding; redirects are followed by hand and each hop is checked again;
 - byte, pixel (read from the header, never by decoding), connect, read and overall time limits, and LISA's side
-  ratio (:func:`worker.protocol.aspect_problem`), so an image the model would refuse is refused before it is queued;
+  ratio (:func:`worker.limits.image_shape_error`), so an image the model would refuse is refused before it is queued;
 - every refusal is one :class:`ImageFetchError` whose message Label Studio shows to the annotator as is.
 """
 

@@ -25,7 +25,8 @@ from backend.config import BackendConfig
 from backend.labeling import RECOMMENDED_CONFIG
 from backend.state import EXTENSION
 from worker.defaults import QueueConfig
-from worker.protocol import Job, aspect_problem
+from worker.limits import image_shape_error
+from worker.protocol import Job
 from worker.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures"]
@@ -234,15 +235,15 @@ def test_a_busy_queue_reaches_the_annotator(make_client: Callable[..., FlaskClie
 
 
 @pytest.mark.parametrize(("width", "height"), [(50000, 1), (1, 50000), (6000, 100)])
-def test_elongated_images_are_refused_with_lisas_message(client: FlaskClient, width: int, height: int) -> None:
-    expected = aspect_problem(width, height)
-    assert expected == f"the image is {width}x{height}, a side ratio above 50:1; crop it into tiles first."
+def test_elongated_images_are_refused_with_the_workers_message(client: FlaskClient, width: int, height: int) -> None:
+    expected = image_shape_error(width, height)  # the words the worker answers such a job with
+    assert expected is not None and f"the image is {width}x{height} pixels" in expected
     task = [{"id": 3, "data": {"image": data_uri(width, height)}}]
     for context in ({"result": [textarea("the dog")]}, {"result": [click()]}):
         assert shown(client.post("/predict", json=body(context, tasks=task))) == expected
     batch = client.post("/predict", json=body(None, tasks=[{**task[0], "data": {**task[0]["data"], "query": "a"}}]))
     assert batch.status_code == 200 and batch.get_json()["results"] == [{"error": expected}]
-    assert aspect_problem(5000, 100) is None and aspect_problem(100, 5000) is None  # 50:1 itself is fine
+    assert image_shape_error(5000, 100) is None and image_shape_error(100, 5000) is None  # 50:1 is fine
 
 
 def test_no_job_is_queued_once_the_deadline_has_passed(make_client: Callable[..., FlaskClient],

@@ -35,6 +35,7 @@ from urllib3.exceptions import InsecureRequestWarning
 
 from backend.config import BackendConfig
 from backend.images import FetchSettings, ImageFetcher, ImageFetchError, inspect_image
+from worker.limits import image_shape_error
 
 pytest_plugins = ["image_fixtures"]  # the fixtures ls and ext (loopback servers) and no_dns
 pytestmark = pytest.mark.usefixtures("no_dns")  # fail any test that would send a DNS query
@@ -233,14 +234,14 @@ def test_https_is_pinned_and_still_verifies_the_host_name(tmp_path: Path) -> Non
         server.close()
 
 
-def test_sides_lisa_refuses_are_refused_with_its_message() -> None:
+def test_sides_lisa_refuses_are_refused_with_the_workers_message() -> None:
     for width, height in ((50000, 1), (1, 50000), (6000, 100)):
         with pytest.raises(ImageFetchError) as info:
             inspect_image(png(width, height))
         assert info.value.code == "bad_shape"
-        assert str(info.value) == f"the image is {width}x{height}, a side ratio above 50:1; crop it into tiles first."
+        assert str(info.value) == image_shape_error(width, height)  # what the worker would answer, word for word
     assert inspect_image(png(5000, 100)) == ("PNG", 5000, 100)  # 50:1 itself passes, as in LISA
-    with pytest.raises(ImageFetchError, match="the image is 100x6000"):  # judged as shown, after EXIF rotation
+    with pytest.raises(ImageFetchError, match="the image is 100x6000 pixels"):  # judged as shown, EXIF-rotated
         inspect_image(jpeg(6000, 100, orientation=6))
 
 

@@ -53,17 +53,6 @@ REFINE = "refine"
 KINDS = (SEGMENT, REFINE)
 #: Most clicks one refinement may carry (SAM was trained with a handful; more only slows the decoder down).
 MAX_POINTS = 64
-#: Longest/shortest side ratio of an image LISA accepts. CLIP resizes the *short* side to 224, so a 1x5000 strip
-#: would become a 224x1,120,000 image; such strips are refused rather than silently mangled. Here, torch-free, so
-#: that the backend refuses them before queueing with the words the model uses (:func:`aspect_problem`).
-MAX_ASPECT_RATIO = 50
-
-
-def aspect_problem(width: int, height: int) -> str | None:
-    """Why LISA refuses a ``width x height`` image for its side ratio (a message for people), or ``None``."""
-    if min(width, height) > 0 and max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        return f"the image is {width}x{height}, a side ratio above {MAX_ASPECT_RATIO}:1; crop it into tiles first."
-    return None
 
 
 class QueueError(RuntimeError):
