@@ -12,7 +12,6 @@ Served by gunicorn with threads (``lisa-ls serve``, :mod:`backend.cli`); ``creat
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import importlib
 import logging
@@ -81,7 +80,7 @@ def _credentials_match(header: str, user: str, password: str) -> bool:
         return False
     try:
         given_user, sep, given_password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII header text (which b64decode refuses)
         return False
     user_ok = hmac.compare_digest(given_user.encode(), user.encode())
     password_ok = hmac.compare_digest(given_password.encode(), password.encode())

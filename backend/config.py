@@ -46,7 +46,8 @@ Variable                        Default         Meaning
 ``LISA_LS_CAPTURE_BACKLOG``     ``100000``      webhook events stored but not yet processed, above which
                                                 ``/webhook`` answers 503 rather than grow Redis without bound
 ``LISA_LS_CAPTURE_RECLAIM_S``   ``120``         an event a backend process took but has not finished for this
-                                                long (the process died) is processed by another
+                                                long (the process died) is processed by another; keep it above
+                                                ``LISA_LS_FETCH_DEADLINE_S``, so a live process keeps its events
 ``LISA_LS_MAX_BODY_MB``         ``16``          largest request body, in MiB; a larger one is answered 413 before
                                                 it is read (a webhook refused so is not captured: run ``lisa-ls
                                                 export`` to pick it up). Storing a 16 MiB webhook took 0.24 s on
@@ -55,6 +56,33 @@ Variable                        Default         Meaning
                                                 ``/webhook`` answers 503 (at least ``LISA_LS_MAX_BODY_MB``)
 ==============================  ==============  ===================================================================
 
+The task-image fetcher (:mod:`backend.images`, built from these by ``FetchSettings.from_config``; the same for
+``/predict``, capture, ``lisa-ls export`` and ``lisa-ls prelabel``):
+
+==================================  ==============  ===============================================================
+Variable                            Default         Meaning
+==================================  ==============  ===============================================================
+``LISA_LS_FETCH_MAX_BYTES``         ``50000000``    largest image file fetched, in bytes
+``LISA_LS_FETCH_MAX_PIXELS``        ``64000000``    most pixels (read from the header); the model's own limit
+``LISA_LS_FETCH_CONNECT_TIMEOUT_S`` ``5``           TCP/TLS connect timeout of one connection
+``LISA_LS_FETCH_READ_TIMEOUT_S``    ``20``          longest wait for the next bytes of a response
+``LISA_LS_FETCH_DEADLINE_S``        ``30``          a whole fetch (token exchange, redirects, body); inside a
+                                                    ``/predict`` also cut at what is left of its deadline
+``LISA_LS_FETCH_MAX_REDIRECTS``     ``5``           redirects followed (each hop checked again)
+``LISA_LS_TLS_VERIFY``              ``1``           1: verify certificates; 0: do not (testing only); or the
+                                                    path of a CA bundle (Label Studio behind an internal CA)
+``LISA_LS_ALLOWED_PRIVATE_HOSTS``   (none)          comma-separated host names (or host:port) allowed to resolve
+                                                    to private addresses, e.g. an in-cluster MinIO serving
+                                                    presigned URLs; they never receive credentials
+``LISA_LS_FETCH_CONCURRENCY``       THREADS / 2     image fetches in flight at once in one backend process; a
+                                                    ``/predict`` that finds none free waits up to 2 s (a few at a
+                                                    time), then answers "busy", so slow image hosts never hold
+                                                    every thread and ``/health`` and ``/webhook`` always find one.
+                                                    Must be below ``THREADS``
+``LISA_LS_FETCH_PER_HOST``          half the above  the same bound per image host (host:port of the image URL),
+                                                    so one slow host cannot take every fetch slot
+==================================  ==============  ===============================================================
+
 Bad values raise :class:`ValueError` naming the variable, at start-up rather than on the first request.
 """
 
@@ -62,7 +90,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -89,11 +117,42 @@ CAPTURE_RECLAIM_S = 120.0  # above an image fetch's 30 s deadline, so a live pro
 # -- request and capture sizes (issue 18) --
 MAX_BODY_MB = 16
 CAPTURE_BACKLOG_MB = 512
+FETCH_MAX_BYTES = 50_000_000
+FETCH_MAX_PIXELS = 64_000_000  # the model's own limit (model/preprocess.py), so nothing is fetched in vain
+FETCH_CONNECT_TIMEOUT_S = 5.0
+FETCH_READ_TIMEOUT_S = 20.0
+FETCH_DEADLINE_S = 30.0
+FETCH_MAX_REDIRECTS = 5
+FETCH_PARALLEL_PER_REQUEST = 8
+"""Most images one batch ``/predict`` fetches at once (each also takes a slot of ``LISA_LS_FETCH_CONCURRENCY``)."""
+FETCH_SLOT_WAIT_S = 2.0
+"""How long a ``/predict`` without a free fetch slot waits for one before answering "busy": quick fetches free
+theirs in milliseconds, so a burst of clicks is served; a slow host's are refused soon."""
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _env(name: str, doc: str) -> dict[str, str]:
-    """Field metadata: the environment variable a field is read from, and what it means."""
-    return {"env": name, "doc": doc}
+def _tls_verify(name: str, raw: str) -> bool | str:
+    """``LISA_LS_TLS_VERIFY``: a yes/no word, or the path of a CA bundle (which must exist)."""
+    if raw.lower() in _TRUE or raw.lower() in _FALSE:
+        return raw.lower() in _TRUE
+    if not os.path.isfile(raw):
+        raise ValueError(f"{name}={raw!r} is neither 1/0 nor the path of a CA bundle file")
+    return raw
+
+
+def _hosts(name: str, raw: str) -> tuple[str, ...]:
+    """A comma-separated list of host names (or host:port)."""
+    hosts = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    bad = [h for h in hosts if "/" in h or "@" in h or " " in h]
+    if bad:
+        raise ValueError(f"{name}: {bad[0]!r} is not a host name or host:port (no scheme, path or user)")
+    return hosts
+
+
+def _env(name: str, doc: str, parse: Callable[[str, str], Any] | None = None) -> dict[str, Any]:
+    """Field metadata: the environment variable a field is read from, what it means, and how to read it when the
+    field's type is not one :func:`~worker.defaults.parse_env_value` reads (``parse(name, raw)``)."""
+    return {"env": name, "doc": doc, "parse": parse}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +220,36 @@ class BackendConfig:
     capture_backlog_mb: int = dataclasses.field(
         default=CAPTURE_BACKLOG_MB, metadata=_env(ENV_PREFIX + "CAPTURE_BACKLOG_MB", "most unprocessed webhook MiB")
     )
+    fetch_max_bytes: int = dataclasses.field(
+        default=FETCH_MAX_BYTES, metadata=_env(ENV_PREFIX + "FETCH_MAX_BYTES", "largest image file fetched")
+    )
+    fetch_max_pixels: int = dataclasses.field(
+        default=FETCH_MAX_PIXELS, metadata=_env(ENV_PREFIX + "FETCH_MAX_PIXELS", "most pixels of an image")
+    )
+    fetch_connect_timeout_s: float = dataclasses.field(
+        default=FETCH_CONNECT_TIMEOUT_S, metadata=_env(ENV_PREFIX + "FETCH_CONNECT_TIMEOUT_S", "connect timeout")
+    )
+    fetch_read_timeout_s: float = dataclasses.field(
+        default=FETCH_READ_TIMEOUT_S, metadata=_env(ENV_PREFIX + "FETCH_READ_TIMEOUT_S", "read timeout")
+    )
+    fetch_deadline_s: float = dataclasses.field(
+        default=FETCH_DEADLINE_S, metadata=_env(ENV_PREFIX + "FETCH_DEADLINE_S", "longest whole fetch")
+    )
+    fetch_max_redirects: int = dataclasses.field(
+        default=FETCH_MAX_REDIRECTS, metadata=_env(ENV_PREFIX + "FETCH_MAX_REDIRECTS", "redirects followed")
+    )
+    tls_verify: bool | str = dataclasses.field(
+        default=True, metadata=_env(ENV_PREFIX + "TLS_VERIFY", "verify TLS (or a CA bundle path)", _tls_verify)
+    )
+    allowed_private_hosts: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_env(ENV_PREFIX + "ALLOWED_PRIVATE_HOSTS", "hosts allowed on private addresses", _hosts)
+    )
+    fetch_concurrency: int = dataclasses.field(
+        default=0, metadata=_env(ENV_PREFIX + "FETCH_CONCURRENCY", "image fetches at once per process (0: auto)")
+    )
+    fetch_per_host: int = dataclasses.field(
+        default=0, metadata=_env(ENV_PREFIX + "FETCH_PER_HOST", "image fetches at once per host (0: auto)")
+    )
     queue: QueueConfig = dataclasses.field(default_factory=QueueConfig)
     """The job queue's settings (``REDIS_URL`` and the queue's ``LISA_LS_*`` variables)."""
 
@@ -185,9 +274,41 @@ class BackendConfig:
         if not 1 <= self.max_body_mb <= self.capture_backlog_mb:
             raise ValueError(f"{ENV_PREFIX}MAX_BODY_MB={self.max_body_mb} must be at least 1 and at most "
                              f"{ENV_PREFIX}CAPTURE_BACKLOG_MB={self.capture_backlog_mb} (a webhook must fit)")
+        self._check_fetch_settings()
         # Only one of the two is almost certainly a typo; serving without auth then would be a silent hole.
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+
+    def _check_fetch_settings(self) -> None:
+        sizes = {"FETCH_MAX_BYTES": self.fetch_max_bytes, "FETCH_MAX_PIXELS": self.fetch_max_pixels}
+        times = {"FETCH_CONNECT_TIMEOUT_S": self.fetch_connect_timeout_s,
+                 "FETCH_READ_TIMEOUT_S": self.fetch_read_timeout_s, "FETCH_DEADLINE_S": self.fetch_deadline_s}
+        for name, value in {**sizes, **times}.items():
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"{ENV_PREFIX}{name}={value} must be a positive number")
+        if self.fetch_max_redirects < 0:
+            raise ValueError(f"{ENV_PREFIX}FETCH_MAX_REDIRECTS={self.fetch_max_redirects} must be 0 or more")
+        if self.fetch_concurrency < 0 or self.fetch_per_host < 0:
+            raise ValueError(f"{ENV_PREFIX}FETCH_CONCURRENCY and {ENV_PREFIX}FETCH_PER_HOST must be 0 (auto) or more")
+        if self.fetch_concurrency and self.threads > 1 and self.fetch_concurrency >= self.threads:
+            raise ValueError(f"{ENV_PREFIX}FETCH_CONCURRENCY={self.fetch_concurrency} must be below THREADS="
+                             f"{self.threads}, so that /health and /webhook always find a thread")
+
+    @property
+    def fetch_slots(self) -> int:
+        """Image fetches in flight at once in one process (``LISA_LS_FETCH_CONCURRENCY``, else ``THREADS // 2``)."""
+        return self.fetch_concurrency or max(1, self.threads // 2)
+
+    @property
+    def fetch_waiters(self) -> int:
+        """Threads that may wait for a fetch slot at once: what the fetching ones leave, but for an eighth of the
+        threads (at least one) kept for ``/health``, ``/webhook`` and requests past their fetch."""
+        return max(0, self.threads - self.fetch_slots - max(1, self.threads // 8))
+
+    @property
+    def fetch_slots_per_host(self) -> int:
+        """The same per image host (``LISA_LS_FETCH_PER_HOST``, else half of :attr:`fetch_slots`), at most that."""
+        return min(self.fetch_per_host or max(1, self.fetch_slots // 2), self.fetch_slots)
 
     @property
     def redis_url(self) -> str:
@@ -225,7 +346,9 @@ class BackendConfig:
             if name == "LABEL_STUDIO_URL" and not raw:
                 raw = env.get("LABEL_STUDIO_HOST", "")
             if raw.strip():
-                values[f.name] = parse_env_value(name, raw.strip(), type(f.default))
+                parse = f.metadata.get("parse")
+                values[f.name] = (parse(name, raw.strip()) if parse
+                                  else parse_env_value(name, raw.strip(), type(f.default)))
         if "queue" not in overrides:
             values["queue"] = QueueConfig.from_env(env)
         values.update(overrides)

@@ -129,8 +129,7 @@ def run_export(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         folder = Path(args.out) if args.out else Path(config.dataset_root) / f"project-{args.project}"
         dataset = Dataset.open(folder, project_id=args.project, label_studio_url=config.label_studio_url,
                                val_percent=config.val_percent)
-        fetcher = ImageFetcher(FetchSettings(label_studio_url=config.label_studio_url,
-                                             api_key=config.label_studio_api_key))
+        fetcher = ImageFetcher(FetchSettings.from_config(config))
         report = export_project(client, args.project, dataset, fetcher.fetch, page_size=args.page_size,
                                 progress=lambda text: print(f"lisa-ls export: {text}", file=err, flush=True))
     except (ValueError, LabelStudioError, DatasetError) as e:

@@ -9,7 +9,8 @@ URL, or a ``data:`` URI. :class:`ImageFetcher` turns each into bytes, under thes
   ``/api/token/refresh``) go only to the configured Label Studio origin, never along a redirect elsewhere;
 - http(s) only, through :mod:`backend.netguard`: no non-public address (but the Label Studio host and operator-allowed
   hosts), no DNS rebinding; redirects are followed by hand and each hop is checked again;
-- byte, pixel (read from the header, never by decoding), connect, read and overall time limits;
+- byte, pixel (read from the header, never by decoding), connect, read and overall time limits, and LISA's side
+  ratio (:func:`worker.limits.image_shape_error`), so an image the model would refuse is refused before it is queued;
 - every refusal is one :class:`ImageFetchError` whose message Label Studio shows to the annotator as is.
 """
 
@@ -18,16 +19,23 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
-import re
 import threading
 import time
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
-from PIL import Image, UnidentifiedImageError
 from urllib3.exceptions import ReadTimeoutError
 
+from backend.config import (
+    FETCH_CONNECT_TIMEOUT_S,
+    FETCH_DEADLINE_S,
+    FETCH_MAX_BYTES,
+    FETCH_MAX_PIXELS,
+    FETCH_MAX_REDIRECTS,
+    FETCH_READ_TIMEOUT_S,
+    BackendConfig,
+)
+from backend.imagefile import IMAGE_FORMATS, FetchedImage, ImageFetchError, inspect_image
 from backend.lsclient import jwt_claims
 from backend.netguard import (
     AddressPolicy,
@@ -48,105 +56,40 @@ __all__ = ["CLOUD_SCHEMES", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "IMAGE_FO
            "FetchSettings", "FetchedImage", "IPAddress", "ImageFetchError", "ImageFetcher", "Resolver",
            "address_problem", "inspect_image", "system_resolver"]
 
-DEFAULT_MAX_BYTES = 50_000_000
-DEFAULT_MAX_PIXELS = 64_000_000  # the model's own limit (model/preprocess.py), so nothing is fetched in vain
+DEFAULT_MAX_BYTES = FETCH_MAX_BYTES
+DEFAULT_MAX_PIXELS = FETCH_MAX_PIXELS
 CLOUD_SCHEMES = frozenset({"s3", "gs", "azure-blob", "azure-spi", "b2"})
-# Formats a browser shows and Pillow decodes without external programs (EPS would run Ghostscript).
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _HEADERS = {"User-Agent": "lisa-ls-backend", "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
 
 
-class ImageFetchError(Exception):
-    """The image could not be fetched or was refused; ``str(e)`` is written for the Label Studio user.
-
-    ``code`` groups the causes for the caller: ``bad_url``, ``config``, ``refused`` (SSRF policy), ``auth``,
-    ``not_found``, ``http``, ``unreachable``, ``timeout``, ``too_large``, ``not_image``.
-    """
-
-    def __init__(self, message: str, code: str = "bad_url") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
 @dataclasses.dataclass(frozen=True)
 class FetchSettings:
-    """What the fetcher needs from the backend's configuration (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``…)."""
+    """What the fetcher needs from the backend's configuration; build it with :meth:`from_config` (the defaults and
+    the ``LISA_LS_FETCH_*`` variables are documented in :mod:`backend.config`)."""
 
     label_studio_url: str = ""
     api_key: str = ""
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 20.0
-    deadline_s: float = 30.0  # the whole fetch: token exchange, redirects and body together
-    max_redirects: int = 5
+    connect_timeout_s: float = FETCH_CONNECT_TIMEOUT_S
+    read_timeout_s: float = FETCH_READ_TIMEOUT_S
+    deadline_s: float = FETCH_DEADLINE_S  # the whole fetch: token exchange, redirects and body together
+    max_redirects: int = FETCH_MAX_REDIRECTS
     tls_verify: bool | str = True  # or the path of a CA bundle, e.g. for a Label Studio behind an internal CA
     # Host names (or host:port) allowed to resolve to non-public addresses, e.g. an in-cluster MinIO that serves
     # presigned cloud-storage URLs. They never receive credentials.
     allowed_private_hosts: tuple[str, ...] = ()
 
-
-@dataclasses.dataclass(frozen=True)
-class FetchedImage:
-    """The fetched bytes and what their header says; ``width``/``height`` are EXIF-oriented, as Label Studio shows."""
-
-    data: bytes
-    sha256: str
-    format: str
-    width: int
-    height: int
-    source: str  # the image value, shortened and without query strings (presigned URLs carry signatures)
-
-
-def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "the image") -> tuple[str, int, int]:
-    """Check that ``data`` is a complete image of at most ``max_pixels``, without decoding it at full size.
-
-    Returns:
-        ``(format, width, height)``, the size with the EXIF orientation applied.
-    Raises:
-        ImageFetchError: empty, not an image, too many pixels (checked from the header), corrupt or truncated.
-    """
-    if not data:
-        raise ImageFetchError(f"{name} is empty (0 bytes)", "not_image")
-    Image.init()
-    try:
-        with Image.open(io.BytesIO(data), formats=[f for f in IMAGE_FORMATS if f in Image.OPEN]) as im:
-            fmt, (width, height) = str(im.format), im.size
-            if width * height > max_pixels:
-                raise ImageFetchError(
-                    f"{name} is {width}x{height} pixels ({width * height / 1e6:.1f} MP), above the "
-                    f"{max_pixels / 1e6:g} MP limit; downscale it", "too_large")
-            if width == 0 or height == 0:
-                raise ImageFetchError(f"{name} is empty ({width}x{height} pixels)", "not_image")
-            im.verify()  # PNG: walks every chunk and checks its CRC, so truncation shows without decoding
-        with Image.open(io.BytesIO(data)) as im:  # verify() leaves the image unusable: open it again
-            orientation = im.getexif().get(0x0112)
-            if fmt in ("JPEG", "MPO") and not im.info.get("progressive"):
-                # verify() does nothing for JPEG; decoding at 1/8 scale (DCT scaling) reads the whole stream cheaply.
-                # (Progressive files are left to the worker: libjpeg buffers all their coefficients, ~2 B/pixel.)
-                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                im.load()
-    except ImageFetchError:
-        raise
-    except Image.DecompressionBombError as e:  # Pillow's own guard fires in open(), before the size is seen
-        found = re.search(r"\((\d+) pixels\)", str(e))
-        size = f"{int(found.group(1)) / 1e6:.1f} MP" if found else "too many pixels"
-        raise ImageFetchError(f"{name} has {size}, above the {max_pixels / 1e6:g} MP limit; downscale it",
-                              "too_large") from e
-    except UnidentifiedImageError as e:
-        if data[:512].lstrip().startswith(b"<"):
-            what = "an HTML or XML page (an error or login page?)"
-        else:
-            what = f"data starting with {data[:8]!r}"
-        raise ImageFetchError(f"{name} is not an image in a supported format (PNG, JPEG, WebP, GIF, BMP, TIFF, "
-                              f"AVIF): got {what}", "not_image") from e
-    except Exception as e:  # Pillow's parsers raise many types (OSError, SyntaxError, struct.error…) on bad data
-        raise ImageFetchError(f"{name} is corrupt or truncated ({e})", "not_image") from e
-    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-        width, height = height, width
-    return fmt, width, height
+    @classmethod
+    def from_config(cls, config: BackendConfig) -> FetchSettings:
+        """The fetcher's settings from the backend's (``LABEL_STUDIO_*`` and ``LISA_LS_FETCH_*``…): the one place
+        they are read, for ``/predict``, capture, export and pre-labelling alike."""
+        return cls(label_studio_url=config.label_studio_url, api_key=config.label_studio_api_key,
+                   max_bytes=config.fetch_max_bytes, max_pixels=config.fetch_max_pixels,
+                   connect_timeout_s=config.fetch_connect_timeout_s, read_timeout_s=config.fetch_read_timeout_s,
+                   deadline_s=config.fetch_deadline_s, max_redirects=config.fetch_max_redirects,
+                   tls_verify=config.tls_verify, allowed_private_hosts=config.allowed_private_hosts)
 
 
 class ImageFetcher:
@@ -166,23 +109,44 @@ class ImageFetcher:
         self._token_lock = threading.Lock()
         self._access: tuple[str, float] | None = None  # (access token, monotonic time to stop using it)
 
-    def fetch(self, value: object, task_id: int | None = None) -> FetchedImage:
-        """The bytes of the image a task refers to; raises :class:`ImageFetchError` with a readable message."""
-        if not isinstance(value, str) or not value.strip():
-            raise ImageFetchError("the task has no image URL (its image field is empty or not a string)")
-        value = value.strip()
-        if task_id is not None and not str(task_id).isdigit():
-            raise ImageFetchError(f"the task id {str(task_id)[:40]!r} is not a number")
+    def fetch(self, value: object, task_id: int | None = None, deadline_s: float | None = None) -> FetchedImage:
+        """The bytes of the image a task refers to; raises :class:`ImageFetchError` with a readable message.
+
+        ``deadline_s`` shortens the fetch's overall deadline (``settings.deadline_s``), e.g. to what is left of a
+        request's own.
+        """
+        value = self._checked(value, task_id)
         try:
             if value[:5].lower() == "data:":
                 source, data = "data: URI", self._data_uri(value)
             else:
                 source = _describe(value, self._ls_origin)
-                data = self._download(self._to_url(value, task_id), source)
+                seconds = self.settings.deadline_s if deadline_s is None else min(deadline_s, self.settings.deadline_s)
+                data = self._download(self._to_url(value, task_id), source, seconds)
         except ValueError as e:  # urllib and idna refuse some malformed URLs with ValueError/UnicodeError
             raise ImageFetchError(f"the image URL {value[:200]!r} is malformed ({e})") from e
         fmt, width, height = inspect_image(data, self.settings.max_pixels, f"the image {source}")
         return FetchedImage(data, image_hash(data), fmt, width, height, source)
+
+    def host(self, value: object, task_id: int | None = None) -> str | None:
+        """``host:port`` the fetch of ``value`` connects to first (for per-host bounds); ``None`` for a ``data:`` URI
+        or a value :meth:`fetch` refuses before connecting anywhere."""
+        try:
+            value = self._checked(value, task_id)
+            if value[:5].lower() == "data:":
+                return None
+            origin = _origin(self._to_url(value, task_id))
+        except (ImageFetchError, ValueError):
+            return None
+        return f"{origin[1]}:{origin[2]}" if origin else None
+
+    @staticmethod
+    def _checked(value: object, task_id: int | None) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ImageFetchError("the task has no image URL (its image field is empty or not a string)")
+        if task_id is not None and not str(task_id).isdigit():
+            raise ImageFetchError(f"the task id {str(task_id)[:40]!r} is not a number")
+        return value.strip()
 
     def _data_uri(self, value: str) -> bytes:
         header, comma, payload = value[5:].partition(",")
@@ -227,8 +191,8 @@ class ImageFetcher:
                                   "LABEL_STUDIO_API_KEY (a legacy token or a personal access token)", "config")
         return self._ls + path
 
-    def _download(self, url: str, source: str) -> bytes:
-        with _guarded_session(self._guard, self.settings.deadline_s, self.settings.tls_verify) as (session, deadline):
+    def _download(self, url: str, source: str, deadline_s: float) -> bytes:
+        with _guarded_session(self._guard, deadline_s, self.settings.tls_verify) as (session, deadline):
             return self._follow(session, url, source, deadline)
 
     def _follow(self, session: requests.Session, url: str, source: str, deadline: _Deadline) -> bytes:
@@ -361,10 +325,11 @@ class ImageFetcher:
         if deadline.expired:
             return ImageFetchError(f"fetching {here} took longer than {deadline.seconds:g} s", "timeout")
         if isinstance(e, requests.ConnectTimeout):
-            return ImageFetchError(f"could not connect to {urlsplit(url).netloc} within {timeout[0]:g} s", "timeout")
+            return ImageFetchError(f"could not connect to {urlsplit(url).netloc} within {round(timeout[0], 2):g} s",
+                                   "timeout")
         if isinstance(e, requests.ReadTimeout) or (e is not None and any(
                 isinstance(a, ReadTimeoutError) for a in e.args)):
-            return ImageFetchError(f"timed out after {timeout[1]:g} s waiting for {here}", "timeout")
+            return ImageFetchError(f"timed out after {round(timeout[1], 2):g} s waiting for {here}", "timeout")
         reason = _reason(e)
         if isinstance(e, requests.exceptions.InvalidURL):
             return ImageFetchError(f"the image URL {here} is malformed ({reason})")

@@ -10,45 +10,45 @@ Label Studio also calls ``/predict`` with ``context: null`` each time a task ope
 task loading waits for those calls, so a request with no query to run answers at once and stores nothing.
 
 A click or box of the smart tools arrives as an interactive call without a query: :func:`refine` turns it into a
-refine job on the task's last query (:mod:`backend.refine`), answered by SAM's decoder alone.
+refine job on the task's last query (:mod:`backend.refine`), answered by SAM's decoder alone. It reuses the image
+bytes the task's memory names while Redis still has them, so a click downloads nothing.
+
+Whatever goes wrong - a malformed request (:mod:`backend.inputs`), bad project settings (:mod:`backend.project`),
+an image that cannot be fetched, a busy queue or fetcher, Redis down - answers an interactive call with
+:func:`interactive_error` (the message in the config's ``lisa`` TextArea) and any other call with a JSON error.
+Images are fetched under the request's deadline, concurrently and within the process's bounds
+(:mod:`backend.fetching`); jobs go to the queue only while that deadline has not passed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 
+import redis
 from flask import Blueprint, Response, jsonify, request
 
 from backend import capture
+from backend import project as project_settings
+from backend.config import ENV_PREFIX
 from backend.errors import json_error
-from backend.images import ImageFetchError
+from backend.fetching import BUSY, fetch_each, fetch_one
+from backend.images import FetchedImage, ImageFetchError
+from backend.inputs import Refusal, context_of, image_value, json_body, project_id, task_id, tasks_of, typed_query
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
-from backend.phrasing import Phrasing, QueryError
-from backend.refine import RefineError, TaskMemory, read_clicks
+from backend.phrasing import QueryError
+from backend.project import ProjectSettings, SettingsError
+from backend.refine import RefineError, TaskMemory, click_items, read_clicks, source_digest
 from backend.regions import message_region, prediction, with_note
 from backend.state import BackendState, current_state
-from worker.protocol import REFINE, Job
-from worker.queue import JobQueue
+from worker.connection import RedisDown
+from worker.protocol import REFINE, Job, QueueError
+from worker.queue import BusyError, JobQueue
 
 log = logging.getLogger(__name__)
 bp = Blueprint("protocol", __name__)
-
-#: Per-project settings a connection can carry in ``extra_params`` (JSON in Label Studio's model settings).
-PROJECT_KEYS = ("default_query", "query_field", "label", "split_instances", "min_score", "min_area",
-                "phrase_template", "sentence_template")
-PROJECT_TTL_S = 30 * 24 * 3600
-
-
-def _project_id(value: Any) -> str:
-    """Label Studio sends ``"<id>.<created_at>"``; the id is what identifies the project."""
-    return str(value or "").split(".")[0]
-
-
-def _project_key(queue: JobQueue, project: str) -> str:
-    return queue.key("project", project)
+Answer = Response | tuple[Response, int]
 
 
 def current_version(queue: JobQueue) -> str | None:
@@ -59,25 +59,22 @@ def current_version(queue: JobQueue) -> str | None:
 
 
 @bp.post("/setup")
-def setup() -> Response | tuple[Response, int]:
+def setup() -> Answer:
+    """Check the labeling config and the connection's Extra params, keep the params, report the model version."""
     state = current_state()
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        return json_error(400, "the /setup body must be a JSON object with the labeling config in 'schema'")
     try:
-        parse_labeling_config(body.get("schema", ""))
+        body = json_body("with the labeling config in 'schema'")
+        project = project_id(body.get("project"))
+        labeling = parse_labeling_config(body.get("schema", ""))
+        values = project_settings.check_extra_params(body.get("extra_params"), state.config, labeling)
+    except Refusal as e:
+        return json_error(e.status, e.message)
     except ConfigError as e:
         return json_error(422, f"lisa-ls cannot serve this labeling config: {e}")
-    extra = body.get("extra_params")
-    if isinstance(extra, str) and extra.strip():
-        try:
-            extra = json.loads(extra)
-        except json.JSONDecodeError:
-            return json_error(422, "extra_params is not valid JSON")
-    if isinstance(extra, dict) and _project_id(body.get("project")):
-        settings = {k: extra[k] for k in PROJECT_KEYS if k in extra}
-        state.queue.redis.set(_project_key(state.queue, _project_id(body.get("project"))), json.dumps(settings),
-                              ex=PROJECT_TTL_S)
+    except SettingsError as e:
+        return json_error(422, str(e))
+    if project and "extra_params" in body:  # an emptied Extra params forgets the old ones
+        project_settings.save(state.queue, project, values)  # RedisDown -> 503 (backend.errors)
     version = current_version(state.queue)
     if version is None:
         return json_error(503, "no LISA worker is running: start one with `lisa-ls worker --model ...` "
@@ -85,127 +82,57 @@ def setup() -> Response | tuple[Response, int]:
     return jsonify({"model_version": version})
 
 
-def _project_settings(state: BackendState, project: str) -> dict[str, Any]:
-    raw = state.queue.redis.get(_project_key(state.queue, project)) if project else None
-    return json.loads(raw) if raw else {}
-
-
-def _typed_query(context: dict, setup: LabelingSetup) -> str | None:
-    """The query typed in the labeling UI: the last textarea result (of the config's query TextArea, never of its
-    message TextArea)."""
-    texts = []
-    for item in context.get("result") or []:
-        if not isinstance(item, dict) or item.get("type") != "textarea":
-            continue
-        if setup.message_name and item.get("from_name") == setup.message_name:
-            continue
-        if setup.query_name and item.get("from_name") not in (setup.query_name, None):
-            continue
-        value = (item.get("value") or {}).get("text") or []
-        texts.extend(t for t in (value if isinstance(value, list) else [value]) if isinstance(t, str) and t.strip())
-    return texts[-1] if texts else None
-
-
 @bp.post("/predict")
-def predict() -> Response | tuple[Response, int]:
-    state, config = current_state(), current_state().config
+def predict() -> Answer:
+    """Label Studio's predictions: a typed query (interactive), clicks (interactive), or task queries (batch)."""
+    state = current_state()
     started = time.time()
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
-        return json_error(400, "the /predict body must be a JSON object with a 'tasks' list")
-    tasks = [t for t in body["tasks"] if isinstance(t, dict)]
-    context = (body.get("params") or {}).get("context") if isinstance(body.get("params"), dict) else None
-    interactive = isinstance(context, dict)
-    empty = {"results": [{"result": [], "score": 0}]} if interactive else {"results": []}
     try:
+        body = json_body("with a 'tasks' list")
+        tasks, context, project = tasks_of(body), context_of(body), project_id(body.get("project"))
         setup = parse_labeling_config(body.get("label_config", ""), require_query=False)
+    except Refusal as e:
+        return json_error(e.status, e.message)
     except ConfigError as e:
         return json_error(422, f"lisa-ls cannot serve this labeling config: {e}")
-    project = _project_settings(state, _project_id(body.get("project")))
+    interactive = context is not None
     try:
-        phrasing = Phrasing(project.get("phrase_template", config.phrase_template),
-                            project.get("sentence_template", config.sentence_template))
-    except ValueError as e:
-        return json_error(422, str(e))
-    # 1. Which task gets which query. No query anywhere: answer at once (task loading waits for this call).
-    wanted: list[tuple[int, dict, str]] = []
-    project_id = _project_id(body.get("project"))
-    if interactive:
-        query = _typed_query(context, setup)
-        if query is None and tasks and setup.click_names:
-            return refine(state, setup, project_id, project, phrasing, tasks[0], context, started)
-        if query is not None and tasks:
-            wanted.append((0, tasks[0], query))
-    else:
-        field = project.get("query_field", config.query_field)
-        for i, task in enumerate(tasks):
-            data = task.get("data") if isinstance(task.get("data"), dict) else {}
-            query = data.get(field) or project.get("default_query")
-            if isinstance(query, str) and query.strip():
-                wanted.append((i, task, query))
-    if not wanted:
-        return jsonify(empty)
-    # 2. Jobs: phrase, fetch and store each image once, submit all at once.
-    jobs: dict[int, Job] = {}
-    problems: dict[int, str] = {}
-    deadline = started + config.predict_deadline_s
-    for i, task, query in wanted:
-        try:
-            question = phrasing.question(query)
-            value = (task.get("data") or {}).get(setup.image_field)
-            if not value:
-                raise ImageFetchError(f"the task has no '{setup.image_field}' field (the <Image> value)", "bad_url")
-            image = state.fetcher.fetch(value, task_id=task.get("id"))
-        except (QueryError, ImageFetchError) as e:
-            problems[i] = str(e)
-            continue
-        key = state.queue.put_image(image.data)
-        jobs[i] = Job(image=key, query=question, deadline=deadline, options={"query": query, "task": task.get("id")})
-    if interactive and problems:
-        return interactive_error(setup, 422, problems[0])
-    if jobs:
-        state.queue.submit_many(list(jobs.values()))  # BusyError -> 503 "busy" (backend.errors)
-    # 3. Wait and turn masks into regions, in task order.
-    results: list[dict[str, Any]] = [{"error": "no query for this task"} for _ in tasks]
-    for i, message in problems.items():
-        results[i] = {"error": message}
-        log.warning("task %s: %s", tasks[i].get("id"), message)
-    for i, job in jobs.items():
-        result = state.queue.wait(job, timeout=max(0.0, deadline - time.time()))
-        if not result.ok:
-            if interactive:
-                return interactive_error(setup, _status(result.error_code), f"{result.error_code}: "
-                                                                            f"{result.error_message}")
-            results[i] = {"error": f"{result.error_code}: {result.error_message}"}
-            log.warning("task %s: %s: %s", tasks[i].get("id"), result.error_code, result.error_message)
-            continue
-        query = job.options["query"]
-        results[i] = _prediction(result, setup, project, config, query, message=interactive)
-        if interactive:  # what a click on this task refines next
-            ids = [r["id"] for r in results[i]["result"] if r["type"] == "brushlabels"]
-            TaskMemory(query=query, image=job.image, regions=ids).save(state.queue, project_id, tasks[i].get("id"))
-        log.info("task %s: %d region(s) for %r in %.2f s (%s)", tasks[i].get("id"), len(results[i]["result"]),
-                 query, time.time() - started, result.model_version)
-    return jsonify({"results": results})
+        settings = project_settings.load(state.queue, project, state.config)
+        if not interactive:
+            return _batch(state, setup, settings, tasks, started)
+        if not tasks:
+            return jsonify(_EMPTY)
+        query = typed_query(context, setup)
+        if query is None:  # clicks, or (after Submit) nothing
+            return refine(state, setup, project, settings, tasks[0], context, started)
+        return _segment(state, setup, settings, tasks, [(0, query)], started, interactive=True, project=project)
+    except Refusal as e:
+        return refused(setup, interactive, e.status, e.message)
+    except SettingsError as e:
+        return refused(setup, interactive, 422, str(e))
+    except RedisDown as e:
+        return refused(setup, interactive, 503, str(e))
+    except QueueError as e:  # busy (backpressure) is a "try again later"; anything else is ours to fix
+        return refused(setup, interactive, 503 if e.code == BUSY else 500, f"{e.code}: {e}")
+    except redis.RedisError as e:  # reachable but refusing: out of memory, wrong password, ...
+        return refused(setup, interactive, 503, f"Redis answered with an error: {type(e).__name__}: {e}")
+    except Exception as e:
+        if not interactive:
+            raise  # backend.errors logs it and answers 500
+        log.exception("interactive /predict failed")
+        return refused(setup, True, 500, f"internal error in the lisa-ls backend: {type(e).__name__}: {e}")
 
 
-def _status(error_code: str) -> int:
-    return 504 if error_code == "timeout" else 422 if error_code == "bad_input" else 503
+_EMPTY = {"results": [{"result": [], "score": 0}]}
+"""The answer to an interactive call with nothing to do."""
 
 
-def _prediction(result: Any, setup: LabelingSetup, project: dict[str, Any], config: Any, query: str,
-                message: bool, **kw: Any) -> dict[str, Any]:
-    """A worker's masks as a prediction, with the project's label, instance splitting and noise thresholds."""
-    label = setup.choose_label(query, project.get("label") or config.default_label)
-    pred = prediction(
-        result.mask_array(), result.scores, setup, label, result.model_version, query,
-        bool(project.get("split_instances", config.split_instances)),
-        min_score=float(project.get("min_score", config.min_score)),
-        min_area=int(project.get("min_area", config.min_area)), message=message, **kw)
-    return with_note(pred, setup, result.note)  # e.g. the offline demo model saying what it is
+def refused(setup: LabelingSetup, interactive: bool, status: int, message: str) -> Answer:
+    """A call that cannot be answered: :func:`interactive_error` when interactive, else a JSON error."""
+    return interactive_error(setup, status, message) if interactive else json_error(status, message)
 
 
-def interactive_error(setup: LabelingSetup, status: int, message: str) -> Response | tuple[Response, int]:
+def interactive_error(setup: LabelingSetup, status: int, message: str) -> Answer:
     """An interactive call that cannot be answered. Label Studio does not show a backend's errors in the labeling
     UI, so with a message TextArea in the config the message goes there (HTTP 200, plus ``error``); else it is an
     HTTP error that Label Studio logs."""
@@ -215,60 +142,171 @@ def interactive_error(setup: LabelingSetup, status: int, message: str) -> Respon
     return json_error(status, message)
 
 
-def refine(state: BackendState, setup: LabelingSetup, project_id: str, project: dict[str, Any], phrasing: Phrasing,
-           task: dict, context: dict, started: float) -> Response | tuple[Response, int]:
+def _batch(state: BackendState, setup: LabelingSetup, settings: ProjectSettings, tasks: list[dict],
+           started: float) -> Answer:
+    """Each task's query (its data's query field, else the project's default query); none anywhere: at once."""
+    wanted = []
+    for i, task in enumerate(tasks):
+        query = (task.get("data") or {}).get(settings.query_field) or settings.default_query
+        if isinstance(query, str) and query.strip():
+            wanted.append((i, query))
+    if not wanted:
+        return jsonify({"results": []})  # task loading waits for this call
+    return _segment(state, setup, settings, tasks, wanted, started, interactive=False)
+
+
+def _status(error_code: str) -> int:
+    return {"timeout": 504, "bad_input": 422, BUSY: 503}.get(error_code, 503)
+
+
+def _fetch_status(e: Exception) -> int:
+    code = getattr(e, "code", "")
+    return 503 if code == BUSY else 504 if code == "timeout" else 422
+
+
+def _segment(state: BackendState, setup: LabelingSetup, settings: ProjectSettings, tasks: list[dict],
+             wanted: list[tuple[int, str]], started: float, *, interactive: bool, project: str = "") -> Answer:
+    """Text queries (``wanted``: task index, query): phrase them, fetch the images (concurrently, under the
+    deadline), queue each task's job as soon as its image is stored, wait, and turn masks into regions in task
+    order. An interactive call (one task) answers its problems in the message TextArea and remembers the answer
+    for clicks, under ``project``."""
+    config = state.config
+    deadline = started + config.predict_deadline_s
+    problems: dict[int, Exception] = {}
+    asked: list[tuple[int, str, str, object]] = []  # (task index, query, question, image value)
+    for i, query in wanted:
+        try:
+            asked.append((i, query, settings.phrasing.question(query), image_value(tasks[i], setup)))
+        except (QueryError, ImageFetchError) as e:
+            problems[i] = e
+    jobs: dict[int, tuple[Job, FetchedImage, object]] = {}
+    items = [(value, task_id(tasks[i], i)) for i, _, _, value in asked]
+    for n, image in fetch_each(state.fetcher, state.fetch_gate, items, deadline, config.predict_deadline_s):
+        i, query, question, value = asked[n]
+        if isinstance(image, ImageFetchError):
+            problems[i] = image
+            continue
+        if time.time() >= deadline:  # never queue a job that is dead on arrival
+            problems[i] = ImageFetchError(f"the request's {config.predict_deadline_s:g} s deadline "
+                                          f"({ENV_PREFIX}PREDICT_DEADLINE_S) passed while its image was fetched; "
+                                          "nothing was queued", "timeout")
+            continue
+        job = Job(image=state.queue.put_image(image.data), query=question, deadline=deadline,
+                  options={"query": query, "task": task_id(tasks[i], i)})
+        try:
+            state.queue.submit(job)
+        except BusyError as e:
+            if interactive:
+                raise  # -> "busy" in the message TextArea (predict)
+            problems[i] = e
+            continue
+        jobs[i] = (job, image, value)
+    if interactive and problems:
+        [problem] = problems.values()
+        return interactive_error(setup, _fetch_status(problem), str(problem))
+    if not jobs and problems and all(getattr(e, "code", "") == BUSY for e in problems.values()):
+        return json_error(503, str(next(iter(problems.values()))))  # nothing done: the whole call is "busy"
+    results: list[dict[str, Any]] = [{"error": "no query for this task"} for _ in tasks]
+    for i, e in problems.items():
+        results[i] = {"error": str(e)}
+        log.warning("task %s: %s", tasks[i].get("id"), e)
+    for i, (job, image, value) in sorted(jobs.items()):
+        result = state.queue.wait(job, timeout=max(0.0, deadline - time.time()))
+        if not result.ok:
+            message = f"{result.error_code}: {result.error_message}"
+            if interactive:
+                return interactive_error(setup, _status(result.error_code), message)
+            results[i] = {"error": message}
+            log.warning("task %s: %s", tasks[i].get("id"), message)
+            continue
+        query = job.options["query"]
+        results[i] = _prediction(result, setup, settings, query, message=interactive)
+        if interactive:  # what a click on this task refines next, and the image it need not fetch again
+            ids = [r["id"] for r in results[i]["result"] if r["type"] == "brushlabels"]
+            TaskMemory(query=query, image=job.image, regions=ids, source=source_digest(value),
+                       size=[image.width, image.height]).save(state.queue, project, task_id(tasks[i], i))
+        log.info("task %s: %d region(s) for %r in %.2f s (%s)", tasks[i].get("id"), len(results[i]["result"]),
+                 query, time.time() - started, result.model_version)
+    return jsonify({"results": results})
+
+
+def _prediction(result: Any, setup: LabelingSetup, settings: ProjectSettings, query: str, message: bool,
+                **kw: Any) -> dict[str, Any]:
+    """A worker's masks as a prediction, with the project's label, instance splitting and noise thresholds;
+    ``message``: an interactive answer, which always carries the message TextArea (see :func:`prediction`)."""
+    label = setup.choose_label(query, settings.label)
+    pred = prediction(result.mask_array(), result.scores, setup, label, result.model_version, query,
+                      settings.split_instances, min_score=settings.min_score, min_area=settings.min_area,
+                      message=message, **kw)
+    return with_note(pred, setup, result.note)  # e.g. the offline demo model saying what it is
+
+
+def refine(state: BackendState, setup: LabelingSetup, project: str, settings: ProjectSettings, task: dict,
+           context: dict, started: float) -> Answer:
     """A click or box on a task: the task's last query (if any) + all its clicks -> one refine job -> regions that
     keep the ids of the regions they refine (so accepting replaces them)."""
-    memory = TaskMemory.load(state.queue, project_id, task.get("id"))
+    if not setup.click_names or not click_items(context, setup):  # e.g. the call after Submit, with an empty context
+        return jsonify(_EMPTY)
+    tid = task_id(task, 0)
+    memory = TaskMemory.load(state.queue, project, tid)
+    deadline = started + state.config.predict_deadline_s
     try:
-        value = (task.get("data") or {}).get(setup.image_field)
-        if not value:
-            raise ImageFetchError(f"the task has no '{setup.image_field}' field (the <Image> value)", "bad_url")
-        image = state.fetcher.fetch(value, task_id=task.get("id"))
-        clicks = read_clicks(context, setup, image.width, image.height)
-        if clicks is None:  # e.g. the call after Submit, with an empty context
-            return jsonify({"results": [{"result": [], "score": 0}]})
-        key = state.queue.put_image(image.data)
+        value = image_value(task, setup)
+        reused = memory.reusable_image(state.queue, value)
+        if reused is not None:
+            key, width, height = reused
+        else:
+            image = fetch_one(state.fetcher, state.fetch_gate, value, tid, deadline, state.config.predict_deadline_s)
+            key, width, height = state.queue.put_image(image.data), image.width, image.height
+        clicks = read_clicks(context, setup, width, height)
         if memory.image not in (None, key):
             memory = TaskMemory()  # the task's image changed: its query and clicks were about another picture
         merged = memory.merge(clicks)
-        question = phrasing.question(memory.query) if memory.query else ""
+        question = settings.phrasing.question(memory.query) if memory.query else ""
     except (ImageFetchError, RefineError, QueryError) as e:
-        return interactive_error(setup, 422, str(e))
+        return interactive_error(setup, _fetch_status(e), str(e))
     memory.image, memory.points, memory.box = key, merged.points, merged.box
+    memory.source, memory.size = source_digest(value), [width, height]
     if not merged.points and merged.box is None:  # every click was deleted
-        memory.save(state.queue, project_id, task.get("id"))
+        memory.save(state.queue, project, tid)
         said = [message_region(setup, "")] if setup.message_name else []  # an answer: clear the last message
         return jsonify({"results": [{"result": said, "score": 0}]})
     points = list(merged.points.values())
-    job = Job(image=key, kind=REFINE, query=question, deadline=started + state.config.predict_deadline_s,
-              options={"points": points, "box": merged.box, "query": memory.query, "task": task.get("id")})
-    state.queue.submit(job)  # BusyError -> 503 "busy" (backend.errors)
+    job = Job(image=key, kind=REFINE, query=question, deadline=deadline,
+              options={"points": points, "box": merged.box, "query": memory.query, "task": tid})
+    if job.expired():
+        return interactive_error(setup, 504, f"the request's {state.config.predict_deadline_s:g} s deadline "
+                                             f"({ENV_PREFIX}PREDICT_DEADLINE_S) passed before the click was queued")
+    state.queue.submit(job)  # BusyError -> "busy" (predict)
     result = state.queue.wait(job, timeout=max(0.0, job.remaining()))
     if not result.ok:
         return interactive_error(setup, _status(result.error_code), f"{result.error_code}: {result.error_message}")
     query = memory.query or ""
-    pred = _prediction(result, setup, project, state.config, query, message=True, ids=memory.regions,
+    pred = _prediction(result, setup, settings, query, message=True, ids=memory.regions,
                        meta={"refined": {"points": points, "box": merged.box}})
     if not query and not any(r["type"] == "brushlabels" for r in pred["result"]) and setup.message_name:
         pred["result"] = [message_region(setup, "LISA found nothing at these clicks")]
     memory.regions = [r["id"] for r in pred["result"] if r["type"] == "brushlabels"] or memory.regions
-    memory.save(state.queue, project_id, task.get("id"))
-    log.info("task %s: refined %r with %d point(s)%s -> %d region(s) in %.2f s", task.get("id"), query, len(points),
-             " and a box" if merged.box else "", len(pred["result"]), time.time() - started)
+    memory.save(state.queue, project, tid)
+    log.info("task %s: refined %r with %d point(s)%s -> %d region(s) in %.2f s%s", tid, query, len(points),
+             " and a box" if merged.box else "", len(pred["result"]), time.time() - started,
+             " (image reused)" if reused else "")
     return jsonify({"results": [pred]})
 
 
 @bp.post("/webhook")
-def webhook() -> Response | tuple[Response, int]:
+def webhook() -> Answer:
     """Store a submitted, updated or deleted annotation for capture, then answer (Label Studio waits 1 s).
 
     The answer comes only once the event is in Redis (:func:`backend.capture.store_event`); the capture thread
     turns it into a dataset sample later. Other events (Label Studio sends every kind) are answered and dropped.
     """
     state = current_state()
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+    try:
+        body = json_body("with an 'action'")
+    except Refusal as e:
+        return json_error(e.status, e.message)
+    if not isinstance(body.get("action"), str):
         return json_error(400, "a webhook body must be a JSON object with an 'action'")
     action = body["action"]
     annotation = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}

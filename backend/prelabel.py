@@ -401,8 +401,7 @@ def run_prelabel(args: argparse.Namespace) -> int:
                           state=Path(args.state) if args.state else None)
         client = LabelStudioClient(config.label_studio_url, config.label_studio_api_key)
         queue = JobQueue(connect(config=config.queue), config.queue)
-        fetcher = ImageFetcher(FetchSettings(label_studio_url=config.label_studio_url,
-                                             api_key=config.label_studio_api_key))
+        fetcher = ImageFetcher(FetchSettings.from_config(config))
         runner = Prelabeler(options, config, client, queue, fetcher)
         runner.prepare()
         path = options.state or Path(config.model_dir) / "prelabel" / f"project-{options.project}.json"

@@ -12,15 +12,20 @@ Handlers reach the state with :func:`current_state`; blueprints added later (``/
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import TypeVar
 
 from flask import current_app
 
 from backend.capture import CaptureConsumer
 from backend.config import BackendConfig
+from backend.fetching import FetchGate
 from backend.images import FetchSettings, ImageFetcher
-from worker.connection import connect
+from worker.connection import call_with_retry, connect
 from worker.defaults import QueueConfig
 from worker.queue import JobQueue
+
+T = TypeVar("T")
 
 EXTENSION = "lisa_ls"
 """Key of the :class:`BackendState` in ``app.extensions``."""
@@ -37,6 +42,8 @@ class BackendState:
     """The same queue on a fast-failing client, for ``/health``, ``/metrics`` and ``/versions``."""
     fetcher: ImageFetcher
     """Fetches task images (one per process, so its Label Studio access token is shared by all threads)."""
+    fetch_gate: FetchGate
+    """Bounds the image fetches in flight in this process (:mod:`backend.fetching`)."""
     capture: CaptureConsumer | None = None
     """The thread turning stored webhook events into dataset samples (:mod:`backend.capture`), once started."""
 
@@ -48,8 +55,8 @@ class BackendState:
             config=config,
             queue=JobQueue(connect(config=config.queue), config.queue),
             status_queue=JobQueue(connect(config=fast), fast),
-            fetcher=ImageFetcher(FetchSettings(label_studio_url=config.label_studio_url,
-                                               api_key=config.label_studio_api_key)),
+            fetcher=ImageFetcher(FetchSettings.from_config(config)),
+            fetch_gate=FetchGate(config.fetch_slots, config.fetch_slots_per_host, config.fetch_waiters),
         )
 
     def start_capture(self) -> None:
@@ -64,6 +71,15 @@ class BackendState:
             self.capture.stop()
         self.queue.redis.close()
         self.status_queue.redis.close()
+
+
+def redis_call(queue: JobQueue, fn: Callable[[], T], what: str) -> T:
+    """Run one Redis command of the backend's own (project settings, task memory) as the queue runs its: lost
+    connections retried within ``redis_down_after_s``, then :class:`~worker.connection.RedisDown` ("Redis is
+    unreachable"), never a bare connection error that would surface as an internal error."""
+    cfg = queue.config
+    return call_with_retry(fn, budget_s=cfg.redis_down_after_s, backoff_s=cfg.client_backoff_s,
+                           attempt_s=cfg.socket_timeout_s, what=what)
 
 
 def status_config(config: BackendConfig) -> QueueConfig:

@@ -137,6 +137,7 @@ def health_body(state: BackendState, snap: Snapshot) -> dict[str, Any]:
         "queue": snap.queue,
         "model_versions": snap.versions,
         "redis": {"url": state.config.redis_url_redacted, "reachable": snap.redis_ok},
+        "image_fetches": state.fetch_gate.snapshot(),  # this process's; "busy" answers start at the bounds
         "elapsed_ms": round(snap.elapsed_s * 1000, 1),
     }
 

@@ -13,6 +13,7 @@ import contextlib
 import io
 import ipaddress
 import json
+import select
 import socket
 import ssl
 import struct
@@ -87,6 +88,7 @@ class Server:
 
     def __init__(self, tls: tuple[str, str] | None = None) -> None:
         self.routes: dict[str, Handler] = {}
+        self.fallback: Handler | None = None  # for paths without a route (else 404)
         self.log: list[tuple[str, str, dict[str, str]]] = []
         self.stop = threading.Event()
         server = self
@@ -94,7 +96,7 @@ class Server:
         class H(BaseHTTPRequestHandler):
             def _serve(self) -> None:
                 server.log.append((self.command, self.path, dict(self.headers.items())))
-                route = server.routes.get(urlsplit(self.path).path)
+                route = server.routes.get(urlsplit(self.path).path) or server.fallback
                 with contextlib.suppress(OSError):  # the client hung up, as intended in several tests
                     route(self) if route else reply(self, 404, b"not found")
 
@@ -119,6 +121,53 @@ class Server:
         self.stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class ImageHost(Server):
+    """An image host on loopback: ``/fast/<name>.png`` answers at once, ``/slow/<name>.png`` sends its headers and
+    then one byte a second (a slow-loris host: the body never completes within a fetch deadline). Counts fetches:
+    ``open`` now, ``max_open`` at once, ``closed`` ended, ``gets`` per path. ``png(name)`` is the image of a name
+    (distinct per name, so each has its own content hash)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.open = self.max_open = self.closed = 0
+        self.gets: dict[str, int] = {}
+        self.fallback = self._serve_image
+
+    @staticmethod
+    def png(name: str) -> bytes:
+        return png(40, 30, (len(name) * 37 % 256, sum(map(ord, name)) % 256, 90))
+
+    def _serve_image(self, h: BaseHTTPRequestHandler) -> None:
+        path = urlsplit(h.path).path
+        kind, _, name = path.strip("/").partition("/")
+        if kind not in ("fast", "slow"):
+            return reply(h, 404, b"not found")
+        body = self.png(name)
+        with self.lock:
+            self.gets[path] = self.gets.get(path, 0) + 1
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+        try:
+            if kind == "fast":
+                return reply(h, 200, body, Content_Type="image/png")
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            for byte in body:
+                readable, _, _ = select.select([h.connection], [], [], 1.0)
+                if self.stop.is_set() or (readable and not h.connection.recv(1, socket.MSG_PEEK)):
+                    return  # shut down, or the client hung up (noticed at once, so `open` is exact)
+                if readable:
+                    self.stop.wait(1.0)
+                h.wfile.write(bytes([byte]))
+                h.wfile.flush()
+        finally:
+            with self.lock:
+                self.open -= 1
+                self.closed += 1
 
 
 @pytest.fixture

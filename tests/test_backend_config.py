@@ -14,6 +14,7 @@ import pytest
 import backend.config
 from backend.cli import add_backend_parsers, config_from_args, gunicorn_options, run_serve
 from backend.config import BackendConfig, redact_url
+from backend.images import FetchSettings
 from backend.state import status_config
 from worker.defaults import ENV_PREFIX, REDIS_URL, QueueConfig
 
@@ -59,6 +60,16 @@ def test_every_variable_is_read() -> None:
         "LISA_LS_CAPTURE_RECLAIM_S": "30",
         "LISA_LS_MAX_BODY_MB": "8",  # request and capture sizes (issue 18)
         "LISA_LS_CAPTURE_BACKLOG_MB": "64",
+        "LISA_LS_FETCH_MAX_BYTES": "1000000",
+        "LISA_LS_FETCH_MAX_PIXELS": "4000000",
+        "LISA_LS_FETCH_CONNECT_TIMEOUT_S": "2",
+        "LISA_LS_FETCH_READ_TIMEOUT_S": "3",
+        "LISA_LS_FETCH_DEADLINE_S": "12.5",
+        "LISA_LS_FETCH_MAX_REDIRECTS": "0",
+        "LISA_LS_TLS_VERIFY": "0",
+        "LISA_LS_ALLOWED_PRIVATE_HOSTS": "minio.internal:9000, Cache.Local",
+        "LISA_LS_FETCH_CONCURRENCY": "6",
+        "LISA_LS_FETCH_PER_HOST": "2",
     }
     config = BackendConfig.from_env(env)
     assert config.label_studio_url == "http://ls.example:8080"  # trailing slash dropped
@@ -77,6 +88,12 @@ def test_every_variable_is_read() -> None:
     assert (config.max_body_mb, config.capture_backlog_mb) == (8, 64)
     with pytest.raises(ValueError, match="LISA_LS_MAX_BODY_MB=65 must be at least 1 and at most"):
         BackendConfig.from_env({**env, "LISA_LS_MAX_BODY_MB": "65"})
+    assert (config.fetch_slots, config.fetch_slots_per_host) == (6, 2)
+    fetch = FetchSettings.from_config(config)  # the one way every fetcher is built (server, capture, CLIs)
+    assert fetch == FetchSettings(
+        label_studio_url="http://ls.example:8080", api_key="token123", max_bytes=1_000_000, max_pixels=4_000_000,
+        connect_timeout_s=2.0, read_timeout_s=3.0, deadline_s=12.5, max_redirects=0, tls_verify=False,
+        allowed_private_hosts=("minio.internal:9000", "cache.local"))
     assert set(BackendConfig.variables()) == set(env) - {"REDIS_URL", "LISA_LS_BATCH_SIZE"}
 
 
@@ -104,11 +121,29 @@ def test_label_studio_host_is_a_fallback() -> None:
         ({"BASIC_AUTH_USER": "only-the-user"}, "BASIC_AUTH_PASS"),
         ({"LISA_LS_BATCH_SIZE": "x"}, "LISA_LS_BATCH_SIZE"),
         ({"LISA_LS_VAL_PERCENT": "101"}, "LISA_LS_VAL_PERCENT"),
+        ({"LISA_LS_FETCH_DEADLINE_S": "0"}, "LISA_LS_FETCH_DEADLINE_S"),
+        ({"LISA_LS_FETCH_MAX_BYTES": "lots"}, "LISA_LS_FETCH_MAX_BYTES"),
+        ({"LISA_LS_TLS_VERIFY": "/no/such/ca.pem"}, "LISA_LS_TLS_VERIFY"),
+        ({"LISA_LS_ALLOWED_PRIVATE_HOSTS": "http://minio/"}, "LISA_LS_ALLOWED_PRIVATE_HOSTS"),
+        ({"THREADS": "8", "LISA_LS_FETCH_CONCURRENCY": "8"}, "LISA_LS_FETCH_CONCURRENCY"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ValueError, match=named):
         BackendConfig.from_env(env)
+
+
+def test_fetch_bounds_default_below_the_thread_count(tmp_path: Path) -> None:
+    # Auto: half the threads for all fetches, half of that per host, and waiters for a slot only as many as
+    # leave an eighth of the threads free, so /health and /webhook always find one.
+    envs = [{}, {"THREADS": "8"}, {"THREADS": "2"}, {"THREADS": "8", "LISA_LS_FETCH_PER_HOST": "9"}]
+    bounds = [(c.fetch_slots, c.fetch_slots_per_host, c.fetch_waiters) for c in map(BackendConfig.from_env, envs)]
+    assert bounds == [(32, 16, 24), (4, 2, 3), (1, 1, 0), (4, 4, 3)]  # fetching + waiting < threads, always
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert BackendConfig.from_env({"LISA_LS_TLS_VERIFY": str(bundle)}).tls_verify == str(bundle)
+    assert BackendConfig.from_env({"LISA_LS_TLS_VERIFY": "yes"}).tls_verify is True
+    assert FetchSettings.from_config(BackendConfig.from_env({})) == FetchSettings()  # the documented defaults
 
 
 def test_backend_names_do_not_collide_with_queue_names() -> None:

@@ -31,8 +31,11 @@ from image_fixtures import (
     refused,
     reply,
 )
+from urllib3.exceptions import InsecureRequestWarning
 
-from backend.images import FetchSettings, ImageFetcher, inspect_image
+from backend.config import BackendConfig
+from backend.images import FetchSettings, ImageFetcher, ImageFetchError, inspect_image
+from worker.limits import image_shape_error
 
 pytest_plugins = ["image_fixtures"]  # the fixtures ls and ext (loopback servers) and no_dns
 pytestmark = pytest.mark.usefixtures("no_dns")  # fail any test that would send a DNS query
@@ -227,5 +230,49 @@ def test_https_is_pinned_and_still_verifies_the_host_name(tmp_path: Path) -> Non
         refused(fetcher(None, policy=public, tls_verify=cert), f"{server.url}/x.png", "unreachable", "TLS failed")
         refused(fetcher(None, resolver=resolver, policy=public), url, "unreachable", "TLS failed",
                 "certificate verify failed")
+    finally:
+        server.close()
+
+
+def test_sides_lisa_refuses_are_refused_with_the_workers_message() -> None:
+    for width, height in ((50000, 1), (1, 50000), (6000, 100)):
+        with pytest.raises(ImageFetchError) as info:
+            inspect_image(png(width, height))
+        assert info.value.code == "bad_shape"
+        assert str(info.value) == image_shape_error(width, height)  # what the worker would answer, word for word
+    assert inspect_image(png(5000, 100)) == ("PNG", 5000, 100)  # 50:1 itself passes, as in LISA
+    with pytest.raises(ImageFetchError, match="the image is 100x6000 pixels"):  # judged as shown, EXIF-rotated
+        inspect_image(jpeg(6000, 100, orientation=6))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_fetch_settings_from_the_environment_take_effect(tmp_path: Path, ext: Server) -> None:
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key,
+                    "-out", cert, "-subj", "/CN=img.example.test", "-addext", "subjectAltName=DNS:img.example.test"],
+                   check=True, capture_output=True)
+    server = Server(tls=(cert, key))
+    names = {"img.example.test": ["127.0.0.1"], "127.0.0.1": ["127.0.0.1"]}
+
+    def from_env(**env: str) -> ImageFetcher:
+        settings = FetchSettings.from_config(BackendConfig.from_env({f"LISA_LS_{k}": v for k, v in env.items()}))
+        return ImageFetcher(settings, resolver=lambda host, port: names[host])  # the default address policy
+
+    try:
+        server.routes["/x.png"] = lambda h: reply(h, 200, IMAGE)
+        url = f"https://img.example.test:{server.port}/x.png"
+        refused(from_env(TLS_VERIFY=cert), url, "refused", "loopback")
+        allowed = f"img.example.test:{server.port}"
+        assert from_env(TLS_VERIFY=cert, ALLOWED_PRIVATE_HOSTS=allowed).fetch(url).data == IMAGE
+        refused(from_env(ALLOWED_PRIVATE_HOSTS=allowed), url, "unreachable", "certificate verify failed")
+        with pytest.warns(InsecureRequestWarning):  # verification off, as asked (testing only)
+            assert from_env(TLS_VERIFY="0", ALLOWED_PRIVATE_HOSTS=allowed).fetch(url).data == IMAGE
+        refused(from_env(TLS_VERIFY=cert, ALLOWED_PRIVATE_HOSTS=allowed, FETCH_MAX_PIXELS="100"), url, "too_large",
+                "above the 0.0001 MP limit")
+        refused(from_env(TLS_VERIFY=cert, ALLOWED_PRIVATE_HOSTS=allowed, FETCH_MAX_BYTES="50"), url, "too_large",
+                "limit")
+        ext.routes["/hang.png"] = lambda h: time.sleep(3)
+        refused(from_env(ALLOWED_PRIVATE_HOSTS=f"127.0.0.1:{ext.port}", FETCH_DEADLINE_S="0.5"),
+                f"{ext.url}/hang.png", "timeout")  # else: "unreachable" once the server hangs up, 3 s later
     finally:
         server.close()

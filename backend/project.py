@@ -1,0 +1,178 @@
+"""Per-project settings: what a connection's *Extra params* may set, checked once at ``/setup``, kept in Redis.
+
+Label Studio sends the model connection's *Extra params* (free JSON typed by whoever set the connection up) with
+every ``/setup``. They are checked there, with a message naming the bad key, and stored typed, so that a string
+``min_score`` or a ``"split_instances": "0"`` (which Python would count as true) cannot fail or mislead every later
+``/predict``. Common spellings are normalised (``"0"``/``"false"`` -> ``False``, ``"0.5"`` -> ``0.5``); anything
+else, and any key not listed in :data:`KEYS`, is refused.
+
+==================== ================================================================== ====================
+Key                  Meaning                                                            Default (setting)
+==================== ================================================================== ====================
+``default_query``    query for batch predictions of tasks without one                   (none)
+``query_field``      task data key of batch queries                                     LISA_LS_QUERY_FIELD
+``label``            brush label when the query names none (one of the config's)        LISA_LS_DEFAULT_LABEL
+``split_instances``  true: one region per connected instance                            LISA_LS_SPLIT_INSTANCES
+``min_score``        drop masks whose SAM score is below this                           LISA_LS_MIN_SCORE
+``min_area``         drop regions of fewer pixels                                       LISA_LS_MIN_AREA
+``phrase_template``  question for a short phrase (``{}`` is the phrase)                 LISA_LS_PHRASE_TEMPLATE
+``sentence_template`` question for a sentence (``{}`` is the sentence)                  LISA_LS_SENTENCE_TEMPLATE
+==================== ================================================================== ====================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+from backend.config import BackendConfig
+from backend.labeling import LabelingSetup
+from backend.phrasing import Phrasing, QueryError, clean_query
+from backend.state import redis_call
+from worker.queue import JobQueue
+
+#: How long a project's settings are kept without a ``/setup`` (Label Studio calls it on every model-card visit).
+PROJECT_TTL_S = 30 * 24 * 3600
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """Extra params that cannot be used; the message names the key and says what it must be."""
+
+
+def _text(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise SettingsError(f"extra_params '{key}' must be a string, not {json.dumps(value)[:40]}")
+    return value
+
+
+def _query(key: str, value: object) -> str:
+    try:
+        return clean_query(_text(key, value))
+    except QueryError as e:
+        raise SettingsError(f"extra_params '{key}': {e}") from e
+
+
+def _field(key: str, value: object) -> str:
+    if not _text(key, value).strip():
+        raise SettingsError(f"extra_params '{key}' must name a task data field, not be empty")
+    return str(value).strip()
+
+
+def _flag(key: str, value: object) -> bool:
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise SettingsError(f"extra_params '{key}' must be true or false (or 1 or 0), not {json.dumps(value)[:40]}")
+
+
+def _number(key: str, value: object) -> float:
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise SettingsError(f"extra_params '{key}' must be a number, not {json.dumps(value)[:40]}")
+    return number
+
+
+def _count(key: str, value: object) -> int:
+    number = _number(key, value)
+    if number < 0 or number != int(number):
+        raise SettingsError(f"extra_params '{key}' must be a whole number of pixels, 0 or more, not {value}")
+    return int(number)
+
+
+#: Every key Extra params may set, with its check (which returns the typed value).
+KEYS: dict[str, Callable[[str, object], Any]] = {
+    "default_query": _query, "query_field": _field, "label": _text, "split_instances": _flag, "min_score": _number,
+    "min_area": _count, "phrase_template": _text, "sentence_template": _text,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectSettings:
+    """A project's settings: its checked Extra params over the backend's own (:mod:`backend.config`)."""
+
+    default_query: str
+    query_field: str
+    label: str
+    split_instances: bool
+    min_score: float
+    min_area: int
+    phrasing: Phrasing
+
+    @classmethod
+    def resolve(cls, values: dict[str, Any], config: BackendConfig) -> ProjectSettings:
+        """``values`` (checked, see :func:`check_extra_params`) with the backend's settings for what they omit."""
+        try:
+            phrasing = Phrasing(values.get("phrase_template", config.phrase_template),
+                                values.get("sentence_template", config.sentence_template))
+        except ValueError as e:
+            raise SettingsError(f"extra_params: {e}") from e
+        return cls(default_query=values.get("default_query", ""),
+                   query_field=values.get("query_field", config.query_field),
+                   label=values.get("label") or config.default_label,
+                   split_instances=values.get("split_instances", bool(config.split_instances)),
+                   min_score=values.get("min_score", config.min_score),
+                   min_area=values.get("min_area", config.min_area), phrasing=phrasing)
+
+
+def check_extra_params(extra: object, config: BackendConfig, setup: LabelingSetup | None = None) -> dict[str, Any]:
+    """The typed settings of a connection's Extra params (an object, or its JSON text; empty: none).
+
+    Raises:
+        SettingsError: not an object, an unknown key, a value of the wrong kind, a template without ``{}``, or
+            (with ``setup``) a ``label`` the labeling config's BrushLabels do not have.
+    """
+    if extra is None or (isinstance(extra, str) and not extra.strip()):
+        return {}
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except (ValueError, RecursionError) as e:
+            raise SettingsError(f"extra_params is not valid JSON ({e})") from None
+    if not isinstance(extra, dict):
+        raise SettingsError(f"extra_params must be a JSON object of settings, not {json.dumps(extra)[:40]}")
+    unknown = sorted(k for k in extra if k not in KEYS)
+    if unknown:
+        raise SettingsError(f"extra_params has the unknown key {unknown[0]!r}; the keys are {', '.join(KEYS)}")
+    values = {key: KEYS[key](key, value) for key, value in extra.items()}
+    ProjectSettings.resolve(values, config)  # the templates, together
+    if setup is not None and values.get("label") and values["label"] not in setup.labels:
+        raise SettingsError(f"extra_params 'label' is {values['label']!r}, which is not a label of the config's "
+                            f"<BrushLabels name=\"{setup.brush_name}\"> ({', '.join(setup.labels)})")
+    return values
+
+
+def _key(queue: JobQueue, project: str) -> str:
+    return queue.key("project", project)
+
+
+def save(queue: JobQueue, project: str, values: dict[str, Any]) -> None:
+    """Keep a project's checked settings (``values`` empty: forget them, back to the backend's own)."""
+    key = _key(queue, project)
+    if values:
+        redis_call(queue, lambda: queue.redis.set(key, json.dumps(values), ex=PROJECT_TTL_S), "save project settings")
+    else:
+        redis_call(queue, lambda: queue.redis.delete(key), "save project settings")
+
+
+def load(queue: JobQueue, project: str, config: BackendConfig) -> ProjectSettings:
+    """A project's settings (the backend's own for a project without any, or no project).
+
+    Raises:
+        SettingsError: the stored ones no longer pass the checks (stored by an older version, before they were
+            checked): validating the connection again in Label Studio stores them anew, or says what is wrong.
+    """
+    raw = redis_call(queue, lambda: queue.redis.get(_key(queue, project)), "load project settings") if project else None
+    try:
+        values = check_extra_params(json.loads(raw), config) if raw else {}
+    except (SettingsError, ValueError) as e:
+        raise SettingsError(f"this project's stored model settings are unusable ({e}): open the model in the "
+                            "project's Model settings and validate and save it again") from e
+    return ProjectSettings.resolve(values, config)
