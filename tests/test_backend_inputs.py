@@ -9,6 +9,7 @@ busy case fills the queue's bound with a job of its own).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -247,10 +248,11 @@ def test_elongated_images_are_refused_with_the_workers_message(client: FlaskClie
 
 
 def test_no_job_is_queued_once_the_deadline_has_passed(make_client: Callable[..., FlaskClient],
-                                                       job_queue: JobQueue) -> None:
+                                                       job_queue: JobQueue, queue_config: QueueConfig) -> None:
     # A 1 ms deadline passes while the request is read and its image checked: nothing may reach the queue (a job
     # submitted already expired would only be dropped by a worker, after taking a slot in the bounded queue).
-    client = make_client(predict_deadline_s=0.001)
+    # (A deadline must exceed the heartbeat TTL, so that a killed worker's jobs can move in time: shrink it too.)
+    client = make_client(predict_deadline_s=0.001, queue=dataclasses.replace(queue_config, heartbeat_ttl_s=0.0005))
     said = shown(client.post("/predict", json=body({"result": [textarea("the dog")]})))
     batch = client.post("/predict", json=body(None, tasks=[{"id": n, "data": {"image": data_uri(64 + n), "query": "a"}}
                                                           for n in range(3)]))
