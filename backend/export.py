@@ -93,7 +93,7 @@ def export_project(client: LabelStudioClient, project_id: int, dataset: Dataset,
                     info = {"annotation_id": aid, "task_id": ls_id(task), "project_id": project_id,
                             "source": "export", "updated_at": annotation.get("updated_at")}
                     with dataset.lock():
-                        dataset.record_skip(sid, s.code, s.reason, info)
+                        dataset.record_skip(sid, s.code, s.reason, info, keep_sample=s.keep_sample)
                 continue
             except RetryLater as e:
                 report.counts["failed"] += 1

@@ -26,9 +26,12 @@ from backend import capture
 from backend.errors import json_error
 from backend.images import ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
+from backend.multiclass import QUERIES_KEY, check_queries
 from backend.phrasing import Phrasing, QueryError
+from backend.polygons import TOLERANCE_KEY, check_tolerance
 from backend.refine import RefineError, TaskMemory, read_clicks
-from backend.regions import message_region, prediction
+from backend.regions import message_region
+from backend.shapes import MASK_TYPES, prediction
 from backend.state import BackendState, current_state
 from worker.protocol import REFINE, Job
 from worker.queue import JobQueue
@@ -38,7 +41,7 @@ bp = Blueprint("protocol", __name__)
 
 #: Per-project settings a connection can carry in ``extra_params`` (JSON in Label Studio's model settings).
 PROJECT_KEYS = ("default_query", "query_field", "label", "split_instances", "min_score", "min_area",
-                "phrase_template", "sentence_template")
+                "phrase_template", "sentence_template", QUERIES_KEY, TOLERANCE_KEY)
 PROJECT_TTL_S = 30 * 24 * 3600
 
 
@@ -65,7 +68,7 @@ def setup() -> Response | tuple[Response, int]:
     if not isinstance(body, dict):
         return json_error(400, "the /setup body must be a JSON object with the labeling config in 'schema'")
     try:
-        parse_labeling_config(body.get("schema", ""))
+        labeling = parse_labeling_config(body.get("schema", ""))
     except ConfigError as e:
         return json_error(422, f"lisa-ls cannot serve this labeling config: {e}")
     extra = body.get("extra_params")
@@ -74,6 +77,13 @@ def setup() -> Response | tuple[Response, int]:
             extra = json.loads(extra)
         except json.JSONDecodeError:
             return json_error(422, "extra_params is not valid JSON")
+    try:  # curation keys (backend.multiclass, backend.polygons): a wrong label shows on the model card at once
+        if isinstance(extra, dict) and QUERIES_KEY in extra:
+            check_queries(extra[QUERIES_KEY], labeling)
+        if isinstance(extra, dict) and TOLERANCE_KEY in extra:
+            check_tolerance(extra[TOLERANCE_KEY])
+    except ValueError as e:
+        return json_error(422, f"lisa-ls cannot use these Extra params: {e}")
     if isinstance(extra, dict) and _project_id(body.get("project")):
         settings = {k: extra[k] for k in PROJECT_KEYS if k in extra}
         state.queue.redis.set(_project_key(state.queue, _project_id(body.get("project"))), json.dumps(settings),
@@ -179,7 +189,7 @@ def predict() -> Response | tuple[Response, int]:
         query = job.options["query"]
         results[i] = _prediction(result, setup, project, config, query, say_nothing=interactive)
         if interactive:  # what a click on this task refines next
-            ids = [r["id"] for r in results[i]["result"] if r["type"] == "brushlabels"]
+            ids = [r["id"] for r in results[i]["result"] if r["type"] in MASK_TYPES]
             TaskMemory(query=query, image=job.image, regions=ids).save(state.queue, project_id, tasks[i].get("id"))
         log.info("task %s: %d region(s) for %r in %.2f s (%s)", tasks[i].get("id"), len(results[i]["result"]),
                  query, time.time() - started, result.model_version)
@@ -198,7 +208,8 @@ def _prediction(result: Any, setup: LabelingSetup, project: dict[str, Any], conf
         result.mask_array(), result.scores, setup, label, result.model_version, query,
         bool(project.get("split_instances", config.split_instances)),
         min_score=float(project.get("min_score", config.min_score)),
-        min_area=int(project.get("min_area", config.min_area)), say_nothing=say_nothing, **kw)
+        min_area=int(project.get("min_area", config.min_area)), say_nothing=say_nothing,
+        tolerance=float(project.get(TOLERANCE_KEY, config.polygon_tolerance)), **kw)
 
 
 def interactive_error(setup: LabelingSetup, status: int, message: str) -> Response | tuple[Response, int]:
@@ -245,9 +256,9 @@ def refine(state: BackendState, setup: LabelingSetup, project_id: str, project: 
     query = memory.query or ""
     pred = _prediction(result, setup, project, state.config, query, say_nothing=True, ids=memory.regions,
                        meta={"refined": {"points": points, "box": merged.box}})
-    if not query and not any(r["type"] == "brushlabels" for r in pred["result"]) and setup.message_name:
+    if not query and not any(r["type"] in MASK_TYPES for r in pred["result"]) and setup.message_name:
         pred["result"] = [message_region(setup, "LISA found nothing at these clicks")]
-    memory.regions = [r["id"] for r in pred["result"] if r["type"] == "brushlabels"] or memory.regions
+    memory.regions = [r["id"] for r in pred["result"] if r["type"] in MASK_TYPES] or memory.regions
     memory.save(state.queue, project_id, task.get("id"))
     log.info("task %s: refined %r with %d point(s)%s -> %d region(s) in %.2f s", task.get("id"), query, len(points),
              " and a box" if merged.box else "", len(pred["result"]), time.time() - started)

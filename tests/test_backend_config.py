@@ -57,6 +57,7 @@ def test_every_variable_is_read() -> None:
         "LISA_LS_VAL_PERCENT": "20",
         "LISA_LS_CAPTURE_BACKLOG": "500",
         "LISA_LS_CAPTURE_RECLAIM_S": "30",
+        "LISA_LS_POLYGON_TOLERANCE": "1.5",
     }
     config = BackendConfig.from_env(env)
     assert config.label_studio_url == "http://ls.example:8080"  # trailing slash dropped
@@ -72,6 +73,7 @@ def test_every_variable_is_read() -> None:
     assert config.sentence_template.endswith("respond with segmentation mask.")
     assert (config.capture, config.dataset_root, config.val_percent) == (0, "/srv/datasets", 20)
     assert (config.capture_backlog, config.capture_reclaim_s) == (500, 30.0)
+    assert config.polygon_tolerance == 1.5
     assert set(BackendConfig.variables()) == set(env) - {"REDIS_URL", "LISA_LS_BATCH_SIZE"}
 
 

@@ -1,0 +1,64 @@
+"""A worker's masks as a prediction in the kinds of region the labeling config asks for: brush and/or polygons.
+
+A config with ``<BrushLabels>`` gets brush regions (:func:`backend.regions.prediction`); one with
+``<PolygonLabels>`` gets the outer outline of each piece of each mask as an editable polygon
+(:mod:`backend.polygons`), simplified to the project's tolerance; one with both gets both, so that the annotator
+keeps whichever suits the object. Every region carries the same ``meta`` (the query, the model version, a
+refinement's clicks) and ``origin: "prediction"``.
+
+Region ids say their kind (polygon ids start with ``p``, brush ids are hex digits), so that a refinement, which
+answers with the ids of the regions it refines (accepting it then replaces them), gives each kind's ids back to the
+same kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from backend import regions
+from backend.labeling import LabelingSetup
+from backend.polygons import polygon_region, trace
+
+#: The region types that hold a mask (what the task remembers to refine, what capture reads).
+MASK_TYPES = ("brushlabels", "polygonlabels")
+
+
+def split_ids(ids: list[str] | None) -> tuple[list[str], list[str]]:
+    """``(brush ids, polygon ids)`` of a list of region ids, each in its order."""
+    ids = list(ids or [])
+    return [i for i in ids if not i.startswith("p")], [i for i in ids if i.startswith("p")]
+
+
+def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, label: str, model_version: str,
+               query: str, split: bool = False, *, tolerance: float, ids: list[str] | None = None,
+               min_score: float = float("-inf"), min_area: int = 0, meta: dict[str, Any] | None = None,
+               say_nothing: bool = False) -> dict[str, Any]:
+    """A Label Studio prediction for ``masks`` (``n x H x W`` bool): brush regions as
+    :func:`backend.regions.prediction` makes them (same arguments) when ``label`` is one of the config's
+    BrushLabels, plus polygons of each mask's pieces (each of at least ``min_area`` pixels; masks scoring under
+    ``min_score`` dropped) when it is one of its PolygonLabels. ``tolerance``: polygon simplification in pixels.
+
+    Returns ``{"result": [...], "score": ..., "model_version": ...}``: brush regions first, then polygons; with
+    ``say_nothing``, the "found nothing" message when neither kind has a region.
+    """
+    brush_ids, polygon_ids = split_ids(ids)
+    polygons: list[dict[str, Any]] = []
+    if setup.polygon_name is not None and label in setup.polygon_labels:
+        for mask, score in zip(masks, scores):
+            if score < min_score:
+                continue
+            height, width = mask.shape
+            info = {"prompt": query, "model_version": model_version, **(meta or {})}
+            polygons += [polygon_region(points, width, height, setup, label, score, dict(info))
+                         for points in trace(mask, tolerance, max(1, min_area))]
+        for region, rid in zip(polygons, polygon_ids):
+            region["id"] = rid
+    brushed = setup.brush_name and label in setup.brush_labels
+    pred = regions.prediction(masks if brushed else np.asarray(masks)[:0], scores if brushed else [], setup, label,
+                              model_version, query, split, ids=brush_ids, min_score=min_score, min_area=min_area,
+                              meta=meta, say_nothing=say_nothing and not polygons)
+    pred["result"] = [*pred["result"], *polygons]
+    pred["score"] = max([pred["score"], *(r["score"] for r in polygons)])
+    return pred
