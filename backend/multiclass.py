@@ -108,3 +108,32 @@ class LabelCounts:
         """``Fruit: 12 task(s) with 15 region(s), nothing found in 3; Knife: ...``."""
         return "; ".join(f"{lab}: {self.tasks[lab]} task(s) with {self.regions[lab]} region(s), nothing found in "
                          f"{self.empty[lab]}" for lab in labels)
+
+
+@dataclasses.dataclass
+class TaskGroup:
+    """The jobs of one task in a pre-labelling run - one per label (one in all for a single query) - and the
+    predictions they gave so far. The task's prediction is written once every job has answered, so a task whose job
+    for one label failed gets no prediction at all (a re-run then asks every label again, rather than skipping a
+    task that lacks a label)."""
+
+    task_id: int
+    expected: int
+    answers: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, label: str, pred: dict[str, Any]) -> None:
+        self.answers.append((label, pred))
+
+    def fail(self, message: str) -> None:
+        self.errors.append(message)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.answers) + len(self.errors) >= self.expected
+
+    def merged(self, model_version: str) -> dict[str, Any]:
+        """One prediction holding every label's regions, in label order; its score is the best region's."""
+        result = [region for _, pred in self.answers for region in pred["result"]]
+        best = max((float(pred.get("score") or 0.0) for _, pred in self.answers), default=0.0)
+        return {"result": result, "score": best, "model_version": model_version}
