@@ -74,6 +74,12 @@ def check_tolerance(value: object) -> float:
 
 def trace(mask: np.ndarray, tolerance: float, min_area: int = 1, limit: int | None = MAX_POLYGONS,
           ) -> list[np.ndarray]:
+    """The outer outlines of a mask's 8-connected pieces, simplified, largest piece first (:func:`outlines`)."""
+    return outlines(mask, tolerance, min_area, limit)[0]
+
+
+def outlines(mask: np.ndarray, tolerance: float, min_area: int = 1, limit: int | None = MAX_POLYGONS,
+             ) -> tuple[list[np.ndarray], int]:
     """The outer outlines of a mask's 8-connected pieces, simplified, largest piece first.
 
     Args:
@@ -82,14 +88,15 @@ def trace(mask: np.ndarray, tolerance: float, min_area: int = 1, limit: int | No
         min_area: pieces of fewer pixels are dropped (as :func:`backend.regions.prediction` drops specks).
         limit: keep at most this many pieces (the largest); ``None``: all.
     Returns:
-        One ``K x 2`` float64 array of ``(x, y)`` pixel coordinates per piece (``K >= 3``), each a simple polygon.
+        One ``K x 2`` float64 array of ``(x, y)`` pixel coordinates per piece kept (``K >= 3``), each a simple
+        polygon; and how many pieces of at least ``min_area`` pixels there were (more than kept past ``limit``).
     """
     import cv2
 
     mask = np.asarray(mask, dtype=bool)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
-        return []
+        return [], 0
     top, left = int(rows[0]), int(cols[0])
     crop = np.ascontiguousarray(mask[top:rows[-1] + 1, left:cols[-1] + 1], dtype=np.uint8)
     _, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
@@ -105,7 +112,7 @@ def trace(mask: np.ndarray, tolerance: float, min_area: int = 1, limit: int | No
             pieces.append((pixels, contour))
     pieces.sort(key=lambda p: -p[0])
     offset = np.array([left, top], dtype=np.float64)
-    return [_simplify(contour, tolerance) / 2 + offset for _, contour in pieces[:limit]]
+    return [_simplify(contour, tolerance) / 2 + offset for _, contour in pieces[:limit]], len(pieces)
 
 
 def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
@@ -114,6 +121,8 @@ def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
     import cv2
 
     raw = contour.reshape(-1, 2).astype(np.float64) + 0.5
+    if len(raw) <= 4:  # a pixel, a straight line or a rectangle: nothing to simplify
+        return raw
     eps = 2 * tolerance  # in upsampled pixels
     while eps >= 0.5:  # below half an upsampled pixel, approxPolyDP only drops collinear points
         points = cv2.approxPolyDP(contour, eps, True).reshape(-1, 2).astype(np.float64) + 0.5

@@ -13,13 +13,17 @@ same kind.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from backend import regions
 from backend.labeling import LabelingSetup
-from backend.polygons import polygon_region, trace
+from backend.polygons import MAX_POLYGONS, outlines, polygon_region
+from backend.regions import message_region
+
+log = logging.getLogger(__name__)
 
 #: The region types that hold a mask (what the task remembers to refine, what capture reads).
 MASK_TYPES = ("brushlabels", "polygonlabels")
@@ -45,20 +49,28 @@ def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, lab
     """
     brush_ids, polygon_ids = split_ids(ids)
     polygons: list[dict[str, Any]] = []
+    found = 0
     if setup.polygon_name is not None and label in setup.polygon_labels:
         for mask, score in zip(masks, scores):
             if score < min_score:
                 continue
             height, width = mask.shape
             info = {"prompt": query, "model_version": model_version, **(meta or {})}
-            polygons += [polygon_region(points, width, height, setup, label, score, dict(info))
-                         for points in trace(mask, tolerance, max(1, min_area))]
+            kept, pieces = outlines(mask, tolerance, max(1, min_area))
+            found += pieces
+            polygons += [polygon_region(points, width, height, setup, label, score, dict(info)) for points in kept]
         for region, rid in zip(polygons, polygon_ids):
             region["id"] = rid
+    if found > len(polygons):
+        log.warning("the answer for %r has %d pieces; kept the %d largest as polygons", query, found, len(polygons))
     brushed = setup.brush_name and label in setup.brush_labels
     pred = regions.prediction(masks if brushed else np.asarray(masks)[:0], scores if brushed else [], setup, label,
                               model_version, query, split, ids=brush_ids, min_score=min_score, min_area=min_area,
                               meta=meta, say_nothing=say_nothing and not polygons)
     pred["result"] = [*pred["result"], *polygons]
+    if found > len(polygons) and say_nothing and setup.message_name:
+        pred["result"].append(message_region(setup, f"LISA found {found} separate pieces for '{query}'; showing "
+                                                    f"the {MAX_POLYGONS} largest as polygons (at most "
+                                                    f"{MAX_POLYGONS} per mask)."))
     pred["score"] = max([pred["score"], *(r["score"] for r in polygons)])
     return pred

@@ -92,6 +92,13 @@ def test_pieces_are_kept_largest_first_and_specks_dropped():
     many = np.zeros((100, 100), bool)
     many[::4, ::4] = True  # 625 specks
     assert len(trace(many, 0)) == MAX_POLYGONS
+    # An interactive answer says that it holds only the largest pieces.
+    setup = parse_labeling_config(POLYGON_CONFIG)
+    pred = prediction(many[None], [0.5], setup, "Target", "v1", "the dots", tolerance=0.5, say_nothing=True)
+    assert [r["type"] for r in pred["result"]].count("polygonlabels") == MAX_POLYGONS
+    assert pred["result"][-1]["value"]["text"] == [
+        f"LISA found 625 separate pieces for 'the dots'; showing the {MAX_POLYGONS} largest as polygons (at most "
+        f"{MAX_POLYGONS} per mask)."]
 
 
 # ---- rasterising as Label Studio draws ---------------------------------------------------------------------------
