@@ -82,7 +82,8 @@ def setup() -> Response | tuple[Response, int]:
             check_queries(extra[QUERIES_KEY], labeling)
         if isinstance(extra, dict) and TOLERANCE_KEY in extra:
             check_tolerance(extra[TOLERANCE_KEY])
-    except ValueError as e:
+    except ValueError as e:  # Label Studio 1.23.2 shows only the status when connecting: the log says why
+        log.warning("/setup refused for project %s: %s", _project_id(body.get("project")), e)
         return json_error(422, f"lisa-ls cannot use these Extra params: {e}")
     if isinstance(extra, dict) and _project_id(body.get("project")):
         settings = {k: extra[k] for k in PROJECT_KEYS if k in extra}
