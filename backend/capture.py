@@ -331,7 +331,7 @@ class CaptureConsumer:
             assert skip is not None
             info = {"annotation_id": aid, "task_id": tid, "project_id": pid, "source": "webhook",
                     "updated_at": annotation.get("updated_at"), "event": entry_id}
-            dataset.record_skip(sid, skip.code, skip.reason, info)
+            dataset.record_skip(sid, skip.code, skip.reason, info, keep_sample=skip.keep_sample)
         log.warning("capture: annotation %d of project %d skipped: %s: %r", aid, pid, skip.code, skip.reason)
         return f"skipped:{skip.code}"
 

@@ -73,6 +73,10 @@ def _add_prelabel_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--label", default=None, metavar="L",
                    help="brush label for every region (default: a label named in the query, else "
                    "$LISA_LS_DEFAULT_LABEL, else the config's first label)")
+    p.add_argument("--label-query", action="append", default=None, metavar="LABEL=QUERY",
+                   help="ask each label its own query (repeatable): one job per task and label, one prediction "
+                   "per task with every label's regions. Default without --query: the 'queries' map of the model "
+                   "connection's Extra params, if any")
     p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="jobs submitted at once; at most 2N are in flight (default: $LISA_LS_BATCH_SIZE or "
                    "the worker's default)")
@@ -96,18 +100,35 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         help="resync a Label Studio project's annotations into a training dataset",
         description="Write every annotation of a Label Studio project as a training sample (the dataset format of "
         "backend/dataset.py, the same samples /webhook capture writes), update changed ones, remove deleted ones, "
-        "and print a report with the reason for each skipped annotation. Reads LABEL_STUDIO_URL, "
-        "LABEL_STUDIO_API_KEY and LISA_LS_DATASET_DIR. Exit code: 0 done, 1 some annotations failed (run again), "
-        "2 usage, configuration or Label Studio error.",
+        "and print a report with the reason for each skipped annotation. With --format coco, write the dataset "
+        "as COCO instances JSON (annotations/instances_train.json and instances_val.json, RLE masks) plus the "
+        "images into a new or empty --out folder, from the resynced project or from an existing --dataset folder "
+        "(backend/coco.py). Reads LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and LISA_LS_DATASET_DIR. Exit code: 0 "
+        "done, 1 some annotations failed (run again), 2 usage, configuration or Label Studio error.",
     )
-    p.add_argument("--project", type=int, required=True, metavar="ID", help="Label Studio project id")
+    p.add_argument("--project", type=int, default=None, metavar="ID",
+                   help="Label Studio project id (required unless --format coco reads an existing --dataset)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="dataset folder (default: $LISA_LS_DATASET_DIR/project-ID, where capture writes)")
+                   help="dataset folder (default: $LISA_LS_DATASET_DIR/project-ID, where capture writes); with "
+                   "--format coco, the new or empty folder for the COCO files")
+    p.add_argument("--format", choices=("lisa", "coco"), default="lisa",
+                   help="lisa: the lisa-ls dataset (default); coco: COCO instances JSON (train and val files, RLE "
+                   "masks) plus the images, from the project's dataset (resynced first) or from --dataset")
+    p.add_argument("--dataset", default=None, metavar="DIR",
+                   help="with --format coco: the dataset folder to convert (with --project: resynced first; "
+                   "default $LISA_LS_DATASET_DIR/project-ID)")
     p.add_argument("--page-size", type=int, default=100, metavar="N", help="tasks per API page (default: 100)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if getattr(args, "format", "lisa") == "coco":
+        from backend.coco import run_coco_export
+
+        return run_coco_export(args)
+    if args.project is None or args.dataset is not None:
+        print("lisa-ls export: give --project ID (--dataset is for --format coco)", file=sys.stderr)
+        return 2
     from backend.export import run_export  # imports numpy, Pillow and requests: only for this subcommand
 
     return run_export(args)

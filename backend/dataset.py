@@ -309,10 +309,11 @@ class Dataset:
                 self._unlink(path)
         return removed
 
-    def record_skip(self, sid: str, code: str, reason: str, info: dict[str, Any]) -> bool:
+    def record_skip(self, sid: str, code: str, reason: str, info: dict[str, Any], keep_sample: bool = False) -> bool:
         """Record why an annotation is not a sample, replacing any sample of an older version of it (call under
-        :meth:`lock`). Returns True if that removed a sample."""
-        removed = self.remove(sid)
+        :meth:`lock`) unless ``keep_sample`` (the new version has a mistake to fix, such as a polygon crossing
+        itself: the older sample stays until a usable version replaces it). Returns True if a sample was removed."""
+        removed = False if keep_sample else self.remove(sid)
         self.root.joinpath("skipped").mkdir(parents=True, exist_ok=True)
         atomic_write(self.skipped_path(sid), _dump({"id": sid, "code": code, "reason": reason, **info,
                                                     "written_at": now_iso()}))

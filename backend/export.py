@@ -93,7 +93,7 @@ def export_project(client: LabelStudioClient, project_id: int, dataset: Dataset,
                     info = {"annotation_id": aid, "task_id": ls_id(task), "project_id": project_id,
                             "source": "export", "updated_at": annotation.get("updated_at")}
                     with dataset.lock():
-                        dataset.record_skip(sid, s.code, s.reason, info)
+                        dataset.record_skip(sid, s.code, s.reason, info, keep_sample=s.keep_sample)
                 continue
             except RetryLater as e:
                 report.counts["failed"] += 1
@@ -120,13 +120,18 @@ def _prune(dataset: Dataset, project_id: int, seen: set[str], started: dt.dateti
     return removed
 
 
+def dataset_folder(config: BackendConfig, project_id: int, out: str | None) -> Path:
+    """Where a project's dataset is resynced: ``out``, else ``$LISA_LS_DATASET_DIR/project-<id>`` (capture's)."""
+    return Path(out) if out else Path(config.dataset_root) / f"project-{project_id}"
+
+
 def run_export(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """``lisa-ls export``: run, print the report (to ``out``, default stdout), return the exit code."""
     out, err = out or sys.stdout, err or sys.stderr
     try:
         config = BackendConfig.from_env()
         client = LabelStudioClient(config.label_studio_url, config.label_studio_api_key)
-        folder = Path(args.out) if args.out else Path(config.dataset_root) / f"project-{args.project}"
+        folder = dataset_folder(config, args.project, args.out)
         dataset = Dataset.open(folder, project_id=args.project, label_studio_url=config.label_studio_url,
                                val_percent=config.val_percent)
         fetcher = ImageFetcher(FetchSettings.from_config(config))

@@ -1,4 +1,5 @@
-"""Reading a Label Studio labeling config: which Image, which TextArea carries the query, which BrushLabels.
+"""Reading a Label Studio labeling config: which Image, which TextArea carries the query, which BrushLabels
+and/or PolygonLabels the answers go to.
 
 A config the backend cannot serve raises :class:`ConfigError` with a message that names what is missing and how
 to add it; ``/setup`` returns it and Label Studio shows it on the model card.
@@ -33,12 +34,17 @@ class LabelingSetup:
         image_name: ``name`` of the ``<Image>`` (the ``to_name`` of every region we return).
         image_field: the task data key of the image (``$image`` -> ``image``).
         query_name: ``name`` of the ``<TextArea>`` the annotator types queries into (``None``: batch only).
-        brush_name: ``name`` of the ``<BrushLabels>`` (the ``from_name`` of our regions).
-        labels: the BrushLabels' label values, in config order.
+        brush_name: ``name`` of the ``<BrushLabels>`` (the ``from_name`` of our brush regions); ``""`` when the
+            config answers with polygons only.
+        labels: the label values a mask can get, in config order: the BrushLabels', then the PolygonLabels'.
         click_names: ``name`` of the ``<KeyPointLabels>``/``<RectangleLabels>`` on the image whose regions are
             refinement prompts (clicks and boxes drawn with their smart tools).
         negative_labels: KeyPointLabels values that mark a click as "not this" (see :data:`NEGATIVE_WORDS`).
         message_name: ``name`` of a read-only ``<TextArea>`` where the backend's messages are shown, if any.
+        brush_labels: the BrushLabels' label values (a brush region is made for a mask with one of these).
+        polygon_name: ``name`` of the ``<PolygonLabels>``, if any: masks are then also answered as polygons
+            (:mod:`backend.polygons`).
+        polygon_labels: the PolygonLabels' label values (polygons are made for a mask with one of these).
     """
 
     image_name: str
@@ -49,6 +55,9 @@ class LabelingSetup:
     click_names: tuple[str, ...] = ()
     negative_labels: frozenset[str] = frozenset()
     message_name: str | None = None
+    brush_labels: tuple[str, ...] = ()
+    polygon_name: str | None = None
+    polygon_labels: tuple[str, ...] = ()
 
     def choose_label(self, query: str, default: str | None = None) -> str:
         """The label of a mask: one named in the query, else the configured default, else the first label."""
@@ -63,6 +72,16 @@ class LabelingSetup:
 
 def _tag(el: ET.Element) -> str:
     return el.tag.lower()
+
+
+def _control_labels(control: ET.Element | None) -> tuple[str, ...]:
+    """The label values of a BrushLabels/PolygonLabels (none for no control); one without labels is refused."""
+    if control is None:
+        return ()
+    labels = tuple(lab.get("value", "") for lab in control.iter() if _tag(lab) == "label" and lab.get("value"))
+    if not labels:
+        raise ConfigError(f'the <{control.tag} name="{control.get("name")}"> has no <Label value="..."/>; add one.')
+    return labels
 
 
 def parse_labeling_config(xml: str, require_query: bool = True) -> LabelingSetup:
@@ -87,16 +106,17 @@ def parse_labeling_config(xml: str, require_query: bool = True) -> LabelingSetup
     if not images:
         raise ConfigError('the labeling config has no <Image name="image" value="$image"/>: LISA segments images.')
     brushes = [el for el in elements if _tag(el) == "brushlabels" and el.get("toName") in images]
-    if not brushes:
+    polygons = [el for el in elements if _tag(el) == "polygonlabels" and el.get("toName") in images]
+    if not brushes and not polygons:
         raise ConfigError(
-            'the labeling config has no <BrushLabels> for its image: add <BrushLabels name="mask" '
-            f'toName="{next(iter(images))}"><Label value="Target"/></BrushLabels>.'
+            'the labeling config has no <BrushLabels> (or <PolygonLabels>) for its image: add <BrushLabels '
+            f'name="mask" toName="{next(iter(images))}"><Label value="Target"/></BrushLabels>.'
         )
-    brush = brushes[0]
-    image_name = brush.get("toName", "")
-    labels = tuple(lab.get("value", "") for lab in brush.iter() if _tag(lab) == "label" and lab.get("value"))
-    if not labels:
-        raise ConfigError(f'the <BrushLabels name="{brush.get("name")}"> has no <Label value="..."/>; add one.')
+    brush = brushes[0] if brushes else None
+    polygon = next((el for el in polygons if brush is None or el.get("toName") == brush.get("toName")), None)
+    image_name = (brush if brush is not None else polygon).get("toName", "")  # type: ignore[union-attr]
+    brush_labels, polygon_labels = _control_labels(brush), _control_labels(polygon)
+    labels = tuple(dict.fromkeys(brush_labels + polygon_labels))
     on_image = [el for el in elements if image_name in (el.get("toName") or "").split(",")]
     # A read-only TextArea is where the backend writes messages ("LISA found nothing matching ..."), never a query.
     texts = [el for el in on_image if _tag(el) == "textarea" and el.get("readonly", "").lower() != "true"]
@@ -118,9 +138,12 @@ def parse_labeling_config(xml: str, require_query: bool = True) -> LabelingSetup
         image_name=image_name,
         image_field=value[1:],
         query_name=texts[0].get("name") if texts else None,
-        brush_name=brush.get("name", ""),
+        brush_name=brush.get("name", "") if brush is not None else "",
         labels=labels,
         click_names=tuple(el.get("name", "") for el in clicks),
         negative_labels=negative,
         message_name=notes[0].get("name") if notes else None,
+        brush_labels=brush_labels,
+        polygon_name=polygon.get("name", "") if polygon is not None else None,
+        polygon_labels=polygon_labels,
     )

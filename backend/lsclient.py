@@ -132,6 +132,15 @@ class LabelStudioClient:
                 return
             page += 1
 
+    def ml_backends(self, project_id: int) -> list[dict[str, Any]]:
+        """The project's model connections (``id``, ``url``, ``title``, ``extra_params``...)."""
+        body = self._get_retrying("/api/ml", params={"project": int(project_id)},
+                                  what=f"model connections of project {project_id}")
+        items = body.get("results") if isinstance(body, dict) else body
+        if not isinstance(items, list):
+            raise LabelStudioError(f"Label Studio's answer to GET /api/ml is not a list: {_CHECK}")
+        return [b for b in items if isinstance(b, dict)]
+
     def create_prediction(self, task_id: int, result: list[dict[str, Any]], score: float | None,
                           model_version: str) -> dict[str, Any]:
         """Store a prediction for a task; returns Label Studio's record of it (with its ``id``). ``score`` None

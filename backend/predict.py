@@ -40,7 +40,8 @@ from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
 from backend.phrasing import QueryError
 from backend.project import ProjectSettings, SettingsError
 from backend.refine import RefineError, TaskMemory, click_items, read_clicks, source_digest
-from backend.regions import message_region, prediction, with_note
+from backend.regions import message_region, with_note
+from backend.shapes import MASK_TYPES, prediction
 from backend.state import BackendState, current_state
 from worker.connection import RedisDown
 from worker.protocol import REFINE, Job, QueueError
@@ -71,7 +72,8 @@ def setup() -> Answer:
         return json_error(e.status, e.message)
     except ConfigError as e:
         return json_error(422, f"lisa-ls cannot serve this labeling config: {e}")
-    except SettingsError as e:
+    except SettingsError as e:  # Label Studio 1.23.2 shows only the status when connecting: the log says why
+        log.warning("/setup refused for project %r: %s", project, e)
         return json_error(422, str(e))
     if project and "extra_params" in body:  # an emptied Extra params forgets the old ones
         project_settings.save(state.queue, project, values)  # RedisDown -> 503 (backend.errors)
@@ -222,7 +224,7 @@ def _segment(state: BackendState, setup: LabelingSetup, settings: ProjectSetting
         query = job.options["query"]
         results[i] = _prediction(result, setup, settings, query, message=interactive)
         if interactive:  # what a click on this task refines next, and the image it need not fetch again
-            ids = [r["id"] for r in results[i]["result"] if r["type"] == "brushlabels"]
+            ids = [r["id"] for r in results[i]["result"] if r["type"] in MASK_TYPES]
             TaskMemory(query=query, image=job.image, regions=ids, source=source_digest(value),
                        size=[image.width, image.height]).save(state.queue, project, task_id(tasks[i], i))
         log.info("task %s: %d region(s) for %r in %.2f s (%s)", tasks[i].get("id"), len(results[i]["result"]),
@@ -237,7 +239,7 @@ def _prediction(result: Any, setup: LabelingSetup, settings: ProjectSettings, qu
     label = setup.choose_label(query, settings.label)
     pred = prediction(result.mask_array(), result.scores, setup, label, result.model_version, query,
                       settings.split_instances, min_score=settings.min_score, min_area=settings.min_area,
-                      message=message, **kw)
+                      tolerance=settings.polygon_tolerance, message=message, **kw)
     return with_note(pred, setup, result.note)  # e.g. the offline demo model saying what it is
 
 
@@ -284,9 +286,9 @@ def refine(state: BackendState, setup: LabelingSetup, project: str, settings: Pr
     query = memory.query or ""
     pred = _prediction(result, setup, settings, query, message=True, ids=memory.regions,
                        meta={"refined": {"points": points, "box": merged.box}})
-    if not query and not any(r["type"] == "brushlabels" for r in pred["result"]) and setup.message_name:
+    if not query and not any(r["type"] in MASK_TYPES for r in pred["result"]) and setup.message_name:
         pred["result"] = [message_region(setup, "LISA found nothing at these clicks")]
-    memory.regions = [r["id"] for r in pred["result"] if r["type"] == "brushlabels"] or memory.regions
+    memory.regions = [r["id"] for r in pred["result"] if r["type"] in MASK_TYPES] or memory.regions
     memory.save(state.queue, project, tid)
     log.info("task %s: refined %r with %d point(s)%s -> %d region(s) in %.2f s%s", tid, query, len(points),
              " and a box" if merged.box else "", len(pred["result"]), time.time() - started,

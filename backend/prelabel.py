@@ -16,6 +16,13 @@ Rules:
   covers the rest. A task with neither fails ("no query").
 - **Label**: ``--label`` for every region; without it, a label named in the query, else ``LISA_LS_DEFAULT_LABEL``,
   else the config's first label (``/predict``'s rule).
+- **Several labels** (:mod:`backend.multiclass`): ``--label-query LABEL=QUERY`` (repeatable), else the
+  ``queries`` map of the model connection's Extra params when no ``--query`` is given, asks each label its own
+  query: one job per (task, label), one prediction per task with every label's regions (a label LISA finds
+  nothing for adds none), and the report counts tasks and regions per label. Tasks' own query fields are not
+  used then. A label the config lacks, or a bad query, is a usage error.
+- **Regions**: brush and/or polygons, as the labeling config asks (:mod:`backend.shapes`); polygons simplified to
+  ``LISA_LS_POLYGON_TOLERANCE``.
 - **Backpressure**: a chunk refused as busy (``LISA_LS_MAX_QUEUE_LENGTH``) is never dropped: the run waits for one
   of its own jobs (which frees room) or backs off, then submits what fits.
 - **Failures** of one task (no image, bad image, bad query, timeout, dead letter, a prediction Label Studio
@@ -38,8 +45,6 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import json
-import os
 import signal
 import sys
 import time
@@ -50,15 +55,23 @@ from backend.config import BackendConfig
 from backend.images import FetchSettings, ImageFetcher, ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
 from backend.lsclient import LabelStudioClient, LabelStudioError
+from backend.multiclass import (
+    LabelCounts,
+    QueriesError,
+    TaskGroup,
+    check_queries,
+    connection_queries,
+    parse_label_queries,
+)
 from backend.phrasing import Phrasing, QueryError
 from backend.predict import current_version
-from backend.regions import prediction
+from backend.prelabel_progress import Progress, StateFile
+from backend.shapes import MASK_TYPES, prediction
 from worker.connection import RedisDown, connect
 from worker.protocol import Job
 from worker.queue import BusyError, JobQueue
 
 BUSY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
-STATE_SAVE_INTERVAL_S = 2.0
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -76,6 +89,7 @@ class Options:
     batch: int = 8
     limit: int | None = None
     state: Path | None = None
+    label_queries: dict[str, str] | None = None
 
 
 @dataclasses.dataclass
@@ -84,103 +98,7 @@ class _Work:
     query: str
     label: str
     job: Job
-
-
-class StateFile:
-    """The run's local record (task ids done and failed for one project and model version), written atomically.
-
-    Label Studio is what a resumed run trusts; this file is the report: which tasks this command pre-labelled and
-    which failed and why, carried across runs of the same project and model version.
-    """
-
-    def __init__(self, path: Path, project: int, model_version: str) -> None:
-        self.path, self._saved = path, 0.0
-        old = self._load()
-        same = old.get("project") == project and old.get("model_version") == model_version
-        self.data: dict[str, Any] = {
-            "project": project, "model_version": model_version,
-            "done": old.get("done", []) if same else [], "failed": old.get("failed", {}) if same else {},
-            "runs": old.get("runs", []) if same else [],
-        }
-        self.done: set[int] = {int(i) for i in self.data["done"]}
-        self.failed: dict[str, str] = dict(self.data["failed"])
-
-    def _load(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def record(self, task_id: int, error: str | None = None) -> None:
-        """A task finished: pre-labelled (``error`` None) or failed."""
-        if error is None:
-            self.done.add(task_id)
-            self.failed.pop(str(task_id), None)
-        else:
-            self.failed[str(task_id)] = error
-        if time.monotonic() - self._saved > STATE_SAVE_INTERVAL_S:
-            self.save()
-
-    def forget_failure(self, task_id: int) -> None:
-        """A task is now predicted (by another run or by ``/predict``): it is no longer a failure to report."""
-        self.failed.pop(str(task_id), None)
-
-    def save(self, run: dict[str, Any] | None = None) -> None:
-        """Write the file (tmp file + rename, so an interruption never leaves half a file)."""
-        self.data.update(done=sorted(self.done), failed=self.failed,
-                         updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        if run is not None:
-            self.data["runs"] = [*self.data["runs"][-19:], run]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
-        self._saved = time.monotonic()
-
-
-class Progress:
-    """A tqdm bar when tqdm is installed and stderr is a terminal; else a plain line every 10 s."""
-
-    def __init__(self, total: int | None, out: TextIO) -> None:
-        self.out, self.counts, self._last, self.total = out, collections.Counter(), time.monotonic(), total
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, unit="task", file=out, disable=None, dynamic_ncols=True)
-            if self.bar.disable:
-                self.bar = None
-
-    def set_total(self, total: int | None) -> None:
-        self.total = total if total is not None else self.total
-        if self.bar is not None and total is not None and self.bar.total != total:
-            self.bar.total = total
-            self.bar.refresh()
-
-    def count(self, what: str) -> None:
-        self.counts[what] += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(done=self.counts["done"], skipped=self.counts["skipped"],
-                                 failed=self.counts["failed"], refresh=False)
-        elif time.monotonic() - self._last > 10.0:
-            self._last = time.monotonic()
-            seen = sum(self.counts.values())
-            of = f"{seen} of {self.total} tasks" if self.total is not None else f"{seen} task(s) so far"
-            self.write(f"progress: {of} ({self.counts['done']} done, {self.counts['skipped']} skipped, "
-                       f"{self.counts['failed']} failed)")
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=self.out)
-        else:
-            print(line, file=self.out, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    group: TaskGroup
 
 
 class Prelabeler:
@@ -199,6 +117,8 @@ class Prelabeler:
         self._limited = False  # stopped at --limit (not an interruption: exit 0 when nothing failed)
         self._announced = False
         self.busy_waits = 0  # chunks the queue refused as busy (reported in the state file's run record)
+        self.queries: dict[str, str] | None = None  # label -> query, for a run over several labels
+        self.labels = LabelCounts()
 
     # ---- preparation (anything wrong here is a usage error: exit 2, nothing submitted) ----
 
@@ -217,6 +137,7 @@ class Prelabeler:
         if self.o.label is not None and self.o.label not in self.setup.labels:
             raise UsageError(f"--label {self.o.label!r} is not a label of the project's <BrushLabels "
                              f"name=\"{self.setup.brush_name}\">: choose one of {', '.join(self.setup.labels)}")
+        self.queries = self._label_queries()
         try:
             version = current_version(self.queue)
         except RedisDown as e:
@@ -225,6 +146,35 @@ class Prelabeler:
             raise UsageError("no LISA worker is running: start one with `lisa-ls worker --model ...` (or "
                              "`lisa-ls up`) with the same REDIS_URL, then run prelabel again")
         self.version = version
+
+    def _label_queries(self) -> dict[str, str] | None:
+        """``--label-query``, else the connection's Extra params ``queries`` (without ``--query``), checked."""
+        assert self.setup is not None
+        given: object = self.o.label_queries
+        where = "--label-query"
+        if given and (self.o.query is not None or self.o.label is not None):
+            raise UsageError("--label-query gives each label its own query and label: leave out --query and --label")
+        if not given and self.o.query is None:
+            try:
+                given = connection_queries(self.client.ml_backends(self.o.project))
+            except LabelStudioError as e:  # e.g. a token that may not read model connections: one query per task
+                print(f"lisa-ls prelabel: cannot read the project's model connections ({e}); their Extra params "
+                      "'queries' are not used", file=self.out)
+            except QueriesError as e:
+                raise UsageError(str(e)) from e
+            where = "the model connection's Extra params 'queries'"
+        if not given:
+            return None
+        try:
+            queries = check_queries(given, self.setup, where)
+        except QueriesError as e:
+            raise UsageError(str(e)) from e
+        for label, query in queries.items():
+            try:
+                self.phrasing.question(query)
+            except QueryError as e:
+                raise UsageError(f"{where}: the query of '{label}': {e}") from e
+        return queries
 
     # ---- the run ----
 
@@ -263,11 +213,15 @@ class Prelabeler:
             run = {"started": when, "seconds": round(time.time() - started, 1), "outcome": outcome,
                    "query": self.o.query, "done": c["done"], "skipped": c["skipped"], "failed": c["failed"],
                    "busy_waits": self.busy_waits}
+            if self.queries:
+                run.update(queries=self.queries, labels=self.labels.as_dict(list(self.queries)))
             try:
                 state.save(run)
             except OSError as e:
                 self.progress.write(f"could not write the state file {state.path}: {e}")
         c = self.progress.counts
+        if self.queries:
+            print(f"per label: {self.labels.format(list(self.queries))}", flush=True)
         tail = {"complete": "", "limit": f"; stopped at --limit {self.o.limit}, re-run to continue",
                 "interrupted": "; interrupted, re-run to continue"}.get(outcome, f"; {outcome}, re-run to continue")
         print(f"prelabel project {self.o.project} ({self.version}): {c['done']} done, {c['skipped']} skipped, "
@@ -305,37 +259,42 @@ class Prelabeler:
                 self._limited = True
                 return
             taken += 1
-            work = self._prepare_task(task)
-            if work is None:
+            works = self._prepare_task(task)
+            if not works:
                 continue
-            self.pending.append(work)
+            self.pending.extend(works)
             if len(self.pending) >= chunk:
                 self._flush()
             while len(self.inflight) >= window:
                 self._collect(self.inflight.popleft())
 
-    def _prepare_task(self, task: dict[str, Any]) -> _Work | None:
-        """Query, image and job of one task; ``None`` (and the task counted failed) when it cannot run."""
+    def _prepare_task(self, task: dict[str, Any]) -> list[_Work]:
+        """Queries, image and jobs of one task (one job per label of a run over several); none (and the task
+        counted failed) when it cannot run."""
         assert self.setup is not None
         task_id, data = int(task["id"]), task.get("data") if isinstance(task.get("data"), dict) else {}
         field = self.config.query_field
         own = data.get(field)
         query = own if isinstance(own, str) and own.strip() else self.o.query
         try:
-            if not query:
+            if not query and not self.queries:
                 raise QueryError(f"no query: the task has no '{field}' field and no --query was given")
-            question = self.phrasing.question(query)
+            asked = {label: (q, self.phrasing.question(q)) for label, q in (self.queries or {"": query}).items()}
             value = data.get(self.setup.image_field)
             if not value:
                 raise ImageFetchError(f"the task has no '{self.setup.image_field}' field (the <Image> value)")
             image = self.fetcher.fetch(value, task_id=task_id)
         except (QueryError, ImageFetchError) as e:
             self._fail(task_id, str(e))
-            return None
+            return []
         key = self.queue.put_image(image.data)
-        label = self.o.label or self.setup.choose_label(query, self.config.default_label)
-        job = Job(image=key, query=question, options={"query": query, "task": task_id, "source": "prelabel"})
-        return _Work(task_id, query, label, job)
+        group = TaskGroup(task_id, len(asked))
+        works = []
+        for label, (text, question) in asked.items():
+            label = label or self.o.label or self.setup.choose_label(text, self.config.default_label)
+            job = Job(image=key, query=question, options={"query": text, "task": task_id, "source": "prelabel"})
+            works.append(_Work(task_id, text, label, job, group))
+        return works
 
     def _flush(self) -> None:
         """Submit every pending job; a busy queue is waited out, never a reason to drop a job."""
@@ -364,16 +323,23 @@ class Prelabeler:
             n, backoff = len(self.pending), iter(BUSY_BACKOFF_S)
 
     def _collect(self, work: _Work) -> None:
-        """Wait for one job and write its prediction to Label Studio."""
+        """Wait for one job; once every job of its task has answered, write the task's prediction to Label Studio."""
         assert self.setup is not None
         self._check_stop()
-        result = self.queue.wait(work.job)
+        result, group = self.queue.wait(work.job), work.group
         if not result.ok:
-            self._fail(work.task_id, f"{result.error_code}: {result.error_message}")
+            group.fail(f"{work.label + ': ' if self.queries else ''}{result.error_code}: {result.error_message}")
+        else:
+            group.add(work.label, prediction(
+                result.mask_array(), result.scores, self.setup, work.label, result.model_version or self.version,
+                work.query, bool(self.config.split_instances), min_score=self.config.min_score,
+                min_area=self.config.min_area, tolerance=self.config.polygon_tolerance))
+        if not group.complete:
             return
-        pred = prediction(result.mask_array(), result.scores, self.setup, work.label,
-                          result.model_version or self.version, work.query, bool(self.config.split_instances),
-                          min_score=self.config.min_score, min_area=self.config.min_area)
+        if group.errors:
+            self._fail(work.task_id, "; ".join(group.errors))
+            return
+        pred = group.merged(result.model_version or self.version)
         try:
             self.client.create_prediction(work.task_id, pred["result"], pred["score"], pred["model_version"])
         except LabelStudioError as e:
@@ -383,6 +349,8 @@ class Prelabeler:
             return
         self.state.record(work.task_id)
         self.progress.count("done")
+        for label, answer in group.answers:
+            self.labels.add(label, sum(r["type"] in MASK_TYPES for r in answer["result"]))
 
     def _fail(self, task_id: int, message: str) -> None:
         self.state.record(task_id, message)
@@ -396,9 +364,13 @@ def run_prelabel(args: argparse.Namespace) -> int:
         if (args.batch is not None and args.batch < 1) or (args.limit is not None and args.limit < 0):
             raise UsageError("--batch must be at least 1 and --limit at least 0")
         config = BackendConfig.from_env()
+        try:
+            label_queries = parse_label_queries(getattr(args, "label_query", None) or []) or None
+        except QueriesError as e:
+            raise UsageError(str(e)) from e
         options = Options(project=args.project, query=args.query, label=args.label,
                           batch=args.batch or config.queue.batch_size, limit=args.limit,
-                          state=Path(args.state) if args.state else None)
+                          state=Path(args.state) if args.state else None, label_queries=label_queries)
         client = LabelStudioClient(config.label_studio_url, config.label_studio_api_key)
         queue = JobQueue(connect(config=config.queue), config.queue)
         fetcher = ImageFetcher(FetchSettings.from_config(config))

@@ -17,6 +17,8 @@ Key                  Meaning                                                    
 ``min_area``         drop regions of fewer pixels                                       LISA_LS_MIN_AREA
 ``phrase_template``  question for a short phrase (``{}`` is the phrase)                 LISA_LS_PHRASE_TEMPLATE
 ``sentence_template`` question for a sentence (``{}`` is the sentence)                  LISA_LS_SENTENCE_TEMPLATE
+``queries``          ``{label: query}``: multi-class pre-labelling (:mod:`backend.multiclass`) (none)
+``polygon_tolerance`` polygon simplification in pixels (:mod:`backend.polygons`)         LISA_LS_POLYGON_TOLERANCE
 ==================== ================================================================== ====================
 """
 
@@ -30,7 +32,9 @@ from typing import Any
 
 from backend.config import BackendConfig
 from backend.labeling import LabelingSetup
+from backend.multiclass import QUERIES_KEY, check_queries
 from backend.phrasing import Phrasing, QueryError, clean_query
+from backend.polygons import TOLERANCE_KEY, check_tolerance
 from backend.state import redis_call
 from worker.queue import JobQueue
 
@@ -87,10 +91,25 @@ def _count(key: str, value: object) -> int:
     return int(number)
 
 
+def _queries(key: str, value: object) -> dict[str, str]:
+    """The per-label queries' shape (their labels are checked against the config in :func:`check_extra_params`)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise SettingsError(f"extra_params '{key}' must map labels to queries, not {json.dumps(value)[:40]}")
+    return {label: _query(f"{key}.{label}", query) for label, query in value.items()}
+
+
+def _tolerance(key: str, value: object) -> float:
+    try:
+        return check_tolerance(value)
+    except ValueError as e:
+        raise SettingsError(str(e)) from e
+
+
 #: Every key Extra params may set, with its check (which returns the typed value).
 KEYS: dict[str, Callable[[str, object], Any]] = {
     "default_query": _query, "query_field": _field, "label": _text, "split_instances": _flag, "min_score": _number,
-    "min_area": _count, "phrase_template": _text, "sentence_template": _text,
+    "min_area": _count, "phrase_template": _text, "sentence_template": _text, QUERIES_KEY: _queries,
+    TOLERANCE_KEY: _tolerance,
 }
 
 
@@ -105,6 +124,7 @@ class ProjectSettings:
     min_score: float
     min_area: int
     phrasing: Phrasing
+    polygon_tolerance: float
 
     @classmethod
     def resolve(cls, values: dict[str, Any], config: BackendConfig) -> ProjectSettings:
@@ -119,7 +139,8 @@ class ProjectSettings:
                    label=values.get("label") or config.default_label,
                    split_instances=values.get("split_instances", bool(config.split_instances)),
                    min_score=values.get("min_score", config.min_score),
-                   min_area=values.get("min_area", config.min_area), phrasing=phrasing)
+                   min_area=values.get("min_area", config.min_area), phrasing=phrasing,
+                   polygon_tolerance=values.get(TOLERANCE_KEY, config.polygon_tolerance))
 
 
 def check_extra_params(extra: object, config: BackendConfig, setup: LabelingSetup | None = None) -> dict[str, Any]:
@@ -146,6 +167,11 @@ def check_extra_params(extra: object, config: BackendConfig, setup: LabelingSetu
     if setup is not None and values.get("label") and values["label"] not in setup.labels:
         raise SettingsError(f"extra_params 'label' is {values['label']!r}, which is not a label of the config's "
                             f"<BrushLabels name=\"{setup.brush_name}\"> ({', '.join(setup.labels)})")
+    if setup is not None and QUERIES_KEY in values:
+        try:
+            values[QUERIES_KEY] = check_queries(values[QUERIES_KEY], setup)
+        except ValueError as e:
+            raise SettingsError(f"lisa-ls cannot use these Extra params: {e}") from e
     return values
 
 

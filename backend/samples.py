@@ -11,8 +11,11 @@ What is read from ``result`` (see ``shared/ref/ui-check.md`` §5 for a real one)
 * the query: the ``textarea`` results of the config's query TextArea (every text, in order, without repeats);
   never those of its read-only message TextArea (``lisa``: the backend's own words, saved with the annotation);
 * the masks: the ``brushlabels`` results of the config's BrushLabels, decoded at the image's EXIF-applied size
-  with the anti-aliasing threshold 128 (:func:`backend.brush.rle_to_mask`), merged per label; labels containing
-  "ignore" form the ignore mask instead;
+  with the anti-aliasing threshold 128 (:func:`backend.brush.rle_to_mask`), and the ``polygonlabels`` results of
+  its PolygonLabels, rasterised at that size as Label Studio draws them (:mod:`backend.polygons`), merged per
+  label; labels containing "ignore" form the ignore mask instead. A polygon that cannot be a mask (fewer than 3
+  points, crossing itself, outside the image) skips the annotation with code ``bad_polygon`` and a reason that
+  names the region, and keeps the sample of its previous version, if any;
 * per mask, the origin (all regions ``prediction``: ``prediction``; all ``manual``: ``manual``; any mix or edit:
   ``prediction-changed``) and the proposing model version (``meta.model_version`` of a region, else the
   annotation's ``prediction.model_version``; none for a hand-drawn mask).
@@ -34,6 +37,7 @@ from backend.brush import BrushRLEError, rle_to_mask
 from backend.dataset import EXTENSIONS, ORIGINS, SampleDraft, sample_id
 from backend.images import FetchedImage, ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
+from backend.polygons import PolygonError, rasterize, region_points
 from backend.regions import MESSAGE_ID
 
 Fetch = Callable[[str, "int | None"], FetchedImage]
@@ -46,9 +50,10 @@ TRANSIENT_FETCH = frozenset({"unreachable", "timeout", "http", "auth", "config"}
 class SkipSample(Exception):
     """The annotation cannot become a sample. ``code`` groups reasons in reports; ``reason`` is for people."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, keep_sample: bool = False) -> None:
         super().__init__(f"{code}: {reason}")
         self.code, self.reason = code, reason
+        self.keep_sample = keep_sample  # the annotation's previous sample stays (a mistake to fix, not a removal)
 
 
 class RetryLater(Exception):
@@ -125,9 +130,10 @@ def _queries(results: list[Any], setup: LabelingSetup | None) -> list[str]:
 def _regions(results: list[Any], setup: LabelingSetup | None) -> list[dict[str, Any]]:
     regions = []
     for item in results:
-        if not isinstance(item, dict) or item.get("type") != "brushlabels":
+        if not isinstance(item, dict) or item.get("type") not in ("brushlabels", "polygonlabels"):
             continue
-        if setup and item.get("from_name") not in (setup.brush_name, None):
+        if setup and item.get("from_name") not in (
+                setup.brush_name if item["type"] == "brushlabels" else setup.polygon_name, None):
             continue
         regions.append(item)
     return regions
@@ -168,6 +174,13 @@ def _fetch(fetch: Fetch, value: str, task_id: int) -> FetchedImage:
 
 def _decode(region: dict[str, Any], image: FetchedImage) -> np.ndarray:
     value = region.get("value") if isinstance(region.get("value"), dict) else {}
+    if region.get("type") == "polygonlabels":  # points in percent: drawn at the image's size as it is shown
+        try:
+            return rasterize([region_points(region, image.width, image.height)], image.width, image.height)
+        except PolygonError as e:
+            label = ", ".join(str(v) for v in value.get("polygonlabels") or []) or "no label"
+            raise SkipSample("bad_polygon", f"the polygon region {str(region.get('id'))[:40]!r} ({label[:80]}) {e}",
+                             keep_sample=True) from e
     if value.get("format", "rle") != "rle" or "rle" not in value:
         raise SkipSample("bad_rle", f"a brush region has no RLE (format {value.get('format')!r})")
     size = (region.get("original_width"), region.get("original_height"))
@@ -183,9 +196,10 @@ def _decode(region: dict[str, Any], image: FetchedImage) -> np.ndarray:
 
 def _labels(region: dict[str, Any]) -> list[str]:
     value = region.get("value") if isinstance(region.get("value"), dict) else {}
-    labels = [lab for lab in value.get("brushlabels") or [] if isinstance(lab, str) and lab]
+    kind = "polygonlabels" if region.get("type") == "polygonlabels" else "brushlabels"
+    labels = [lab for lab in value.get(kind) or [] if isinstance(lab, str) and lab]
     if not labels:
-        raise SkipSample("bad_region", "a brush region has no label")
+        raise SkipSample("bad_region", f"a {'polygon' if kind == 'polygonlabels' else 'brush'} region has no label")
     return labels
 
 
@@ -238,7 +252,7 @@ def build_sample(annotation: object, task: object, label_config: object, fetch: 
     if not queries:
         raise SkipSample("no_query", "the annotation has no query text (the TextArea is empty)")
     if not regions:
-        raise SkipSample("no_mask", "the annotation has a query but no brush region")
+        raise SkipSample("no_mask", "the annotation has a query but no brush or polygon region")
     region_labels = [_labels(r) for r in regions]  # checked before the (slow) image fetch
     image = _fetch(fetch, _image_value(task, setup), tid)
     order = list(setup.labels) if setup else []

@@ -70,6 +70,7 @@ def test_every_variable_is_read() -> None:
         "LISA_LS_ALLOWED_PRIVATE_HOSTS": "minio.internal:9000, Cache.Local",
         "LISA_LS_FETCH_CONCURRENCY": "6",
         "LISA_LS_FETCH_PER_HOST": "2",
+        "LISA_LS_POLYGON_TOLERANCE": "1.5",
     }
     config = BackendConfig.from_env(env)
     assert config.label_studio_url == "http://ls.example:8080"  # trailing slash dropped
@@ -94,6 +95,7 @@ def test_every_variable_is_read() -> None:
         label_studio_url="http://ls.example:8080", api_key="token123", max_bytes=1_000_000, max_pixels=4_000_000,
         connect_timeout_s=2.0, read_timeout_s=3.0, deadline_s=12.5, max_redirects=0, tls_verify=False,
         allowed_private_hosts=("minio.internal:9000", "cache.local"))
+    assert config.polygon_tolerance == 1.5
     assert set(BackendConfig.variables()) == set(env) - {"REDIS_URL", "LISA_LS_BATCH_SIZE"}
 
 
