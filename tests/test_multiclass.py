@@ -37,11 +37,13 @@ SIZE = 256
 
 
 def pictures(folder: Path) -> dict[str, np.ndarray]:
-    """``circle.png``: a red circle (both labels' answer); ``empty.png``: the background alone (nothing to find)."""
+    """``circle.png``: a red circle (both labels' answer); ``empty.png``: no shape at all, on a strongly coloured
+    ground (the demo model refuses a picture with no strong colour as unlike its scenes: this one it answers)."""
     background = np.tile(np.array([230, 225, 205], np.uint8), (SIZE, SIZE, 1))
     circle = Image.fromarray(background)
     ImageDraw.Draw(circle).ellipse([88, 88, 168, 168], fill=COLOURS["red"])
-    shown = {"circle.png": np.asarray(circle), "empty.png": background}
+    ground = np.tile(np.array([120, 200, 255], np.uint8), (SIZE, SIZE, 1))
+    shown = {"circle.png": np.asarray(circle), "empty.png": ground}
     for name, pixels in shown.items():
         Image.fromarray(pixels).save(folder / name)
     return shown

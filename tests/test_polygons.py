@@ -94,7 +94,7 @@ def test_pieces_are_kept_largest_first_and_specks_dropped():
     assert len(trace(many, 0)) == MAX_POLYGONS
     # An interactive answer says that it holds only the largest pieces.
     setup = parse_labeling_config(POLYGON_CONFIG)
-    pred = prediction(many[None], [0.5], setup, "Target", "v1", "the dots", tolerance=0.5, say_nothing=True)
+    pred = prediction(many[None], [0.5], setup, "Target", "v1", "the dots", tolerance=0.5, message=True)
     assert [r["type"] for r in pred["result"]].count("polygonlabels") == MAX_POLYGONS
     assert pred["result"][-1]["value"]["text"] == [
         f"LISA found 625 separate pieces for 'the dots'; showing the {MAX_POLYGONS} largest as polygons (at most "
@@ -248,7 +248,7 @@ def test_a_polygon_config_gets_one_polygon_per_piece():
     assert first["from_name"] == "outline" and first["to_name"] == "image" and first["origin"] == "prediction"
     assert (first["original_width"], first["original_height"]) == (80, 40)
     assert first["value"]["polygonlabels"] == ["Knife"] and first["value"]["closed"] is True
-    assert first["meta"] == {"prompt": "the knife", "model_version": "v1"} and pred["score"] == 0.9
+    assert first["meta"] == {"prompt": "the knife", "model_version": "v1", "sam_score": 0.9}
     back = rasterize([region_points(r, 80, 40) for r in pred["result"]], 80, 40)
     assert np.array_equal(back, two_piece_mask())
 
@@ -269,7 +269,7 @@ def test_a_config_with_both_gets_both_and_a_refinement_reuses_each_kinds_ids():
 def test_nothing_found_says_so_once():
     setup = parse_labeling_config(POLYGON_CONFIG)
     empty = np.zeros((1, 40, 80), bool)
-    pred = prediction(empty, [0.9], setup, "Target", "v1", "the moon", tolerance=0.5, say_nothing=True)
+    pred = prediction(empty, [0.9], setup, "Target", "v1", "the moon", tolerance=0.5, message=True)
     assert [r["type"] for r in pred["result"]] == ["textarea"]
     assert "found nothing matching 'the moon'" in pred["result"][0]["value"]["text"][0]
     speck = np.zeros((1, 40, 80), bool)
