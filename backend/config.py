@@ -36,8 +36,9 @@ Variable                        Default         Meaning
                                                 so a released LISA's score is not calibrated
 ``LISA_LS_MIN_AREA``            ``16``          regions of fewer pixels are dropped as noise; an answer left
                                                 with none says "LISA found nothing matching ..." in the UI
-``LISA_LS_PHRASE_TEMPLATE``     see phrasing    question for a short phrase; ``{}`` is the phrase
-``LISA_LS_SENTENCE_TEMPLATE``   see phrasing    question for a sentence; ``{}`` is the sentence
+``LISA_LS_PHRASE_TEMPLATE``     (LISA's)        question for a short phrase; ``{}`` is the phrase (the worker
+                                                phrases queries: ``model/phrasing.py`` has LISA's templates)
+``LISA_LS_SENTENCE_TEMPLATE``   (LISA's)        question for a sentence; ``{}`` is the sentence
 ``LISA_LS_CAPTURE``             ``1``           1: ``/webhook`` stores submitted annotations as training samples
                                                 (:mod:`backend.capture`); 0: it acknowledges and drops them
 ``LISA_LS_DATASET_DIR``         (unset)         where captured datasets live, one ``project-<id>/`` each
@@ -94,7 +95,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from backend.phrasing import PHRASE_TEMPLATE, SENTENCE_TEMPLATE
 from worker.defaults import ENV_PREFIX, QueueConfig, parse_env_value
 
 MODEL_CLASS = "LisaBackend"
@@ -195,10 +195,10 @@ class BackendConfig:
         default=16, metadata=_env(ENV_PREFIX + "MIN_AREA", "drop regions of fewer pixels")
     )
     phrase_template: str = dataclasses.field(
-        default=PHRASE_TEMPLATE, metadata=_env(ENV_PREFIX + "PHRASE_TEMPLATE", "question for a short phrase")
+        default="", metadata=_env(ENV_PREFIX + "PHRASE_TEMPLATE", "question for a short phrase")
     )
     sentence_template: str = dataclasses.field(
-        default=SENTENCE_TEMPLATE, metadata=_env(ENV_PREFIX + "SENTENCE_TEMPLATE", "question for a sentence")
+        default="", metadata=_env(ENV_PREFIX + "SENTENCE_TEMPLATE", "question for a sentence")
     )
     capture: int = dataclasses.field(default=1, metadata=_env(ENV_PREFIX + "CAPTURE", "1: capture annotations"))
     dataset_dir: str = dataclasses.field(

@@ -3,7 +3,7 @@
 Follow a run: read the project's labeling config (:mod:`backend.labeling`), ask Redis which model version the live
 workers serve (:func:`backend.predict.current_version`), then stream the project's tasks page by page
 (:mod:`backend.lsclient`). A task that already has a prediction with that model version is skipped; for the
-others the query is phrased as ``/predict`` does (:mod:`backend.phrasing`), the image fetched
+others the query is checked and sent as ``/predict`` does (:mod:`backend.query`), the image fetched
 (:mod:`backend.images`) and stored in Redis once, and jobs are submitted in chunks of ``--batch``. At most
 ``2 x --batch`` jobs are in flight: the oldest is waited for before more are fetched, so a run over 100 000 tasks
 holds a bounded amount of Redis and memory. Each result becomes a prediction (:func:`backend.regions.prediction`)
@@ -46,12 +46,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from backend.config import BackendConfig
+from backend.config import ENV_PREFIX, BackendConfig
 from backend.images import FetchSettings, ImageFetcher, ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
 from backend.lsclient import LabelStudioClient, LabelStudioError
-from backend.phrasing import Phrasing, QueryError
 from backend.predict import current_version
+from backend.query import QueryError, checked_query, phrasing
 from backend.regions import prediction
 from worker.connection import RedisDown, connect
 from worker.protocol import Job
@@ -190,7 +190,7 @@ class Prelabeler:
                  fetcher: ImageFetcher, out: TextIO = sys.stderr) -> None:
         self.o, self.config, self.client, self.queue, self.fetcher, self.out = (
             options, config, client, queue, fetcher, out)
-        self.phrasing = Phrasing(config.phrase_template, config.sentence_template)
+        self.phrasing: dict[str, str] = {}  # the templates sent with each job (checked by prepare)
         self.pending: list[_Work] = []  # images stored, jobs not yet accepted by the queue
         self.inflight: collections.deque[_Work] = collections.deque()  # submitted, oldest first
         self.stopping: str | None = None  # why no more jobs are submitted (Ctrl-C, Redis or Label Studio gone)
@@ -206,9 +206,13 @@ class Prelabeler:
         """Check the config, the project, the labeling config, the query, the label and the workers."""
         if self.o.query is not None:
             try:
-                self.phrasing.question(self.o.query)
+                checked_query(self.o.query)
             except QueryError as e:
                 raise UsageError(f"--query: {e}") from e
+        try:
+            self.phrasing = phrasing(self.config.phrase_template, self.config.sentence_template)
+        except ValueError as e:
+            raise UsageError(f"{ENV_PREFIX}PHRASE_TEMPLATE / {ENV_PREFIX}SENTENCE_TEMPLATE: {e}") from e
         try:
             project = self.client.project(self.o.project)
             self.setup = parse_labeling_config(project["label_config"], require_query=False)
@@ -324,7 +328,7 @@ class Prelabeler:
         try:
             if not query:
                 raise QueryError(f"no query: the task has no '{field}' field and no --query was given")
-            question = self.phrasing.question(query)
+            checked = checked_query(query)
             value = data.get(self.setup.image_field)
             if not value:
                 raise ImageFetchError(f"the task has no '{self.setup.image_field}' field (the <Image> value)")
@@ -334,7 +338,8 @@ class Prelabeler:
             return None
         key = self.queue.put_image(image.data)
         label = self.o.label or self.setup.choose_label(query, self.config.default_label)
-        job = Job(image=key, query=question, options={"query": query, "task": task_id, "source": "prelabel"})
+        job = Job(image=key, query=checked, phrasing=self.phrasing,
+                  options={"query": query, "task": task_id, "source": "prelabel"})
         return _Work(task_id, query, label, job)
 
     def _flush(self) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from backend.config import BackendConfig
 from backend.labeling import LabelingSetup
-from backend.phrasing import Phrasing, QueryError, clean_query
+from backend.query import QueryError, clean_query, phrasing
 from backend.state import redis_call
 from worker.queue import JobQueue
 
@@ -104,14 +104,15 @@ class ProjectSettings:
     split_instances: bool
     min_score: float
     min_area: int
-    phrasing: Phrasing
+    #: The templates sent with each job (``Job.phrasing``): the worker phrases the query with them.
+    phrasing: dict[str, str]
 
     @classmethod
     def resolve(cls, values: dict[str, Any], config: BackendConfig) -> ProjectSettings:
         """``values`` (checked, see :func:`check_extra_params`) with the backend's settings for what they omit."""
         try:
-            phrasing = Phrasing(values.get("phrase_template", config.phrase_template),
-                                values.get("sentence_template", config.sentence_template))
+            templates = phrasing(values.get("phrase_template", config.phrase_template),
+                                 values.get("sentence_template", config.sentence_template))
         except ValueError as e:
             raise SettingsError(f"extra_params: {e}") from e
         return cls(default_query=values.get("default_query", ""),
@@ -119,7 +120,7 @@ class ProjectSettings:
                    label=values.get("label") or config.default_label,
                    split_instances=values.get("split_instances", bool(config.split_instances)),
                    min_score=values.get("min_score", config.min_score),
-                   min_area=values.get("min_area", config.min_area), phrasing=phrasing)
+                   min_area=values.get("min_area", config.min_area), phrasing=templates)
 
 
 def check_extra_params(extra: object, config: BackendConfig, setup: LabelingSetup | None = None) -> dict[str, Any]:

@@ -4,7 +4,7 @@ This is where ``model/`` and the queue meet. For a batch it decodes each image o
 LRU cache), refuses the jobs the model cannot take with a ``bad_input`` answer of their own, and runs every
 remaining query as one batched generation (teacher-forced jobs as one forward pass).
 
-Every generated answer's projected [SEG] embeddings are kept in a second small LRU cache keyed by (image, query,
+Every generated answer's projected [SEG] embeddings are kept in a second small LRU cache keyed by (image, question,
 model version). A :data:`~worker.protocol.REFINE` job reuses them as SAM prompts together with the annotator's
 clicks/box and runs SAM's prompt encoder + decoder only; when the answer is no longer cached its query is
 generated again first (and the image re-encoded), so a refinement never fails for having been evicted.
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import demo_scope
+from model import demo_scope, phrasing
 from model.errors import InputError
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
 from model.preprocess import PreprocessedImage, load_image
@@ -171,32 +171,35 @@ class LisaHandler:
         generate: dict[int, list[Job]] = defaultdict(list)
         forced: list[Job] = []
         refines: list[Job] = []
+        asked: dict[str, str] = {}  # job id -> the question put to the model
         for job in jobs:
             if job.id in results:
                 continue
             try:
+                asked[job.id] = question = _question(job)
                 if job.kind == REFINE:
                     self._check_refine(job, encoded[job.image])
                     refines.append(job)
-                    if not job.query or self.answers.get(self._answer_key(job), self.version) is not None:
+                    if not question or self.answers.get(self._answer_key(job, question), self.version) is not None:
                         continue  # no query, or its [SEG] prompts are cached: no LLM needed
                 limit = self._max_new_tokens(job)
-                self.predictor.validate(encoded[job.image], job.query, job.answer, limit)
+                self.predictor.validate(encoded[job.image], question, job.answer, limit)
             except InputError as e:
                 results[job.id] = Result.error(job.id, BAD_INPUT, str(e))
                 continue
             (forced if job.answer is not None else generate[limit]).append(job)
         t1 = time.perf_counter()
         for limit, group in generate.items():
-            segs = self.predictor.segment([(encoded[j.image], j.query) for j in group], max_new_tokens=limit)
-            self._collect(group, segs, results)
+            segs = self.predictor.segment([(encoded[j.image], asked[j.id]) for j in group], max_new_tokens=limit)
+            self._collect(group, segs, asked, results)
         if forced:
-            segs = self.predictor.segment_teacher_forced([(encoded[j.image], j.query, j.answer) for j in forced])
-            self._collect(forced, segs, results)
+            segs = self.predictor.segment_teacher_forced(
+                [(encoded[j.image], asked[j.id], j.answer) for j in forced])
+            self._collect(forced, segs, asked, results)
         t2 = time.perf_counter()
         for job in refines:
             if job.id not in results or results[job.id].ok:  # a regenerated answer is replaced by the refinement
-                results[job.id] = self._refine(job, encoded[job.image])
+                results[job.id] = self._refine(job, asked[job.id], encoded[job.image])
         timings = {"encode_s": t_encode, "model_s": t2 - t1, "refine_s": time.perf_counter() - t2,
                    "batch_jobs": float(len(jobs))}
         for result in results.values():
@@ -206,8 +209,8 @@ class LisaHandler:
         return [results[job.id] for job in jobs]
 
     @staticmethod
-    def _answer_key(job: Job) -> str:
-        return f"{job.image} {job.query}"
+    def _answer_key(job: Job, question: str) -> str:
+        return f"{job.image} {question}"
 
     def _check_refine(self, job: Job, image: EncodedImage) -> None:
         """Refuse clicks or a box outside the image (in pixels of the EXIF-applied image)."""
@@ -222,10 +225,11 @@ class LisaHandler:
         if box is not None and not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
             raise InputError(f"the box {[round(v) for v in box]} is not inside the {width}x{height} image")
 
-    def _refine(self, job: Job, image: EncodedImage) -> Result:
-        """SAM's prompt encoder + decoder on the cached image: [SEG] prompts of the last answer + clicks/box."""
+    def _refine(self, job: Job, question: str, image: EncodedImage) -> Result:
+        """SAM's prompt encoder + decoder on the cached image: [SEG] prompts of the last answer to ``question``
+        (when given) + clicks/box."""
         points, box = refine_prompts(job.options)
-        answer = self.answers.get(self._answer_key(job), self.version) if job.query else None
+        answer = self.answers.get(self._answer_key(job, question), self.version) if question else None
         seg = self.predictor.refine(
             image, None if answer is None else answer.prompts,
             np.array([p[:2] for p in points], dtype=np.float32) if points else None,
@@ -233,7 +237,7 @@ class LisaHandler:
             None if box is None else np.array(box, dtype=np.float32),
         )
         return Result.from_masks(job.id, seg.masks, seg.scores.tolist(), text="" if answer is None else answer.text,
-                                 model_version=self.version)
+                                 model_version=self.version, question=question)
 
     def _max_new_tokens(self, job: Job) -> int:
         value = job.options.get("max_new_tokens", self.max_new_tokens)
@@ -302,12 +306,21 @@ class LisaHandler:
                 done.update(self._encode_each({key: pre}, failed))
             return done
 
-    def _collect(self, jobs: list[Job], segs: list, results: dict[str, Result]) -> None:
+    def _collect(self, jobs: list[Job], segs: list, asked: dict[str, str], results: dict[str, Result]) -> None:
         for job, seg in zip(jobs, segs):
             if job.answer is None:  # a generated answer: keep its [SEG] prompts for refinements
-                self.answers.put(self._answer_key(job), self.version, CachedAnswer(seg.prompt_embeddings, seg.text))
+                self.answers.put(self._answer_key(job, asked[job.id]), self.version,
+                                 CachedAnswer(seg.prompt_embeddings, seg.text))
             results[job.id] = Result.from_masks(job.id, seg.masks, seg.scores.tolist(), text=seg.text,
-                                                model_version=self.version)
+                                                model_version=self.version, question=asked[job.id])
+
+
+def _question(job: Job) -> str:
+    """The question put to the model for ``job``: its ``query`` verbatim, or - a phrased job (an annotator's
+    query, :attr:`Job.phrasing`) - the query phrased by the model's one rule (``model/phrasing.py``)."""
+    if job.phrasing is None or not job.query:
+        return job.query
+    return phrasing.question(job.query, job.phrasing.get("phrase"), job.phrasing.get("sentence"))
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
