@@ -4,7 +4,7 @@ Follow a query: Label Studio posts ``/predict`` -> :func:`predict` reads the lab
 (:mod:`backend.labeling`), finds the typed query in ``params.context`` (interactive) or the task data (batch),
 checks it (:mod:`backend.query`; the worker phrases it for LISA, ``model/phrasing.py``), fetches the image
 (:mod:`backend.images`), stores it in Redis once
-and submits one job per task (:mod:`worker.queue`); a worker answers with masks, which become editable
+and submits one job per task (:mod:`worker.client.queue`); a worker answers with masks, which become editable
 ``brushlabels`` regions (:mod:`backend.regions`).
 
 Label Studio also calls ``/predict`` with ``context: null`` each time a task opens (twice) and after Submit;
@@ -43,9 +43,9 @@ from backend.query import QueryError, checked_query
 from backend.refine import RefineError, TaskMemory, click_items, read_clicks, source_digest
 from backend.regions import message_region, prediction, with_note
 from backend.state import BackendState, current_state
-from worker.connection import RedisDown
-from worker.protocol import REFINE, Job, QueueError
-from worker.queue import BusyError, JobQueue
+from worker.client.connection import RedisDown
+from worker.client.protocol import REFINE, Job, QueueError
+from worker.client.queue import BusyError, JobQueue
 
 log = logging.getLogger(__name__)
 bp = Blueprint("protocol", __name__)

@@ -53,9 +53,9 @@ from backend.lsclient import LabelStudioClient, LabelStudioError
 from backend.predict import current_version
 from backend.query import QueryError, checked_query, phrasing
 from backend.regions import prediction
-from worker.connection import RedisDown, connect
-from worker.protocol import Job
-from worker.queue import BusyError, JobQueue
+from worker.client.connection import RedisDown, connect
+from worker.client.protocol import Job
+from worker.client.queue import BusyError, JobQueue
 
 BUSY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 STATE_SAVE_INTERVAL_S = 2.0

@@ -32,7 +32,7 @@ from backend.config import BackendConfig
 from backend.labeling import LabelingSetup
 from backend.query import QueryError, clean_query, phrasing
 from backend.state import redis_call
-from worker.queue import JobQueue
+from worker.client.queue import JobQueue
 
 #: How long a project's settings are kept without a ``/setup`` (Label Studio calls it on every model-card visit).
 PROJECT_TTL_S = 30 * 24 * 3600

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from worker.protocol import check_phrasing
+from worker.client.protocol import check_phrasing
 
 #: Longest query accepted, in characters: LISA's prompts are a sentence or two; 1000 leaves room for detail.
 MAX_QUERY_CHARS = 1000

@@ -29,7 +29,7 @@ from typing import Any
 from model.demo_scope import mark_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Where the committed demo model lives (``worker/up.py`` serves it by default).
+#: Where the committed demo model lives (``worker/gpu/up.py`` serves it by default).
 DEMO_DIR = ROOT / "models" / "demo"
 #: The only tokenizer available offline: the one of LISA's tiny test checkpoint (vocabulary of 704 pieces).
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "lisa_tiny" / "checkpoint"

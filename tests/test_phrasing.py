@@ -18,8 +18,8 @@ from test_capture import drain, env_for
 
 from model.data import load_samples
 from model.finetune import samples_to_examples
-from worker.connection import connect
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures", "backend_fixtures"]
 #: Starts with a question word and has no final mark: a sentence to the backend, a phrase to the old training.

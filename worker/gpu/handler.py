@@ -5,7 +5,7 @@ LRU cache), refuses the jobs the model cannot take with a ``bad_input`` answer o
 remaining query as one batched generation (teacher-forced jobs as one forward pass).
 
 Every generated answer's projected [SEG] embeddings are kept in a second small LRU cache keyed by (image, question,
-model version). A :data:`~worker.protocol.REFINE` job reuses them as SAM prompts together with the annotator's
+model version). A :data:`~worker.client.protocol.REFINE` job reuses them as SAM prompts together with the annotator's
 clicks/box and runs SAM's prompt encoder + decoder only; when the answer is no longer cached its query is
 generated again first (and the image re-encoded), so a refinement never fails for having been evicted.
 """
@@ -30,12 +30,12 @@ from model import demo_scope, phrasing
 from model.errors import InputError
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
 from model.preprocess import PreprocessedImage, load_image
-from worker import switch
-from worker.cache import EncodingCache
-from worker.defaults import MAX_DECODED_PIXELS
-from worker.limits import image_shape_error
-from worker.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
-from worker.version import model_version
+from worker.client.defaults import MAX_DECODED_PIXELS
+from worker.client.limits import image_shape_error
+from worker.client.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
+from worker.gpu import switch
+from worker.gpu.cache import EncodingCache
+from worker.gpu.version import model_version
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class CachedAnswer:
 
 
 class LisaHandler:
-    """Batch function for :class:`worker.loop.WorkerLoop` around a loaded :class:`LisaPredictor`."""
+    """Batch function for :class:`worker.gpu.loop.WorkerLoop` around a loaded :class:`LisaPredictor`."""
 
     def __init__(self, predictor: LisaPredictor, version: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, load_options: dict | None = None,
@@ -89,9 +89,9 @@ class LisaHandler:
         """Switch to the promoted model version if it changed (called by the worker loop between batches).
 
         The new model is loaded next to the old one when both fit, else after freeing the old one
-        (:mod:`worker.switch`); a promotion that cannot be loaded leaves the worker serving what it served.
+        (:mod:`worker.gpu.switch`); a promotion that cannot be loaded leaves the worker serving what it served.
         """
-        from worker import registry
+        from worker.client import registry
 
         if time.monotonic() < self._next_check:
             return self.version
@@ -251,7 +251,7 @@ class LisaHandler:
         Any failure of one image - undecodable, over ``max_decoded_pixels``, a shape the model refuses, an error
         of its own in the encoder - answers that image's jobs with ``bad_input`` and leaves the others running.
         Images are decoded one at a time and kept only as their fixed-size model inputs, so a burst of large
-        images costs the memory of one (see :data:`worker.defaults.MAX_DECODED_PIXELS`).
+        images costs the memory of one (see :data:`worker.client.defaults.MAX_DECODED_PIXELS`).
         """
         encoded: dict[str, EncodedImage] = {}
         todo: dict[str, PreprocessedImage] = {}

@@ -10,7 +10,7 @@ build jobs and read results. Everything that crosses Redis is flat bytes:
   typical object mask at 1 megapixel takes a few kB instead of the 1 MB a JSON pixel list would;
 - images are stored once per content hash (:func:`image_hash`), and a job refers to the hash.
 
-The byte encodings (:func:`pack_fields`, :func:`encode_masks` and their inverses) live in :mod:`worker.codec`
+The byte encodings (:func:`pack_fields`, :func:`encode_masks` and their inverses) live in :mod:`worker.client.codec`
 and are importable from here too.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.codec import decode_masks, encode_masks, pack_fields, unpack_fields
+from worker.client.codec import decode_masks, encode_masks, pack_fields, unpack_fields
 
 STATUS_OK = "ok"
 """The job ran and the result carries masks, scores and text."""
