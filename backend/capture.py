@@ -7,7 +7,7 @@ runs it with an append-only file), once however often a slow append is retried, 
 it already acknowledged (the keys and scripts: :mod:`backend.capture_store`). A :class:`CaptureConsumer` thread in
 each backend process reads the stream through a consumer group, does the slow work (image download, RLE decoding)
 and acknowledges an event only once its outcome is on disk; an event whose process died is taken over after
-``LISA_LS_CAPTURE_RECLAIM_S``, as :mod:`worker.queue` does with jobs.
+``LISA_LS_CAPTURE_RECLAIM_S``, as :mod:`worker.client.queue` does with jobs.
 
 Bounded steps. An ``ANNOTATIONS_DELETED`` listing more than :data:`DELETE_PART` ids, or an ``ANNOTATIONS_CREATED``
 listing more than one annotation, is not processed at once: its acknowledgement appends its parts (one annotation,
@@ -71,8 +71,8 @@ from backend.config import BackendConfig
 from backend.dataset import Dataset, atomic_write, now_iso, sample_id
 from backend.images import ImageFetcher
 from backend.samples import RetryLater, SkipSample, annotation_identity, build_sample, ls_id
-from worker import scripts
-from worker.connection import CONNECTION_ERRORS, backoff_forever, connect
+from worker.client import scripts
+from worker.client.connection import CONNECTION_ERRORS, backoff_forever, connect
 
 __all__ = ["ACTIONS", "CaptureConsumer", "CaptureFull", "keys", "store_event"]
 

@@ -27,9 +27,9 @@ import redis
 from backend.config import BackendConfig
 from backend.dataset import parse_time
 from backend.samples import ls_id
-from worker.connection import call_with_retry
-from worker.defaults import QueueConfig
-from worker.protocol import BUSY, QueueError
+from worker.client.connection import call_with_retry
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import BUSY, QueueError
 
 CREATED, UPDATED, DELETED = "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"
 #: Label Studio's bulk creation (annotations imported with tasks): lists of annotations and of their tasks, in order.
@@ -158,7 +158,7 @@ def keys(config: QueueConfig) -> dict[str, str]:
 
 def store_event(client: redis.Redis, config: BackendConfig, raw: bytes, attempt_s: float) -> str:
     """Append a raw webhook body to the capture stream; returns its entry id. Raises :class:`CaptureFull`, or
-    :class:`~worker.connection.RedisDown` within :data:`WEBHOOK_BUDGET_S`.
+    :class:`~worker.client.connection.RedisDown` within :data:`WEBHOOK_BUDGET_S`.
 
     A retry after a timed-out attempt (a large body, a slow Redis) returns the entry the first attempt appended,
     through a token of this call: the body is stored once however many attempts ran.

@@ -2,7 +2,7 @@
 
 Label Studio's own ML-backend names are kept where one exists, so a deployment written for Label Studio's
 examples carries over; the rest are ours, prefixed ``LISA_LS_``. The queue's settings (``REDIS_URL`` and the
-``LISA_LS_*`` names of :class:`worker.defaults.QueueConfig`) are read by that class and kept in
+``LISA_LS_*`` names of :class:`worker.client.defaults.QueueConfig`) are read by that class and kept in
 :attr:`BackendConfig.queue`, so the backend and the workers parse them identically.
 
 ==============================  ==============  ===================================================================
@@ -21,7 +21,7 @@ Variable                        Default         Meaning
                                                 disconnects
 ``BASIC_AUTH_USER``             (unset)         with ``BASIC_AUTH_PASS``: HTTP basic auth on every endpoint
 ``BASIC_AUTH_PASS``             (unset)         (Label Studio sends them from ``http://user:pass@host:9090``)
-``REDIS_URL``                   see worker      the job queue's Redis (``worker.defaults.REDIS_URL``)
+``REDIS_URL``                   see worker      the job queue's Redis (``worker.client.defaults.REDIS_URL``)
 ``LISA_LS_HOST``                ``0.0.0.0``     address the backend listens on
 ``LISA_LS_PORT``                ``9090``        port the backend listens on (Label Studio's usual ML port)
 ``LISA_LS_PREDICT_DEADLINE_S``  ``60``          longest a ``/predict`` waits for the workers; below Label
@@ -38,8 +38,9 @@ Variable                        Default         Meaning
                                                 with none says "LISA found nothing matching ..." in the UI
 ``LISA_LS_POLYGON_TOLERANCE``   ``0.5``         how far (pixels) a polygon suggestion may stray from the mask's
                                                 outline (OpenCV's approxPolyDP); 0 keeps every outline step
-``LISA_LS_PHRASE_TEMPLATE``     see phrasing    question for a short phrase; ``{}`` is the phrase
-``LISA_LS_SENTENCE_TEMPLATE``   see phrasing    question for a sentence; ``{}`` is the sentence
+``LISA_LS_PHRASE_TEMPLATE``     (LISA's)        question for a short phrase; ``{}`` is the phrase (the worker
+                                                phrases queries: ``model/phrasing.py`` has LISA's templates)
+``LISA_LS_SENTENCE_TEMPLATE``   (LISA's)        question for a sentence; ``{}`` is the sentence
 ``LISA_LS_CAPTURE``             ``1``           1: ``/webhook`` stores submitted annotations as training samples
                                                 (:mod:`backend.capture`); 0: it acknowledges and drops them
 ``LISA_LS_DATASET_DIR``         (unset)         where captured datasets live, one ``project-<id>/`` each
@@ -96,8 +97,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from backend.phrasing import PHRASE_TEMPLATE, SENTENCE_TEMPLATE
-from worker.defaults import ENV_PREFIX, QueueConfig, parse_env_value
+from worker.client.defaults import ENV_PREFIX, QueueConfig, parse_env_value
 
 MODEL_CLASS = "LisaBackend"
 """What ``/health`` reports as ``model_class`` (Label Studio's backends report their Python class there)."""
@@ -156,7 +156,7 @@ def _hosts(name: str, raw: str) -> tuple[str, ...]:
 
 def _env(name: str, doc: str, parse: Callable[[str, str], Any] | None = None) -> dict[str, Any]:
     """Field metadata: the environment variable a field is read from, what it means, and how to read it when the
-    field's type is not one :func:`~worker.defaults.parse_env_value` reads (``parse(name, raw)``)."""
+    field's type is not one :func:`~worker.client.defaults.parse_env_value` reads (``parse(name, raw)``)."""
     return {"env": name, "doc": doc, "parse": parse}
 
 
@@ -203,10 +203,10 @@ class BackendConfig:
         default=POLYGON_TOLERANCE_PX, metadata=_env(ENV_PREFIX + "POLYGON_TOLERANCE", "polygon simplification, px")
     )
     phrase_template: str = dataclasses.field(
-        default=PHRASE_TEMPLATE, metadata=_env(ENV_PREFIX + "PHRASE_TEMPLATE", "question for a short phrase")
+        default="", metadata=_env(ENV_PREFIX + "PHRASE_TEMPLATE", "question for a short phrase")
     )
     sentence_template: str = dataclasses.field(
-        default=SENTENCE_TEMPLATE, metadata=_env(ENV_PREFIX + "SENTENCE_TEMPLATE", "question for a sentence")
+        default="", metadata=_env(ENV_PREFIX + "SENTENCE_TEMPLATE", "question for a sentence")
     )
     capture: int = dataclasses.field(default=1, metadata=_env(ENV_PREFIX + "CAPTURE", "1: capture annotations"))
     dataset_dir: str = dataclasses.field(

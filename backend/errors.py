@@ -13,8 +13,8 @@ from http import HTTPStatus
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from worker.connection import RedisDown
-from worker.protocol import BUSY, QueueError
+from worker.client.connection import RedisDown
+from worker.client.protocol import BUSY, QueueError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from backend.config import ENV_PREFIX, FETCH_PARALLEL_PER_REQUEST, FETCH_SLOT_WAIT_S
 from backend.images import FetchedImage, ImageFetcher, ImageFetchError
-from worker.protocol import BUSY  # the code of a fetch refused for want of a slot, as of a full queue
+from worker.client.protocol import BUSY  # the code of a fetch refused for want of a slot, as of a full queue
 
 
 class FetchGate:

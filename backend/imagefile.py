@@ -2,7 +2,7 @@
 
 Split from :mod:`backend.images` (which fetches the bytes, safely) along the seam between the network and the file:
 :func:`inspect_image` reads the format and size from the header, refuses too many pixels and sides LISA refuses
-(:func:`worker.limits.image_shape_error`, the rule the worker applies too), and walks the file to catch
+(:func:`worker.client.limits.image_shape_error`, the rule the worker applies too), and walks the file to catch
 truncation. :class:`ImageFetchError` is the one error of both modules; :mod:`backend.images` re-exports all three
 names.
 """
@@ -16,7 +16,7 @@ import re
 from PIL import Image, UnidentifiedImageError
 
 from backend.config import FETCH_MAX_PIXELS
-from worker.limits import image_shape_error
+from worker.client.limits import image_shape_error
 
 # Formats a browser shows and Pillow decodes without external programs (EPS would run Ghostscript).
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")

@@ -10,7 +10,8 @@ URL, or a ``data:`` URI. :class:`ImageFetcher` turns each into bytes, under thes
 - http(s) only, through :mod:`backend.netguard`: no non-public address (but the Label Studio host and operator-allowed
   hosts), no DNS rebinding; redirects are followed by hand and each hop is checked again;
 - byte, pixel (read from the header, never by decoding), connect, read and overall time limits, and LISA's side
-  ratio (:func:`worker.limits.image_shape_error`), so an image the model would refuse is refused before it is queued;
+  ratio (:func:`worker.client.limits.image_shape_error`), so an image the model would refuse is refused before it
+  is queued;
 - every refusal is one :class:`ImageFetchError` whose message Label Studio shows to the annotator as is.
 """
 
@@ -50,7 +51,7 @@ from backend.netguard import (
     address_problem,
     system_resolver,
 )
-from worker.protocol import image_hash
+from worker.client.protocol import image_hash
 
 __all__ = ["CLOUD_SCHEMES", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "IMAGE_FORMATS", "AddressPolicy",
            "FetchSettings", "FetchedImage", "IPAddress", "ImageFetchError", "ImageFetcher", "Resolver",

@@ -9,7 +9,7 @@ one prediction per task holding every label's regions, each region with its labe
 in a task (no ``[SEG]`` in the answer, or nothing left after ``min_score`` / ``min_area``) adds no region to it.
 
 Every label must be one of the config's BrushLabels or PolygonLabels and every query a valid query
-(:func:`backend.phrasing.clean_query`); :func:`check_queries` says which is not, and ``/setup`` uses it too, so the
+(:func:`backend.query.clean_query`); :func:`check_queries` says which is not, and ``/setup`` uses it too, so the
 mistake shows on the model card as soon as the Extra params are saved.
 """
 
@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 from backend.labeling import LabelingSetup
-from backend.phrasing import QueryError, clean_query
+from backend.query import QueryError, clean_query
 
 #: The Extra params key of the per-label queries.
 QUERIES_KEY = "queries"

@@ -2,8 +2,9 @@
 
 Follow a query: Label Studio posts ``/predict`` -> :func:`predict` reads the labeling config
 (:mod:`backend.labeling`), finds the typed query in ``params.context`` (interactive) or the task data (batch),
-phrases it for LISA (:mod:`backend.phrasing`), fetches the image (:mod:`backend.images`), stores it in Redis once
-and submits one job per task (:mod:`worker.queue`); a worker answers with masks, which become editable
+checks it (:mod:`backend.query`; the worker phrases it for LISA, ``model/phrasing.py``), fetches the image
+(:mod:`backend.images`), stores it in Redis once
+and submits one job per task (:mod:`worker.client.queue`); a worker answers with masks, which become editable
 ``brushlabels`` regions (:mod:`backend.regions`).
 
 Label Studio also calls ``/predict`` with ``context: null`` each time a task opens (twice) and after Submit;
@@ -37,15 +38,15 @@ from backend.fetching import BUSY, fetch_each, fetch_one
 from backend.images import FetchedImage, ImageFetchError
 from backend.inputs import Refusal, context_of, image_value, json_body, project_id, task_id, tasks_of, typed_query
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
-from backend.phrasing import QueryError
 from backend.project import ProjectSettings, SettingsError
+from backend.query import QueryError, checked_query
 from backend.refine import RefineError, TaskMemory, click_items, read_clicks, source_digest
 from backend.regions import message_region, with_note
 from backend.shapes import MASK_TYPES, prediction
 from backend.state import BackendState, current_state
-from worker.connection import RedisDown
-from worker.protocol import REFINE, Job, QueueError
-from worker.queue import BusyError, JobQueue
+from worker.client.connection import RedisDown
+from worker.client.protocol import REFINE, Job, QueueError
+from worker.client.queue import BusyError, JobQueue
 
 log = logging.getLogger(__name__)
 bp = Blueprint("protocol", __name__)
@@ -168,23 +169,23 @@ def _fetch_status(e: Exception) -> int:
 
 def _segment(state: BackendState, setup: LabelingSetup, settings: ProjectSettings, tasks: list[dict],
              wanted: list[tuple[int, str]], started: float, *, interactive: bool, project: str = "") -> Answer:
-    """Text queries (``wanted``: task index, query): phrase them, fetch the images (concurrently, under the
+    """Text queries (``wanted``: task index, query): check them, fetch the images (concurrently, under the
     deadline), queue each task's job as soon as its image is stored, wait, and turn masks into regions in task
     order. An interactive call (one task) answers its problems in the message TextArea and remembers the answer
     for clicks, under ``project``."""
     config = state.config
     deadline = started + config.predict_deadline_s
     problems: dict[int, Exception] = {}
-    asked: list[tuple[int, str, str, object]] = []  # (task index, query, question, image value)
+    asked: list[tuple[int, str, str, object]] = []  # (task index, query, checked query, image value)
     for i, query in wanted:
         try:
-            asked.append((i, query, settings.phrasing.question(query), image_value(tasks[i], setup)))
+            asked.append((i, query, checked_query(query), image_value(tasks[i], setup)))
         except (QueryError, ImageFetchError) as e:
             problems[i] = e
     jobs: dict[int, tuple[Job, FetchedImage, object]] = {}
     items = [(value, task_id(tasks[i], i)) for i, _, _, value in asked]
     for n, image in fetch_each(state.fetcher, state.fetch_gate, items, deadline, config.predict_deadline_s):
-        i, query, question, value = asked[n]
+        i, query, checked, value = asked[n]
         if isinstance(image, ImageFetchError):
             problems[i] = image
             continue
@@ -193,8 +194,8 @@ def _segment(state: BackendState, setup: LabelingSetup, settings: ProjectSetting
                                           f"({ENV_PREFIX}PREDICT_DEADLINE_S) passed while its image was fetched; "
                                           "nothing was queued", "timeout")
             continue
-        job = Job(image=state.queue.put_image(image.data), query=question, deadline=deadline,
-                  options={"query": query, "task": task_id(tasks[i], i)})
+        job = Job(image=state.queue.put_image(image.data), query=checked, phrasing=settings.phrasing,
+                  deadline=deadline, options={"query": query, "task": task_id(tasks[i], i)})
         try:
             state.queue.submit(job)
         except BusyError as e:
@@ -235,7 +236,10 @@ def _segment(state: BackendState, setup: LabelingSetup, settings: ProjectSetting
 def _prediction(result: Any, setup: LabelingSetup, settings: ProjectSettings, query: str, message: bool,
                 **kw: Any) -> dict[str, Any]:
     """A worker's masks as a prediction, with the project's label, instance splitting and noise thresholds;
-    ``message``: an interactive answer, which always carries the message TextArea (see :func:`prediction`)."""
+    ``message``: an interactive answer, which always carries the message TextArea (see :func:`prediction`).
+    Each region's ``meta.question`` is the question the worker put to LISA for ``query``."""
+    if result.question:
+        kw["meta"] = {"question": result.question, **kw.get("meta", {})}
     label = setup.choose_label(query, settings.label)
     pred = prediction(result.mask_array(), result.scores, setup, label, result.model_version, query,
                       settings.split_instances, min_score=settings.min_score, min_area=settings.min_area,
@@ -264,7 +268,7 @@ def refine(state: BackendState, setup: LabelingSetup, project: str, settings: Pr
         if memory.image not in (None, key):
             memory = TaskMemory()  # the task's image changed: its query and clicks were about another picture
         merged = memory.merge(clicks)
-        question = settings.phrasing.question(memory.query) if memory.query else ""
+        checked = checked_query(memory.query) if memory.query else ""
     except (ImageFetchError, RefineError, QueryError) as e:
         return interactive_error(setup, _fetch_status(e), str(e))
     memory.image, memory.points, memory.box = key, merged.points, merged.box
@@ -274,7 +278,7 @@ def refine(state: BackendState, setup: LabelingSetup, project: str, settings: Pr
         said = [message_region(setup, "")] if setup.message_name else []  # an answer: clear the last message
         return jsonify({"results": [{"result": said, "score": 0}]})
     points = list(merged.points.values())
-    job = Job(image=key, kind=REFINE, query=question, deadline=deadline,
+    job = Job(image=key, kind=REFINE, query=checked, phrasing=settings.phrasing, deadline=deadline,
               options={"points": points, "box": merged.box, "query": memory.query, "task": tid})
     if job.expired():
         return interactive_error(setup, 504, f"the request's {state.config.predict_deadline_s:g} s deadline "

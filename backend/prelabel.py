@@ -3,7 +3,7 @@
 Follow a run: read the project's labeling config (:mod:`backend.labeling`), ask Redis which model version the live
 workers serve (:func:`backend.predict.current_version`), then stream the project's tasks page by page
 (:mod:`backend.lsclient`). A task that already has a prediction with that model version is skipped; for the
-others the query is phrased as ``/predict`` does (:mod:`backend.phrasing`), the image fetched
+others the query is checked and sent as ``/predict`` does (:mod:`backend.query`), the image fetched
 (:mod:`backend.images`) and stored in Redis once, and jobs are submitted in chunks of ``--batch``. At most
 ``2 x --batch`` jobs are in flight: the oldest is waited for before more are fetched, so a run over 100 000 tasks
 holds a bounded amount of Redis and memory. Each result becomes a prediction (:func:`backend.regions.prediction`)
@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from backend.config import BackendConfig
+from backend.config import ENV_PREFIX, BackendConfig
 from backend.images import FetchSettings, ImageFetcher, ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
 from backend.lsclient import LabelStudioClient, LabelStudioError
@@ -63,13 +63,13 @@ from backend.multiclass import (
     connection_queries,
     parse_label_queries,
 )
-from backend.phrasing import Phrasing, QueryError
 from backend.predict import current_version
 from backend.prelabel_progress import Progress, StateFile
+from backend.query import QueryError, checked_query, phrasing
 from backend.shapes import MASK_TYPES, prediction
-from worker.connection import RedisDown, connect
-from worker.protocol import Job
-from worker.queue import BusyError, JobQueue
+from worker.client.connection import RedisDown, connect
+from worker.client.protocol import Job
+from worker.client.queue import BusyError, JobQueue
 
 BUSY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -108,7 +108,7 @@ class Prelabeler:
                  fetcher: ImageFetcher, out: TextIO = sys.stderr) -> None:
         self.o, self.config, self.client, self.queue, self.fetcher, self.out = (
             options, config, client, queue, fetcher, out)
-        self.phrasing = Phrasing(config.phrase_template, config.sentence_template)
+        self.phrasing: dict[str, str] = {}  # the templates sent with each job (checked by prepare)
         self.pending: list[_Work] = []  # images stored, jobs not yet accepted by the queue
         self.inflight: collections.deque[_Work] = collections.deque()  # submitted, oldest first
         self.stopping: str | None = None  # why no more jobs are submitted (Ctrl-C, Redis or Label Studio gone)
@@ -126,9 +126,13 @@ class Prelabeler:
         """Check the config, the project, the labeling config, the query, the label and the workers."""
         if self.o.query is not None:
             try:
-                self.phrasing.question(self.o.query)
+                checked_query(self.o.query)
             except QueryError as e:
                 raise UsageError(f"--query: {e}") from e
+        try:
+            self.phrasing = phrasing(self.config.phrase_template, self.config.sentence_template)
+        except ValueError as e:
+            raise UsageError(f"{ENV_PREFIX}PHRASE_TEMPLATE / {ENV_PREFIX}SENTENCE_TEMPLATE: {e}") from e
         try:
             project = self.client.project(self.o.project)
             self.setup = parse_labeling_config(project["label_config"], require_query=False)
@@ -171,7 +175,7 @@ class Prelabeler:
             raise UsageError(str(e)) from e
         for label, query in queries.items():
             try:
-                self.phrasing.question(query)
+                checked_query(query)
             except QueryError as e:
                 raise UsageError(f"{where}: the query of '{label}': {e}") from e
         return queries
@@ -279,7 +283,7 @@ class Prelabeler:
         try:
             if not query and not self.queries:
                 raise QueryError(f"no query: the task has no '{field}' field and no --query was given")
-            asked = {label: (q, self.phrasing.question(q)) for label, q in (self.queries or {"": query}).items()}
+            asked = {label: (q, checked_query(q)) for label, q in (self.queries or {"": query}).items()}
             value = data.get(self.setup.image_field)
             if not value:
                 raise ImageFetchError(f"the task has no '{self.setup.image_field}' field (the <Image> value)")
@@ -290,9 +294,10 @@ class Prelabeler:
         key = self.queue.put_image(image.data)
         group = TaskGroup(task_id, len(asked))
         works = []
-        for label, (text, question) in asked.items():
+        for label, (text, checked) in asked.items():
             label = label or self.o.label or self.setup.choose_label(text, self.config.default_label)
-            job = Job(image=key, query=question, options={"query": text, "task": task_id, "source": "prelabel"})
+            job = Job(image=key, query=checked, phrasing=self.phrasing,
+                      options={"query": text, "task": task_id, "source": "prelabel"})
             works.append(_Work(task_id, text, label, job, group))
         return works
 

@@ -33,10 +33,10 @@ from typing import Any
 from backend.config import BackendConfig
 from backend.labeling import LabelingSetup
 from backend.multiclass import QUERIES_KEY, check_queries
-from backend.phrasing import Phrasing, QueryError, clean_query
 from backend.polygons import TOLERANCE_KEY, check_tolerance
+from backend.query import QueryError, clean_query, phrasing
 from backend.state import redis_call
-from worker.queue import JobQueue
+from worker.client.queue import JobQueue
 
 #: How long a project's settings are kept without a ``/setup`` (Label Studio calls it on every model-card visit).
 PROJECT_TTL_S = 30 * 24 * 3600
@@ -123,15 +123,16 @@ class ProjectSettings:
     split_instances: bool
     min_score: float
     min_area: int
-    phrasing: Phrasing
+    #: The templates sent with each job (``Job.phrasing``): the worker phrases the query with them.
+    phrasing: dict[str, str]
     polygon_tolerance: float
 
     @classmethod
     def resolve(cls, values: dict[str, Any], config: BackendConfig) -> ProjectSettings:
         """``values`` (checked, see :func:`check_extra_params`) with the backend's settings for what they omit."""
         try:
-            phrasing = Phrasing(values.get("phrase_template", config.phrase_template),
-                                values.get("sentence_template", config.sentence_template))
+            templates = phrasing(values.get("phrase_template", config.phrase_template),
+                                 values.get("sentence_template", config.sentence_template))
         except ValueError as e:
             raise SettingsError(f"extra_params: {e}") from e
         return cls(default_query=values.get("default_query", ""),
@@ -139,7 +140,7 @@ class ProjectSettings:
                    label=values.get("label") or config.default_label,
                    split_instances=values.get("split_instances", bool(config.split_instances)),
                    min_score=values.get("min_score", config.min_score),
-                   min_area=values.get("min_area", config.min_area), phrasing=phrasing,
+                   min_area=values.get("min_area", config.min_area), phrasing=templates,
                    polygon_tolerance=values.get(TOLERANCE_KEY, config.polygon_tolerance))
 
 

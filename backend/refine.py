@@ -26,8 +26,8 @@ import math
 
 from backend.labeling import LabelingSetup
 from backend.state import redis_call
-from worker.protocol import MAX_POINTS
-from worker.queue import JobQueue
+from worker.client.protocol import MAX_POINTS
+from worker.client.queue import JobQueue
 
 #: How long a task remembers its last query and clicks (an annotator may come back to a task after lunch).
 MEMORY_TTL_S = 24 * 3600

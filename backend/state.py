@@ -21,9 +21,9 @@ from backend.capture import CaptureConsumer
 from backend.config import BackendConfig
 from backend.fetching import FetchGate
 from backend.images import FetchSettings, ImageFetcher
-from worker.connection import call_with_retry, connect
-from worker.defaults import QueueConfig
-from worker.queue import JobQueue
+from worker.client.connection import call_with_retry, connect
+from worker.client.defaults import QueueConfig
+from worker.client.queue import JobQueue
 
 T = TypeVar("T")
 
@@ -75,7 +75,7 @@ class BackendState:
 
 def redis_call(queue: JobQueue, fn: Callable[[], T], what: str) -> T:
     """Run one Redis command of the backend's own (project settings, task memory) as the queue runs its: lost
-    connections retried within ``redis_down_after_s``, then :class:`~worker.connection.RedisDown` ("Redis is
+    connections retried within ``redis_down_after_s``, then :class:`~worker.client.connection.RedisDown` ("Redis is
     unreachable"), never a bare connection error that would surface as an internal error."""
     cfg = queue.config
     return call_with_retry(fn, budget_s=cfg.redis_down_after_s, backoff_s=cfg.client_backoff_s,

@@ -1,8 +1,8 @@
 """``/health``, ``/metrics`` and ``/versions``: what the backend knows about the queue and the workers.
 
 Everything here is read from Redis at request time, because the workers run in other processes, often on other
-machines: their heartbeats (``worker:<name>`` hashes, see :mod:`worker.queue`), the queue's stream lengths, and
-the counters they add after each batch (:mod:`worker.metrics`). Reads go through the state's fast-failing client
+machines: their heartbeats (``worker:<name>`` hashes, see :mod:`worker.client.queue`), the queue's stream lengths, and
+the counters they add after each batch (:mod:`worker.client.metrics`). Reads go through the state's fast-failing client
 (:func:`backend.state.status_config`), so each endpoint answers within about ``health_timeout_s`` plus a few
 milliseconds even when Redis is down or hung.
 
@@ -40,8 +40,8 @@ from prometheus_client.utils import floatToGoString
 from backend.config import MODEL_CLASS
 from backend.errors import json_error
 from backend.state import BackendState, current_state
-from worker.connection import RedisDown, call_with_retry
-from worker.metrics import Histogram, ServingMetrics, read_metrics
+from worker.client.connection import RedisDown, call_with_retry
+from worker.client.metrics import Histogram, ServingMetrics, read_metrics
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from backend.capture_store import keys, store_event
 from backend.config import BackendConfig
 from backend.dataset import Dataset, sample_id
 from backend.images import FetchSettings, ImageFetcher
-from worker.defaults import QueueConfig
+from worker.client.defaults import QueueConfig
 
 IDS, SAMPLES, PROJECT = 200_000, 2000, 1
 BEFORE_IDS = 10_000

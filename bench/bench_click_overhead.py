@@ -40,11 +40,11 @@ from backend.config import BackendConfig
 from backend.labeling import RECOMMENDED_CONFIG
 from backend.refine import TaskMemory
 from backend.state import EXTENSION
-from worker.connection import connect
-from worker.defaults import QueueConfig
-from worker.loop import WorkerLoop
-from worker.protocol import REFINE, Job, Result
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import REFINE, Job, Result
+from worker.client.queue import JobQueue
+from worker.gpu.loop import WorkerLoop
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 WIDTH, HEIGHT = 4032, 3024  # a 12 MP phone photo

@@ -50,7 +50,7 @@ def child(strategy: str, path: str, images: int) -> None:
     above the loaded worker of its two stages: decoding (to the model inputs) and the encoder call."""
     from model.inference import LisaPredictor
     from model.preprocess import load_image
-    from worker.handler import LisaHandler
+    from worker.gpu.handler import LisaHandler
 
     predictor = LisaPredictor.from_pretrained(str(FIXTURE / "checkpoint"), str(FIXTURE / "clip_tower"))
     base = Path(path).read_bytes()

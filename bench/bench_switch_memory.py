@@ -2,7 +2,7 @@
 
 Side by side, the new model loads while the old one still serves, so the peak holds both (about 30 GB for LISA-7B
 in bf16 on a GPU); freeing first holds one. ``lisa-ls worker --switch auto`` picks side by side only when both fit
-(``worker/switch.py``). Each strategy runs in a fresh process on the CPU: load a worker's handler, then switch to
+(``worker/gpu/switch.py``). Each strategy runs in a fresh process on the CPU: load a worker's handler, then switch to
 a copy of the release in another folder (other files, so no page of the old model's weights is shared); printed is
 the peak resident memory above the loaded worker (``VmHWM`` reset through ``/proc/self/clear_refs``) and the ratio.
 Run: ``.venv/bin/python bench/bench_switch_memory.py [--model DIR --vision-tower DIR]`` (default: the fixture LISA).
@@ -30,8 +30,8 @@ def _status_kb(field: str) -> int:
 
 
 def child(strategy: str, model: str, promoted: str, vision_tower: str) -> None:
-    from worker.handler import load_handler
-    from worker.switch import model_bytes
+    from worker.gpu.handler import load_handler
+    from worker.gpu.switch import model_bytes
 
     handler = load_handler(model, vision_tower, "fp32", "cpu", None, version="old", switch_strategy=strategy)
     size = model_bytes(handler.predictor.model)

@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from redis_fixtures import free_port  # noqa: E402 - the tests' helpers; the bench folder is not a package
 
 from backend.labeling import RECOMMENDED_CONFIG  # noqa: E402
-from worker.connection import connect  # noqa: E402
-from worker.defaults import QueueConfig  # noqa: E402
-from worker.queue import JobQueue  # noqa: E402
+from worker.client.connection import connect  # noqa: E402
+from worker.client.defaults import QueueConfig  # noqa: E402
+from worker.client.queue import JobQueue  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "lisa_tiny"
 QUERY = "What is the red object in this image? Please output segmentation mask."  # the tiny model answers [SEG]

@@ -7,5 +7,5 @@ COPY model ./model
 COPY worker ./worker
 COPY backend ./backend
 RUN pip install '.[worker,quant]'
-HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD ["python", "-m", "worker.health"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD ["python", "-m", "worker.gpu.health"]
 ENTRYPOINT ["lisa-ls", "worker"]

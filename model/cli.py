@@ -29,7 +29,9 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment one image with one query (verification and one-off runs)")
     add_model_options(p)
     p.add_argument("--image", required=True, help="image file (EXIF orientation is applied)")
-    p.add_argument("--query", required=True, help="what to segment, e.g. 'What is the food rich in vitamin C?'")
+    p.add_argument("--query", required=True, help="what to segment, e.g. 'the food rich in vitamin C', phrased "
+                   "for LISA as the worker phrases an annotator's query (model/phrasing.py)")
+    p.add_argument("--verbatim", action="store_true", help="put --query to LISA as typed, unphrased")
     p.add_argument("--answer", default=None, help="teacher-forced answer containing [SEG]: no generation")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--output", required=True, help="OUT.npz: output_ids, text, mask_logits, masks, scores")
@@ -39,16 +41,18 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_segment(args: argparse.Namespace) -> int:
     from model.inference import LisaPredictor
+    from model.phrasing import question as phrased
     from model.preprocess import load_image
 
     try:
+        question = args.query if args.verbatim else phrased(args.query)
         predictor = LisaPredictor.from_pretrained(args.model, args.vision_tower, args.dtype, args.device,
                                                   args.quantize)
         encoded = predictor.encode(load_image(args.image))
         if args.answer is not None:
-            [seg] = predictor.segment_teacher_forced([(encoded, args.query, args.answer)])
+            [seg] = predictor.segment_teacher_forced([(encoded, question, args.answer)])
         else:
-            [seg] = predictor.segment([(encoded, args.query)], max_new_tokens=args.max_new_tokens)
+            [seg] = predictor.segment([(encoded, question)], max_new_tokens=args.max_new_tokens)
     except LisaError as e:
         print(f"lisa-ls segment: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from typing import Any
 from model.demo_scope import mark_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Where the committed demo model lives (``worker/up.py`` serves it by default).
+#: Where the committed demo model lives (``worker/gpu/up.py`` serves it by default).
 DEMO_DIR = ROOT / "models" / "demo"
 #: The only tokenizer available offline: the one of LISA's tiny test checkpoint (vocabulary of 704 pieces).
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "lisa_tiny" / "checkpoint"
@@ -37,7 +37,7 @@ TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "lisa_tiny" / "checkpoint"
 #: How a tiny LISA is trained from scratch (``lisa-ls finetune`` options; FinetuneConfig's own defaults are LISA's
 #: LoRA recipe for released checkpoints). Every module trains, vision towers included. Every example uses LISA's
 #: validation phrasing ("What is ... in this image? Please output segmentation mask." / "[SEG].") - the phrasing the
-#: backend sends for a typed phrase (backend/phrasing.py). LISA's varied question/answer templates, which a
+#: worker puts for a typed phrase (model/phrasing.py). LISA's varied question/answer templates, which a
 #: pretrained LLM takes in its stride, make a model trained from scratch ignore the query (held-out gIoU ~0.27 vs
 #: 0.686 in 15 minutes), and switching to them mid-run cost ~0.2 gIoU for ~1500 steps (measured). Four queries are
 #: asked of each scene, so a batch of 8 encodes 2 images (``model.training.teacher_forced_forward``) and contrasts

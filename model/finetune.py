@@ -34,6 +34,7 @@ from model.losses import LossWeights
 from model.metrics import IoUMeter
 from model.modeling import LisaModel
 from model.optim import MasterWeights, lr_lambda, param_groups
+from model.phrasing import question as phrased
 from model.preprocess import preprocess
 from model.tokenizer import LisaTokenizer
 from model.training import TrainExample, forward_losses, teacher_forced_forward
@@ -48,13 +49,6 @@ FULLY_TRAINED = ("mask_decoder", "text_hidden_fcs", "lm_head", "embed_tokens")
 
 # ----------------------------------------------------------------------------------------------------- data
 SYNTHETIC_VAL_SEED = 10_000_000  # held-out scenes come from a seed range training never reaches
-
-
-def _question(query: str) -> str:
-    """LISA's validation phrasing: short phrase vs sentence."""
-    if query.rstrip().endswith((".", "?", "!")):
-        return f"{query} Please output segmentation mask."
-    return f"What is {query} in this image? Please output segmentation mask."
 
 
 def synthetic_examples(model: LisaModel, seed: int, val: bool = False, queries_per_scene: int = 2,
@@ -92,7 +86,7 @@ def synthetic_examples(model: LisaModel, seed: int, val: bool = False, queries_p
             queries = rng.sample(scene.queries, k)
         for q in queries:
             plain = val or drawn < plain_first
-            text = _question(q.phrase) if plain else question(q.phrase, rng)
+            text = phrased(q.phrase) if plain else question(q.phrase, rng)
             reply = "[SEG]." if plain else answer(rng)
             drawn += 1
             if click_share and clicks_rng.random() < click_share:
@@ -154,13 +148,14 @@ def dataset_examples(model: LisaModel, dirs: list[str], split: str, seed: int,
 
 
 def samples_to_examples(model: LisaModel, samples: list, seed: int) -> list[TrainExample]:
-    """One :class:`TrainExample` per (sample, query), shuffled by ``seed``."""
+    """One :class:`TrainExample` per (sample, query), shuffled by ``seed``; each query phrased as the worker
+    phrases an annotator's (``model/phrasing.py``, LISA's templates), so training sees the questions served."""
     examples = []
     for sample in samples:
         pre = preprocess(sample.image, model.clip_size, model.lisa_config.sam_image_size)
         answer = " ".join(["[SEG]"] * len(sample.masks)) + "."
         masks = torch.from_numpy(np.stack(sample.masks))
-        examples.extend(TrainExample(pre, _question(q), answer, masks) for q in sample.queries)
+        examples.extend(TrainExample(pre, phrased(q), answer, masks) for q in sample.queries)
     random.Random(seed).shuffle(examples)
     return examples
 

@@ -21,7 +21,7 @@ import pytest
 import requests
 from redis_fixtures import ROOT, config_env, free_port
 
-from worker.defaults import QueueConfig
+from worker.client.defaults import QueueConfig
 
 START_TIMEOUT_S = 20.0
 

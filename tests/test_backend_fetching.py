@@ -27,8 +27,8 @@ from backend.config import BackendConfig
 from backend.fetching import FetchGate, fetch_each
 from backend.images import FetchedImage, FetchSettings, ImageFetcher, ImageFetchError
 from backend.labeling import RECOMMENDED_CONFIG
-from worker.defaults import QueueConfig
-from worker.queue import JobQueue
+from worker.client.defaults import QueueConfig
+from worker.client.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures", "backend_fixtures", "image_fixtures"]
 

@@ -25,10 +25,10 @@ from backend.app import create_app
 from backend.config import BackendConfig
 from backend.labeling import RECOMMENDED_CONFIG
 from backend.state import EXTENSION
-from worker.defaults import QueueConfig
-from worker.limits import image_shape_error
-from worker.protocol import Job
-from worker.queue import JobQueue
+from worker.client.defaults import QueueConfig
+from worker.client.limits import image_shape_error
+from worker.client.protocol import Job
+from worker.client.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures"]
 

@@ -7,8 +7,9 @@ import pytest
 
 from backend.brush import rle_to_mask
 from backend.labeling import RECOMMENDED_CONFIG, ConfigError, parse_labeling_config
-from backend.phrasing import MAX_QUERY_CHARS, Phrasing, QueryError, clean_query
+from backend.query import MAX_QUERY_CHARS, QueryError, checked_query, clean_query, phrasing
 from backend.regions import MESSAGE_ID, message_region, prediction, split_instances
+from model.phrasing import question as phrase
 
 MULTI = """<View><Image name="img" value="$photo"/><TextArea name="q" toName="img"/>
 <BrushLabels name="brush" toName="img"><Label value="Car"/><Label value="Red car"/><Label value="Person"/></BrushLabels>
@@ -62,17 +63,18 @@ def test_configs_that_cannot_be_served(xml, message):
     ("Can you segment the blue square in this image?", "Can you segment the blue square in this image?"),
 ])
 def test_phrasing(typed, question):
-    assert Phrasing().question(typed) == question
+    assert phrase(typed) == question
 
 
 def test_phrasing_templates_and_refusals():
-    custom = Phrasing("Where is {}? Please respond with segmentation mask.",
+    custom = phrasing("Where is {}? Please respond with segmentation mask.",
                       "{} Please respond with segmentation mask.")
-    assert custom.question("the cat") == "Where is the cat? Please respond with segmentation mask."
+    assert phrase("the cat", custom["phrase"], custom["sentence"]) == (
+        "Where is the cat? Please respond with segmentation mask.")
     with pytest.raises(ValueError, match="exactly one"):
-        Phrasing("no placeholder")
+        phrasing("no placeholder", "")
     with pytest.raises(QueryError, match="empty"):
-        Phrasing().question(" \n ")
+        checked_query(" \n ")
     with pytest.raises(QueryError, match=f"the limit is {MAX_QUERY_CHARS}"):
         clean_query("a" * 10_000)
     with pytest.raises(QueryError, match="U\\+0000"):

@@ -26,9 +26,9 @@ from redis_fixtures import ROOT, RedisServer, config_env, make_config, wait_for
 from backend.brush import rle_to_mask
 from backend.labeling import RECOMMENDED_CONFIG
 from backend.regions import MESSAGE_ID
-from worker.connection import connect
-from worker.metrics import JOBS_KEY
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.metrics import JOBS_KEY
+from worker.client.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures", "backend_fixtures"]
 TOKEN = "0123456789abcdef0123456789abcdef01234567"

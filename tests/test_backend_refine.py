@@ -20,7 +20,7 @@ from test_backend_predict import NO_MESSAGES, QUERY, UPLOADS, predict, task, tex
 from backend.brush import rle_to_mask
 from backend.regions import MAX_REGIONS, Instances
 from model.preprocess import load_image
-from worker.protocol import MAX_POINTS
+from worker.client.protocol import MAX_POINTS
 
 pytest_plugins = ["redis_fixtures", "backend_fixtures"]
 

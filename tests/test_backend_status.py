@@ -22,10 +22,10 @@ from redis_fixtures import RedisServer, make_config, wait_for
 from backend.app import create_app
 from backend.config import BackendConfig
 from backend.state import current_state
-from worker.connection import RedisDown
-from worker.defaults import QueueConfig
-from worker.protocol import Job
-from worker.queue import BusyError, JobQueue
+from worker.client.connection import RedisDown
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import Job
+from worker.client.queue import BusyError, JobQueue
 
 pytest_plugins = ["redis_fixtures", "backend_fixtures"]
 

@@ -29,7 +29,7 @@ from backend.dataset import WRITE_FIELDS, read_mask
 from backend.export import run_export
 from backend.images import FetchSettings, ImageFetcher
 from model.data import load_samples
-from worker.defaults import QueueConfig
+from worker.client.defaults import QueueConfig
 
 pytest_plugins = ["redis_fixtures", "backend_fixtures"]
 

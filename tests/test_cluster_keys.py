@@ -2,8 +2,8 @@
 
 On a cluster, a Lua script call, an ``MGET`` or a ``MULTI``/``EXEC`` is refused (``CROSSSLOT``) unless all of its
 keys hash to one slot, and a script must reach its keys through ``KEYS``. The queue gives every key the
-deployment's hash tag (``{lisa}:...``, :meth:`worker.defaults.QueueConfig.key`). Checked here without a cluster of
-several nodes:
+deployment's hash tag (``{lisa}:...``, :meth:`worker.client.defaults.QueueConfig.key`). Checked here without a
+cluster of several nodes:
 
 - :func:`key_hash_slot` is Redis Cluster's algorithm written out (CRC16/XMODEM of the hash tag, mod 16384) and
   agrees with the server's ``CLUSTER KEYSLOT``;
@@ -33,12 +33,12 @@ from backend import capture
 from backend.capture import CaptureConsumer, store_event
 from backend.config import BackendConfig
 from backend.images import FetchSettings, ImageFetcher
-from worker import registry, scripts
-from worker.connection import connect
-from worker.defaults import QueueConfig
-from worker.metrics import BATCH_SIZE_KEY, JOBS_KEY, LATENCY_KEY, read_metrics, record_batch
-from worker.protocol import DEAD_LETTER, TIMEOUT, Job, Result
-from worker.queue import JobQueue
+from worker.client import registry, scripts
+from worker.client.connection import connect
+from worker.client.defaults import QueueConfig
+from worker.client.metrics import BATCH_SIZE_KEY, JOBS_KEY, LATENCY_KEY, read_metrics, record_batch
+from worker.client.protocol import DEAD_LETTER, TIMEOUT, Job, Result
+from worker.client.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures"]
 

@@ -74,8 +74,9 @@ def test_demo_model_answers_queries_about_its_example_pictures():
     import numpy as np
     from PIL import Image
 
-    from model.finetune import SYNTHETIC_VAL_SEED, _question
+    from model.finetune import SYNTHETIC_VAL_SEED
     from model.inference import LisaPredictor
+    from model.phrasing import question as _question
     from model.synthetic import make_scene, query_kind
 
     predictor = LisaPredictor.from_pretrained(str(DEMO_DIR))

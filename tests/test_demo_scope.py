@@ -38,7 +38,7 @@ from model.demo_scope import (
 )
 from model.finetune import SYNTHETIC_VAL_SEED
 from model.synthetic import make_scene
-from worker.protocol import BAD_INPUT, Job, Result
+from worker.client.protocol import BAD_INPUT, Job, Result
 
 pytest_plugins = ["redis_fixtures", "backend_fixtures"]
 EXAMPLES = sorted((DEMO_DIR / "examples").glob("*.png"))
@@ -122,7 +122,7 @@ def test_the_message_says_why_and_what_serves_real_lisa():
 
 
 def test_the_demo_model_is_recognised_and_its_version_says_so(tmp_path):
-    from worker.handler import model_version
+    from worker.gpu.handler import model_version
 
     assert is_demo_model(DEMO_DIR) and not is_demo_model(CHECKPOINT) and not is_demo_model(tmp_path)
     (tmp_path / "config.json").write_text((CHECKPOINT / "config.json").read_text())
@@ -141,7 +141,7 @@ def _job(data: bytes, query: str) -> Job:
 
 
 def test_a_demo_worker_notes_every_answer_and_refuses_photographs():
-    from worker.handler import load_handler
+    from worker.gpu.handler import load_handler
 
     handler = load_handler(str(DEMO_DIR), None, "fp32", "cpu", None)
     assert handler.demo
@@ -206,8 +206,8 @@ def demo_backend(tmp_path_factory):
                                            "LABEL_STUDIO_API_KEY": "0" * 40, "MODEL_DIR": str(tmp)})
     try:
         backend.wait_ready()
-        from worker.connection import connect
-        from worker.queue import JobQueue
+        from worker.client.connection import connect
+        from worker.client.queue import JobQueue
 
         queue = JobQueue(connect(config=config), config)
         wait_for(queue.live_workers, timeout=90, what="the demo worker")

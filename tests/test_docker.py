@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from backend.config import PORT, BackendConfig
-from worker.defaults import ENV_PREFIX, QueueConfig
+from worker.client.defaults import ENV_PREFIX, QueueConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -31,7 +31,7 @@ from redis_fixtures import wait_for
 
 from backend.brush import rle_to_mask
 from backend.dataset import Dataset
-from backend.phrasing import MAX_QUERY_CHARS
+from backend.query import MAX_QUERY_CHARS
 from backend.regions import MESSAGE_ID
 
 pytest_plugins = ["ls_fixtures", "redis_fixtures"]

@@ -324,7 +324,7 @@ def test_ce_loss_is_the_answer_tokens_cross_entropy():
     (trained on exactly that answer) predicts with fp32 probability 1; another answer costs it a positive loss."""
     from redis_fixtures import ROOT
 
-    from model.finetune import _question
+    from model.phrasing import question as _question
     from model.preprocess import preprocess
     from model.tokenizer import IGNORE_INDEX
     from model.training import TrainExample, forward_losses, teacher_forced_forward

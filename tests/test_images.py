@@ -35,7 +35,7 @@ from urllib3.exceptions import InsecureRequestWarning
 
 from backend.config import BackendConfig
 from backend.images import FetchSettings, ImageFetcher, ImageFetchError, inspect_image
-from worker.limits import image_shape_error
+from worker.client.limits import image_shape_error
 
 pytest_plugins = ["image_fixtures"]  # the fixtures ls and ext (loopback servers) and no_dns
 pytestmark = pytest.mark.usefixtures("no_dns")  # fail any test that would send a DNS query

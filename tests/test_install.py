@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from backend.config import MODEL_DIR
-from worker.up import DATA_DIR
+from worker.gpu.up import DATA_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,11 +15,11 @@ import threading
 import pytest
 from redis_fixtures import make_config, wait_for
 
-from worker.connection import connect
-from worker.defaults import MALFORMED_FIELD_BYTES, MALFORMED_MAX_FIELDS
-from worker.loop import WorkerLoop
-from worker.protocol import BAD_INPUT, DEAD_LETTER, Job, Result
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.defaults import MALFORMED_FIELD_BYTES, MALFORMED_MAX_FIELDS
+from worker.client.protocol import BAD_INPUT, DEAD_LETTER, Job, Result
+from worker.client.queue import JobQueue
+from worker.gpu.loop import WorkerLoop
 
 pytest_plugins = ["redis_fixtures"]
 

@@ -22,8 +22,8 @@ from test_prelabel import TOKEN, FakeLabelStudio, prelabel, state_file, summary
 from backend.brush import rle_to_mask
 from backend.polygons import rasterize, region_points
 from model.synthetic import COLOURS
-from worker.connection import connect
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures", "backend_fixtures"]
 

@@ -34,8 +34,8 @@ from backend.cli import add_backend_parsers
 from backend.labeling import RECOMMENDED_CONFIG
 from backend.lsclient import LabelStudioClient, LabelStudioError
 from backend.prelabel import Progress
-from worker.connection import connect
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures", "ls_fixtures"]
 TOKEN = "0123456789abcdef0123456789abcdef01234567"

@@ -10,9 +10,9 @@ from conftest import CHECKPOINT, CLIP_TOWER, case_image
 from redis_fixtures import ROOT, config_env, wait_for
 
 from model.finetune import FinetuneConfig, finetune
-from worker import registry
-from worker.promote import better, promote_run
-from worker.protocol import Job
+from worker.client import registry
+from worker.client.protocol import Job
+from worker.gpu.promote import better, promote_run
 
 pytest_plugins = ["redis_fixtures"]
 

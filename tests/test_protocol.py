@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import redis
 
-from worker.protocol import (
+from worker.client.protocol import (
     BAD_INPUT,
     DEAD_LETTER,
     ERROR_CODES,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import redis
 
-from worker.connection import RedisDown, connect
-from worker.defaults import QueueConfig
-from worker.protocol import BAD_INPUT, DEAD_LETTER, TIMEOUT, Job, Result
-from worker.queue import BadInputError, BusyError, JobQueue
+from worker.client.connection import RedisDown, connect
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import BAD_INPUT, DEAD_LETTER, TIMEOUT, Job, Result
+from worker.client.queue import BadInputError, BusyError, JobQueue
 
 pytest_plugins = ["redis_fixtures"]
 

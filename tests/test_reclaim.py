@@ -16,11 +16,11 @@ import pytest
 from redis_fixtures import make_config, wait_for
 
 from backend.config import BackendConfig
-from worker.connection import connect
-from worker.defaults import QueueConfig
-from worker.loop import WorkerLoop
-from worker.protocol import Job, Result
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import Job, Result
+from worker.client.queue import JobQueue
+from worker.gpu.loop import WorkerLoop
 
 pytest_plugins = ["redis_fixtures"]
 

@@ -1,7 +1,7 @@
 """Instance splitting (``split_instances``) of large, fragmented answers: bounded memory, a capped region count said in
 the ``lisa`` TextArea, and the same RLEs as encoding each instance's full mask.
 
-The end-to-end test runs a real gunicorn backend, a real Redis and a real :class:`~worker.loop.WorkerLoop` (in a
+The end-to-end test runs a real gunicorn backend, a real Redis and a real :class:`~worker.gpu.loop.WorkerLoop` (in a
 thread of the test) whose handler answers with a grid of squares at the task image's size.
 """
 
@@ -21,9 +21,9 @@ from redis_fixtures import wait_for
 from backend.brush import mask_to_rle, rle_to_mask
 from backend.labeling import RECOMMENDED_CONFIG, parse_labeling_config
 from backend.regions import MAX_REGIONS, Instances, prediction
-from worker.loop import WorkerLoop
-from worker.protocol import Job, Result
-from worker.queue import JobQueue
+from worker.client.protocol import Job, Result
+from worker.client.queue import JobQueue
+from worker.gpu.loop import WorkerLoop
 
 pytest_plugins = ["redis_fixtures", "backend_fixtures"]
 SETUP = parse_labeling_config(RECOMMENDED_CONFIG)

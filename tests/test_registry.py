@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from redis_fixtures import RedisServer
 
-from worker import registry
-from worker.connection import RedisDown, connect
-from worker.defaults import QueueConfig
-from worker.queue import JobQueue
+from worker.client import registry
+from worker.client.connection import RedisDown, connect
+from worker.client.defaults import QueueConfig
+from worker.client.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures"]
 

@@ -24,9 +24,9 @@ from redis_fixtures import ROOT, RedisServer, config_env, make_config, wait_for
 
 from backend.app import create_app
 from backend.config import BackendConfig
-from worker.connection import connect
-from worker.protocol import Job
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.protocol import Job
+from worker.client.queue import JobQueue
 
 pytestmark = pytest.mark.slow
 

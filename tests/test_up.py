@@ -15,8 +15,8 @@ import psutil
 from redis_fixtures import ROOT, RedisServer, free_port
 
 from model.demo_scope import REAL_LISA_COMMAND
-from worker import up
-from worker.defaults import REDIS_URL
+from worker.client.defaults import REDIS_URL
+from worker.gpu import up
 
 
 def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
@@ -53,7 +53,7 @@ def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
         assert (tmp_path / "data" / "appendonly.aof").exists() or any((tmp_path / "data").iterdir())
     finally:
         if proc.poll() is None:
-            proc.kill()  # its children get SIGTERM through PR_SET_PDEATHSIG (see worker/up.py)
+            proc.kill()  # its children get SIGTERM through PR_SET_PDEATHSIG (see worker/gpu/up.py)
 
 
 def test_children_do_not_outlive_a_killed_up(tmp_path):

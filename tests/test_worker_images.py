@@ -9,9 +9,9 @@ from conftest import CASES, case_image
 from PIL import Image
 
 from model import preprocess
-from worker.handler import LisaHandler
-from worker.limits import MAX_ASPECT_RATIO, image_shape_error
-from worker.protocol import BAD_INPUT, Job, image_hash
+from worker.client.limits import MAX_ASPECT_RATIO, image_shape_error
+from worker.client.protocol import BAD_INPUT, Job, image_hash
+from worker.gpu.handler import LisaHandler
 
 
 def png(width: int, height: int, orientation: int | None = None) -> bytes:
@@ -35,7 +35,7 @@ def handler(tiny_predictor):
 
 
 def test_the_shared_rule_is_the_models():
-    """The backend and the worker use worker.limits; the library checks the same bound itself."""
+    """The backend and the worker use worker.client.limits; the library checks the same bound itself."""
     assert MAX_ASPECT_RATIO == preprocess.MAX_ASPECT_RATIO
     assert image_shape_error(50 * 7, 7) is None and image_shape_error(640, 480) is None
     assert "more than 50 times" in image_shape_error(6000, 100)

@@ -17,11 +17,11 @@ import pytest
 import redis
 from redis_fixtures import RedisServer, make_config, wait_for
 
-from worker.connection import RedisDown, connect
-from worker.defaults import QueueConfig
-from worker.loop import WorkerLoop, live_workers, queue_stats
-from worker.protocol import DEAD_LETTER, TIMEOUT, Job, Result
-from worker.queue import BusyError, JobQueue
+from worker.client.connection import RedisDown, connect
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import DEAD_LETTER, TIMEOUT, Job, Result
+from worker.client.queue import BusyError, JobQueue
+from worker.gpu.loop import WorkerLoop, live_workers, queue_stats
 
 pytest_plugins = ["redis_fixtures"]
 

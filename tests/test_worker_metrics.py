@@ -1,4 +1,4 @@
-"""The Redis format of the serving metrics (``worker.metrics``), written and read against a real Redis server."""
+"""The Redis format of the serving metrics (``worker.client.metrics``), written and read against a real Redis server."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import redis
 from redis_fixtures import free_port
 
-from worker.connection import connect
-from worker.defaults import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, QueueConfig
-from worker.metrics import LATENCY_KEY, Histogram, bucket_field, read_metrics, record_batch
-from worker.queue import JobQueue
+from worker.client.connection import connect
+from worker.client.defaults import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, QueueConfig
+from worker.client.metrics import LATENCY_KEY, Histogram, bucket_field, read_metrics, record_batch
+from worker.client.queue import JobQueue
 
 pytest_plugins = ["redis_fixtures"]
 

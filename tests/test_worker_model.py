@@ -12,8 +12,8 @@ from conftest import CASES, CHECKPOINT, CLIP_TOWER, case_image
 from redis_fixtures import ROOT, config_env, wait_for
 
 from model.preprocess import load_image
-from worker.handler import LisaHandler, model_version
-from worker.protocol import BAD_INPUT, Job, image_hash
+from worker.client.protocol import BAD_INPUT, Job, image_hash
+from worker.gpu.handler import LisaHandler, model_version
 
 pytest_plugins = ["redis_fixtures"]
 

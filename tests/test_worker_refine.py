@@ -7,8 +7,8 @@ import pytest
 from conftest import CASES, case_image
 
 from model.preprocess import load_image
-from worker.handler import LisaHandler
-from worker.protocol import BAD_INPUT, MAX_POINTS, REFINE, Job, image_hash
+from worker.client.protocol import BAD_INPUT, MAX_POINTS, REFINE, Job, image_hash
+from worker.gpu.handler import LisaHandler
 
 QUERY = CASES[1][0]
 

@@ -10,9 +10,10 @@ import torch
 from conftest import CASES, CHECKPOINT, CLIP_TOWER, case_image
 
 from model.inference import LisaPredictor
-from worker import registry, switch
-from worker.handler import LisaHandler
-from worker.protocol import Job, image_hash
+from worker.client import registry
+from worker.client.protocol import Job, image_hash
+from worker.gpu import switch
+from worker.gpu.handler import LisaHandler
 
 pytest_plugins = ["redis_fixtures"]
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from conftest import CHECKPOINT
 
-from worker.version import FileDigests, model_version
+from worker.gpu.version import FileDigests, model_version
 
 
 @pytest.fixture

@@ -27,10 +27,10 @@ import time
 import numpy as np
 import redis
 
-from worker.connection import connect
-from worker.defaults import QueueConfig
-from worker.loop import WorkerLoop
-from worker.protocol import Job, Result
+from worker.client.connection import connect
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import Job, Result
+from worker.gpu.loop import WorkerLoop
 
 
 def make_handler(recorder: redis.Redis, name: str, config: QueueConfig):

@@ -1,1 +1,3 @@
-"""lisa-ls serving stack: the job protocol, the Redis queue and the worker loop (none of it imports torch)."""
+"""lisa-ls serving stack in two packages: :mod:`worker.client` (torch-free queue client: protocol, queue,
+connection, settings - what the backend imports) and :mod:`worker.gpu` (the GPU process, which imports torch);
+``worker/cli.py`` is the ``lisa-ls`` entry point, importing each side lazily."""

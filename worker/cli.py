@@ -24,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_segment_parser(sub)
         from model.cli_train import add_training_parsers
-        from worker.promote import add_promote_parser
-        from worker.run import add_worker_parser
-        from worker.up import add_up_parser
+        from worker.gpu.promote import add_promote_parser
+        from worker.gpu.run import add_worker_parser
+        from worker.gpu.up import add_up_parser
 
         add_worker_parser(sub)
         add_up_parser(sub)

@@ -4,8 +4,8 @@ This is where ``model/`` and the queue meet. For a batch it decodes each image o
 LRU cache), refuses the jobs the model cannot take with a ``bad_input`` answer of their own, and runs every
 remaining query as one batched generation (teacher-forced jobs as one forward pass).
 
-Every generated answer's projected [SEG] embeddings are kept in a second small LRU cache keyed by (image, query,
-model version). A :data:`~worker.protocol.REFINE` job reuses them as SAM prompts together with the annotator's
+Every generated answer's projected [SEG] embeddings are kept in a second small LRU cache keyed by (image, question,
+model version). A :data:`~worker.client.protocol.REFINE` job reuses them as SAM prompts together with the annotator's
 clicks/box and runs SAM's prompt encoder + decoder only; when the answer is no longer cached its query is
 generated again first (and the image re-encoded), so a refinement never fails for having been evicted.
 """
@@ -26,16 +26,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import demo_scope
+from model import demo_scope, phrasing
 from model.errors import InputError
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
 from model.preprocess import PreprocessedImage, load_image
-from worker import switch
-from worker.cache import EncodingCache
-from worker.defaults import MAX_DECODED_PIXELS
-from worker.limits import image_shape_error
-from worker.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
-from worker.version import model_version
+from worker.client.defaults import MAX_DECODED_PIXELS
+from worker.client.limits import image_shape_error
+from worker.client.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
+from worker.gpu import switch
+from worker.gpu.cache import EncodingCache
+from worker.gpu.version import model_version
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class CachedAnswer:
 
 
 class LisaHandler:
-    """Batch function for :class:`worker.loop.WorkerLoop` around a loaded :class:`LisaPredictor`."""
+    """Batch function for :class:`worker.gpu.loop.WorkerLoop` around a loaded :class:`LisaPredictor`."""
 
     def __init__(self, predictor: LisaPredictor, version: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, load_options: dict | None = None,
@@ -89,9 +89,9 @@ class LisaHandler:
         """Switch to the promoted model version if it changed (called by the worker loop between batches).
 
         The new model is loaded next to the old one when both fit, else after freeing the old one
-        (:mod:`worker.switch`); a promotion that cannot be loaded leaves the worker serving what it served.
+        (:mod:`worker.gpu.switch`); a promotion that cannot be loaded leaves the worker serving what it served.
         """
-        from worker import registry
+        from worker.client import registry
 
         if time.monotonic() < self._next_check:
             return self.version
@@ -171,32 +171,35 @@ class LisaHandler:
         generate: dict[int, list[Job]] = defaultdict(list)
         forced: list[Job] = []
         refines: list[Job] = []
+        asked: dict[str, str] = {}  # job id -> the question put to the model
         for job in jobs:
             if job.id in results:
                 continue
             try:
+                asked[job.id] = question = _question(job)
                 if job.kind == REFINE:
                     self._check_refine(job, encoded[job.image])
                     refines.append(job)
-                    if not job.query or self.answers.get(self._answer_key(job), self.version) is not None:
+                    if not question or self.answers.get(self._answer_key(job, question), self.version) is not None:
                         continue  # no query, or its [SEG] prompts are cached: no LLM needed
                 limit = self._max_new_tokens(job)
-                self.predictor.validate(encoded[job.image], job.query, job.answer, limit)
+                self.predictor.validate(encoded[job.image], question, job.answer, limit)
             except InputError as e:
                 results[job.id] = Result.error(job.id, BAD_INPUT, str(e))
                 continue
             (forced if job.answer is not None else generate[limit]).append(job)
         t1 = time.perf_counter()
         for limit, group in generate.items():
-            segs = self.predictor.segment([(encoded[j.image], j.query) for j in group], max_new_tokens=limit)
-            self._collect(group, segs, results)
+            segs = self.predictor.segment([(encoded[j.image], asked[j.id]) for j in group], max_new_tokens=limit)
+            self._collect(group, segs, asked, results)
         if forced:
-            segs = self.predictor.segment_teacher_forced([(encoded[j.image], j.query, j.answer) for j in forced])
-            self._collect(forced, segs, results)
+            segs = self.predictor.segment_teacher_forced(
+                [(encoded[j.image], asked[j.id], j.answer) for j in forced])
+            self._collect(forced, segs, asked, results)
         t2 = time.perf_counter()
         for job in refines:
             if job.id not in results or results[job.id].ok:  # a regenerated answer is replaced by the refinement
-                results[job.id] = self._refine(job, encoded[job.image])
+                results[job.id] = self._refine(job, asked[job.id], encoded[job.image])
         timings = {"encode_s": t_encode, "model_s": t2 - t1, "refine_s": time.perf_counter() - t2,
                    "batch_jobs": float(len(jobs))}
         for result in results.values():
@@ -206,8 +209,8 @@ class LisaHandler:
         return [results[job.id] for job in jobs]
 
     @staticmethod
-    def _answer_key(job: Job) -> str:
-        return f"{job.image} {job.query}"
+    def _answer_key(job: Job, question: str) -> str:
+        return f"{job.image} {question}"
 
     def _check_refine(self, job: Job, image: EncodedImage) -> None:
         """Refuse clicks or a box outside the image (in pixels of the EXIF-applied image)."""
@@ -222,10 +225,11 @@ class LisaHandler:
         if box is not None and not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
             raise InputError(f"the box {[round(v) for v in box]} is not inside the {width}x{height} image")
 
-    def _refine(self, job: Job, image: EncodedImage) -> Result:
-        """SAM's prompt encoder + decoder on the cached image: [SEG] prompts of the last answer + clicks/box."""
+    def _refine(self, job: Job, question: str, image: EncodedImage) -> Result:
+        """SAM's prompt encoder + decoder on the cached image: [SEG] prompts of the last answer to ``question``
+        (when given) + clicks/box."""
         points, box = refine_prompts(job.options)
-        answer = self.answers.get(self._answer_key(job), self.version) if job.query else None
+        answer = self.answers.get(self._answer_key(job, question), self.version) if question else None
         seg = self.predictor.refine(
             image, None if answer is None else answer.prompts,
             np.array([p[:2] for p in points], dtype=np.float32) if points else None,
@@ -233,7 +237,7 @@ class LisaHandler:
             None if box is None else np.array(box, dtype=np.float32),
         )
         return Result.from_masks(job.id, seg.masks, seg.scores.tolist(), text="" if answer is None else answer.text,
-                                 model_version=self.version)
+                                 model_version=self.version, question=question)
 
     def _max_new_tokens(self, job: Job) -> int:
         value = job.options.get("max_new_tokens", self.max_new_tokens)
@@ -247,7 +251,7 @@ class LisaHandler:
         Any failure of one image - undecodable, over ``max_decoded_pixels``, a shape the model refuses, an error
         of its own in the encoder - answers that image's jobs with ``bad_input`` and leaves the others running.
         Images are decoded one at a time and kept only as their fixed-size model inputs, so a burst of large
-        images costs the memory of one (see :data:`worker.defaults.MAX_DECODED_PIXELS`).
+        images costs the memory of one (see :data:`worker.client.defaults.MAX_DECODED_PIXELS`).
         """
         encoded: dict[str, EncodedImage] = {}
         todo: dict[str, PreprocessedImage] = {}
@@ -302,12 +306,21 @@ class LisaHandler:
                 done.update(self._encode_each({key: pre}, failed))
             return done
 
-    def _collect(self, jobs: list[Job], segs: list, results: dict[str, Result]) -> None:
+    def _collect(self, jobs: list[Job], segs: list, asked: dict[str, str], results: dict[str, Result]) -> None:
         for job, seg in zip(jobs, segs):
             if job.answer is None:  # a generated answer: keep its [SEG] prompts for refinements
-                self.answers.put(self._answer_key(job), self.version, CachedAnswer(seg.prompt_embeddings, seg.text))
+                self.answers.put(self._answer_key(job, asked[job.id]), self.version,
+                                 CachedAnswer(seg.prompt_embeddings, seg.text))
             results[job.id] = Result.from_masks(job.id, seg.masks, seg.scores.tolist(), text=seg.text,
-                                                model_version=self.version)
+                                                model_version=self.version, question=asked[job.id])
+
+
+def _question(job: Job) -> str:
+    """The question put to the model for ``job``: its ``query`` verbatim, or - a phrased job (an annotator's
+    query, :attr:`Job.phrasing`) - the query phrased by the model's one rule (``model/phrasing.py``)."""
+    if job.phrasing is None or not job.query:
+        return job.query
+    return phrasing.question(job.query, job.phrasing.get("phrase"), job.phrasing.get("sentence"))
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:

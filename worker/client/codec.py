@@ -1,4 +1,4 @@
-"""The byte encodings of :mod:`worker.protocol`: packed result fields and lossless ``n×H×W`` mask stacks.
+"""The byte encodings of :mod:`worker.client.protocol`: packed result fields and lossless ``n×H×W`` mask stacks.
 
 Importable without torch, the model or Redis (the standard library, numpy and Pillow only). A result travels as
 one :func:`pack_fields` value, so that mask bytes are never base64- or JSON-encoded; masks travel as one 1-bit

@@ -1,13 +1,14 @@
 """Which model version the workers serve: one Redis key, written by promotion, read by every worker.
 
-``model:current`` (``{lisa}:model:current`` by default, built by :meth:`~worker.queue.JobQueue.key`) holds
+``model:current`` (``{lisa}:model:current`` by default, built by :meth:`~worker.client.queue.JobQueue.key`) holds
 ``{"version", "base", "adapter", "promoted_at", "metrics"}``; ``model:history`` lists every promotion. A worker
 checks it between batches (at most every ``CHECK_INTERVAL_S``) and, when it names another version, loads it and
 switches without a restart; ``/setup`` then reports the new version and Label Studio re-predicts its tasks. Paths
 in the key must be readable by every worker (a shared volume).
 
-Every call goes through the queue's retries (:meth:`~worker.client.QueueClient.call`): a lost connection is retried
-within ``redis_down_after_s``, then :class:`~worker.connection.RedisDown` is raised, as for every other queue call.
+Every call goes through the queue's retries (:meth:`~worker.client.queue_client.QueueClient.call`): a lost
+connection is retried within ``redis_down_after_s``, then :class:`~worker.client.connection.RedisDown` is raised,
+as for every other queue call.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 import redis
 
-from worker.connection import RedisDown
-from worker.queue import JobQueue
+from worker.client.connection import RedisDown
+from worker.client.queue import JobQueue
 
 CHECK_INTERVAL_S = 5.0
 """How often a worker looks for a newly promoted version."""

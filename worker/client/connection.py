@@ -20,8 +20,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from worker.defaults import QueueConfig
-from worker.protocol import REDIS_DOWN, QueueError
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import REDIS_DOWN, QueueError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Container health check of a worker: exit 0 when a worker on this host has a live heartbeat in Redis.
 
-``python -m worker.health`` (used by docker/worker.Dockerfile and docker/compose.yml). A worker still loading its
+``python -m worker.gpu.health`` (used by docker/worker.Dockerfile and docker/compose.yml). A worker still loading its
 model has no heartbeat yet; the compose file's ``start_period`` covers the download and load.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import socket
 import sys
 
-from worker.connection import connect
-from worker.defaults import QueueConfig
-from worker.loop import live_workers
+from worker.client.connection import connect
+from worker.client.defaults import QueueConfig
+from worker.gpu.loop import live_workers
 
 
 def main() -> int:

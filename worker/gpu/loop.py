@@ -15,7 +15,7 @@ its own cache and fetches bytes itself through ``loop.queue.get_images``). The l
 - liveness: a heartbeat thread publishes host, pid, device, model version and counters, and renews the lease of
   the jobs in hand so that a batch longer than the visibility timeout is not taken from a live worker;
 - metrics: after each batch one round trip adds the job latencies and the batch size to counters in Redis
-  (:mod:`worker.metrics`), which the backend's ``/metrics`` serves; a failure there never fails a job;
+  (:mod:`worker.client.metrics`), which the backend's ``/metrics`` serves; a failure there never fails a job;
 - shutdown: SIGTERM or SIGINT finishes the batch in hand, takes nothing new and returns 0 from :meth:`run`
   (a second signal exits at once; the jobs in hand are then reclaimed by other workers);
 - Redis outages: every Redis call is retried on the ``worker_backoff_s`` schedule for as long as it takes.
@@ -36,11 +36,11 @@ from typing import Any
 
 import redis
 
-from worker import metrics
-from worker.connection import CONNECTION_ERRORS, RedisDown, backoff_forever, connect
-from worker.defaults import MIN_RECLAIM_WAIT_S, QueueConfig
-from worker.protocol import BAD_INPUT, INTERNAL, Job, Result
-from worker.queue import JobQueue
+from worker.client import metrics
+from worker.client.connection import CONNECTION_ERRORS, RedisDown, backoff_forever, connect
+from worker.client.defaults import MIN_RECLAIM_WAIT_S, QueueConfig
+from worker.client.protocol import BAD_INPUT, INTERNAL, Job, Result
+from worker.client.queue import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class WorkerLoop:
             if self.fetch_images:
                 jobs = self._attach_images(jobs)
             answered = self._handle(jobs)
-            delivered = []  # (latency, outcome) of the results that reached their waiter, for worker.metrics
+            delivered = []  # (latency, outcome) of the results that reached their waiter, for worker.client.metrics
             for job, result in answered:
                 try:
                     if not self._deliver(job, result):

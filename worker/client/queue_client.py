@@ -1,6 +1,6 @@
 """The client half of the job queue: what the backend needs (images, submit, wait, workers and stats), and the
-Redis plumbing both halves share. :class:`worker.queue.JobQueue` adds the worker side; see :mod:`worker.queue`
-for the design. Torch-free."""
+Redis plumbing both halves share. :class:`worker.client.queue.JobQueue` adds the worker side; see
+:mod:`worker.client.queue` for the design. Torch-free."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 import redis
 from redis.client import Pipeline
 
-from worker import scripts
-from worker.connection import call_with_retry
-from worker.defaults import QueueConfig
-from worker.protocol import BAD_INPUT, BUSY, TIMEOUT, Job, QueueError, Result, image_hash
+from worker.client import scripts
+from worker.client.connection import call_with_retry
+from worker.client.defaults import QueueConfig
+from worker.client.protocol import BAD_INPUT, BUSY, TIMEOUT, Job, QueueError, Result, image_hash
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ def _b(value: Any) -> bytes:
 class QueueClient:
     """The client operations on one queue. Thread-safe as far as the redis-py client is.
 
-    Pass a client made by :func:`worker.connection.connect`: the 2 s "Redis is down" answer relies on its short
+    Pass a client made by :func:`worker.client.connection.connect`: the 2 s "Redis is down" answer relies on its short
     timeouts and on redis-py's own retries being off.
     """
 
@@ -65,7 +65,7 @@ class QueueClient:
 
     def key(self, kind: str, name: str = "") -> str:
         """The Redis key of ``kind`` (``img``, ``res``, ``done``, ``err``, ``worker``, ``workers``); see
-        :meth:`QueueConfig.key <worker.defaults.QueueConfig.key>`."""
+        :meth:`QueueConfig.key <worker.client.defaults.QueueConfig.key>`."""
         return self.config.key(kind, name)
 
     def call(self, fn: Callable[[], T], what: str) -> T:
@@ -140,7 +140,7 @@ class QueueClient:
         """Block until the job's result arrives; a ``timeout`` error result once ``timeout`` or the deadline passes.
 
         A timed-out waiter marks the job answered, so a worker finishing it later is dropped and the job is never
-        answered twice. Raises :class:`~worker.connection.RedisDown` when Redis is unreachable.
+        answered twice. Raises :class:`~worker.client.connection.RedisDown` when Redis is unreachable.
         """
         job_id = job.id if isinstance(job, Job) else job
         limit = self.config.job_deadline_s if timeout is None else timeout

@@ -10,8 +10,8 @@ import logging
 import os
 import sys
 
-from worker.defaults import QueueConfig
-from worker.switch import STRATEGIES
+from worker.client.defaults import QueueConfig
+from worker.gpu.switch import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     from model.errors import LisaError
-    from worker.handler import DEFAULT_CACHE_BYTES, load_handler
-    from worker.loop import WorkerLoop
+    from worker.gpu.handler import DEFAULT_CACHE_BYTES, load_handler
+    from worker.gpu.loop import WorkerLoop
 
     config = QueueConfig.from_env()
     try:

@@ -14,7 +14,7 @@ turns them into Prometheus histograms and counters at scrape time. Keys, built b
 A histogram hash holds one field per bucket, named by its upper bound (``repr(float)``, or ``+Inf``), counting the
 observations that fell in that bucket alone (not cumulative: one ``HINCRBY`` per observation, whatever its size),
 plus ``sum`` and ``count``. The reader accumulates the buckets in bound order; it takes whatever bounds it finds,
-so a worker built with other bounds (``worker.defaults.LATENCY_BUCKETS_S``) still yields a valid, monotonic
+so a worker built with other bounds (``worker.client.defaults.LATENCY_BUCKETS_S``) still yields a valid, monotonic
 histogram. The hashes never expire: they are counters for the life of the Redis database, summed over all
 workers, as Prometheus expects (a Redis flush looks like a counter reset, which Prometheus handles).
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from worker.defaults import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, QueueConfig
+from worker.client.defaults import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, QueueConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ Why Streams with a consumer group, rather than rq or plain lists:
   holds each delivered job, for how long, and how many times it was delivered. Reclaiming is one ``XCLAIM`` with a
   minimum idle time, which is atomic, so two workers reclaiming at once never both get a job; the delivery count
   gives the attempt number for the dead-letter rule for free. The jobs of a worker whose heartbeat lapsed become
-  reclaimable at once (:data:`worker.scripts.REAP`), any other job after the visibility timeout. With lists
+  reclaimable at once (:data:`worker.client.scripts.REAP`), any other job after the visibility timeout. With lists
   (``BLMOVE`` to a per-worker processing list) all of that bookkeeping — owners, idle times, counts, scans of
   other workers' lists — would be ours to write and get right.
 - It needs nothing beyond redis-py and Redis >= 6.2 (for ``XPENDING ... IDLE``), both in the base install.
 
-Keys, all built by :meth:`~worker.defaults.QueueConfig.key`, which starts each with the deployment's Redis Cluster
-hash tag (``{lisa}:`` for the default ``key_prefix`` ``lisa:``, so ``{lisa}:jobs``, ``{lisa}:res:<job id>``):
+Keys, all built by :meth:`~worker.client.defaults.QueueConfig.key`, which starts each with the deployment's Redis
+Cluster hash tag (``{lisa}:`` for the default ``key_prefix`` ``lisa:``, so ``{lisa}:jobs``, ``{lisa}:res:<job id>``):
 
 ==================  =====================================================================================
 ``jobs``            stream of queued and in-flight jobs; finished entries are acknowledged *and deleted*,
@@ -30,21 +30,22 @@ hash tag (``{lisa}:`` for the default ``key_prefix`` ``lisa:``, so ``{lisa}:jobs
 ``workers``         sorted set of worker names by last heartbeat, to list live workers without ``SCAN``
 ==================  =====================================================================================
 
-Others share the tag: ``model:current``/``model:history`` (:mod:`worker.registry`), ``metrics:*``
-(:mod:`worker.metrics`), ``capture*`` (:mod:`backend.capture`), ``project:<id>`` (:mod:`backend.predict`). One
-tag means one slot: on Redis Cluster the scripts of :mod:`worker.scripts` (which touch only the keys passed in
+Others share the tag: ``model:current``/``model:history`` (:mod:`worker.client.registry`), ``metrics:*``
+(:mod:`worker.client.metrics`), ``capture*`` (:mod:`backend.capture`), ``project:<id>`` (:mod:`backend.predict`). One
+tag means one slot: on Redis Cluster the scripts of :mod:`worker.client.scripts` (which touch only the keys passed in
 ``KEYS``), the ``MGET`` of images and the ``MULTI``/``EXEC`` pipelines never span slots. It also puts a whole
 deployment on one shard, as its single job stream would anyway; a cluster adds failover, not throughput, to one
-queue. (:func:`~worker.connection.connect` still makes a plain, single-node client: reaching a cluster takes a
+queue. (:func:`~worker.client.connection.connect` still makes a plain, single-node client: reaching a cluster takes a
 cluster-aware proxy in front of it, or a cluster client.)
 
 Semantics: a job is *run* at least once (a reclaimed job may be run twice if its first worker was merely slow) and
-*answered* exactly once. Client calls fail with :class:`~worker.connection.RedisDown` within
+*answered* exactly once. Client calls fail with :class:`~worker.client.connection.RedisDown` within
 ``redis_down_after_s`` when Redis is unreachable; a submit retried after a lost reply may enqueue a job twice,
 which the exactly-once rule makes harmless. A stream entry that is not a job is dead-lettered with its cause when
 it is read, never handed to a worker.
 
-:class:`JobQueue` is the whole queue; its client half, :class:`worker.client.QueueClient`, is what the backend uses.
+:class:`JobQueue` is the whole queue; its client half, :class:`worker.client.queue_client.QueueClient`, is what
+the backend uses.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ from typing import Any, NamedTuple
 import redis
 from redis.client import Pipeline
 
-from worker import scripts
-from worker.client import BadInputError, BusyError, QueueClient, _b, _s
-from worker.defaults import MALFORMED_FIELD_BYTES, MALFORMED_MAX_FIELDS, QueueConfig
-from worker.protocol import BAD_INPUT, DEAD_LETTER, MAX_JOB_ID_CHARS, TIMEOUT, Job, Result, clip
+from worker.client import scripts
+from worker.client.defaults import MALFORMED_FIELD_BYTES, MALFORMED_MAX_FIELDS, QueueConfig
+from worker.client.protocol import BAD_INPUT, DEAD_LETTER, MAX_JOB_ID_CHARS, TIMEOUT, Job, Result, clip
+from worker.client.queue_client import BadInputError, BusyError, QueueClient, _b, _s
 
 __all__ = ["BadInputError", "BusyError", "JobQueue", "Reclaimed"]
 
@@ -99,7 +100,8 @@ def entry_job_id(fields: Mapping[bytes, bytes], entry_id: str) -> str:
 
 
 class JobQueue(QueueClient):
-    """Client and worker operations on one queue (the client half is :class:`worker.client.QueueClient`)."""
+    """Client and worker operations on one queue (the client half is
+    :class:`worker.client.queue_client.QueueClient`)."""
 
     def __init__(self, client: redis.Redis, config: QueueConfig | None = None) -> None:
         super().__init__(client, config)
@@ -193,7 +195,7 @@ class JobQueue(QueueClient):
         return Reclaimed(self._admit(entries, attempts), next_check_s)
 
     def _hand_back_lapsed(self, consumer: str) -> float | None:
-        """Make the jobs of consumers whose heartbeat lapsed reclaimable now (:data:`worker.scripts.REAP`).
+        """Make the jobs of consumers whose heartbeat lapsed reclaimable now (:data:`worker.client.scripts.REAP`).
 
         Returns the seconds until another holder's heartbeat could lapse (``None``: nobody else holds jobs).
         """

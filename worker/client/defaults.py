@@ -21,7 +21,7 @@ REDIS_URL = "redis://127.0.0.1:6390/0"
 
 Not Redis's usual 6379 on purpose: Label Studio (django-rq) hands its background jobs to whatever Redis answers on
 localhost:6379, and ``label-studio start`` runs no RQ worker, so with our Redis there its jobs would silently never
-run (see ``worker/up.py``)."""
+run (see ``worker/gpu/up.py``)."""
 
 ENV_PREFIX = "LISA_LS_"
 """Prefix of the environment variables that override the fields of :class:`QueueConfig`."""
@@ -55,7 +55,7 @@ BLOCK_MS = 1000
 VISIBILITY_TIMEOUT_S = 60.0
 """A delivered job not finished (nor its lease renewed) for this long is taken over by another worker, whoever
 holds it. The fallback: the job of a worker whose heartbeat lapsed is taken over after ``HEARTBEAT_TTL_S`` already
-(see :meth:`~worker.queue.JobQueue.reclaim`); this one serves holders without a heartbeat, and failed jobs are
+(see :meth:`~worker.client.queue.JobQueue.reclaim`); this one serves holders without a heartbeat, and failed jobs are
 handed back by setting their idle time to it."""
 
 RECLAIM_INTERVAL_S = 5.0
@@ -129,7 +129,7 @@ MALFORMED_FIELD_BYTES = 4096
 (a real job's fields are far smaller: the image travels as a hash)."""
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
-"""Upper bounds (seconds) of the job latency histogram, submission to delivered result (``worker.metrics``).
+"""Upper bounds (seconds) of the job latency histogram, submission to delivered result (``worker.client.metrics``).
 
 Dense around 1–10 s, where an interactive LISA query lands (one generation plus a mask decode), and reaching past
 the 90 s job deadline so that jobs which only just made it are still told apart from the rest. Fixed, not read from
@@ -183,7 +183,7 @@ class QueueConfig:
     def check_timings(self) -> None:
         """Refuse heartbeat, lease and deadline settings that cannot work together, naming the variables.
 
-        Called where a process starts (:meth:`from_env`, :class:`~worker.loop.WorkerLoop`) rather than in
+        Called where a process starts (:meth:`from_env`, :class:`~worker.gpu.loop.WorkerLoop`) rather than in
         ``__post_init__``: a client or a test may build a config with timings no worker would run under.
         """
         interval, ttl, visibility = self.heartbeat_interval_s, self.heartbeat_ttl_s, self.visibility_timeout_s

@@ -10,7 +10,7 @@ build jobs and read results. Everything that crosses Redis is flat bytes:
   typical object mask at 1 megapixel takes a few kB instead of the 1 MB a JSON pixel list would;
 - images are stored once per content hash (:func:`image_hash`), and a job refers to the hash.
 
-The byte encodings (:func:`pack_fields`, :func:`encode_masks` and their inverses) live in :mod:`worker.codec`
+The byte encodings (:func:`pack_fields`, :func:`encode_masks` and their inverses) live in :mod:`worker.client.codec`
 and are importable from here too.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.codec import decode_masks, encode_masks, pack_fields, unpack_fields
+from worker.client.codec import decode_masks, encode_masks, pack_fields, unpack_fields
 
 STATUS_OK = "ok"
 """The job ran and the result carries masks, scores and text."""
@@ -58,6 +58,8 @@ KINDS = (SEGMENT, REFINE)
 MAX_JOB_ID_CHARS = 256
 #: Most clicks one refinement may carry (SAM was trained with a handful; more only slows the decoder down).
 MAX_POINTS = 64
+#: The templates a job's ``phrasing`` may set (``{}`` marks where the query goes; see ``model/phrasing.py``).
+TEMPLATES = ("phrase", "sentence")
 
 
 class QueueError(RuntimeError):
@@ -110,6 +112,9 @@ class Job:
     the content hash of image bytes stored by ``JobQueue.put_image``. A segment job needs ``query`` (the question
     put to the model) or ``answer`` (a teacher-forced answer: the model is fed this text instead of generating); a
     refine job needs clicks or a box in ``options`` and may name the ``query`` whose answer it refines.
+    ``phrasing`` ``None``: ``query`` is the question verbatim; a dict (:func:`check_phrasing`; ``{}``: LISA's own
+    templates): ``query`` is what an annotator typed, and the worker phrases it (``model/phrasing.py``) and says
+    the question it put in :attr:`Result.question`.
     ``deadline`` is an absolute unix time (wall clock: hosts are expected to be NTP-synchronised); ``None`` until
     submission, which fills in the queue's default. ``attempts`` counts deliveries to a worker including the
     current one; the queue sets it from Redis. ``entry_id`` (the stream entry) and ``image_bytes`` (filled by the
@@ -121,7 +126,7 @@ class Job:
     answer: str | None = None
     kind: str = SEGMENT
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    model_version: str = ""
+    phrasing: dict[str, str] | None = None
     deadline: float | None = None
     id: str = dataclasses.field(default_factory=new_job_id)
     submitted: float = dataclasses.field(default_factory=time.time)
@@ -144,6 +149,8 @@ class Job:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"a job's {name} must be a finite unix time, not {clip(repr(value))}")
+        if self.phrasing is not None:
+            check_phrasing(self.phrasing)
         if self.kind == SEGMENT and not self.query and self.answer is None:
             raise ValueError("a job needs a query or a teacher-forced answer")
         if self.kind == REFINE:
@@ -169,18 +176,20 @@ class Job:
             "query": self.query.encode(),
             "kind": self.kind.encode(),
             "options": _json(self.options),
-            "model_version": self.model_version.encode(),
             "deadline": repr(float(self.deadline)).encode(),
             "submitted": repr(float(self.submitted)).encode(),
         }
         if self.answer is not None:
             fields["answer"] = self.answer.encode()
+        if self.phrasing is not None:
+            fields["phrasing"] = _json(self.phrasing)
         return fields
 
     @classmethod
     def from_fields(cls, fields: Mapping[Any, Any], *, attempts: int = 0, entry_id: str | None = None) -> Job:
         """Rebuild a job from :meth:`to_fields` output (keys and values may be ``str`` or ``bytes``)."""
         has_answer = "answer" in fields or b"answer" in fields
+        phrasing = _text(fields, "phrasing", "")
         try:
             return cls(
                 id=_text(fields, "id"),
@@ -189,7 +198,7 @@ class Job:
                 answer=_text(fields, "answer") if has_answer else None,
                 kind=_text(fields, "kind", SEGMENT),
                 options=json.loads(_text(fields, "options", "{}")),
-                model_version=_text(fields, "model_version", ""),
+                phrasing=json.loads(phrasing) if phrasing else None,
                 deadline=float(_text(fields, "deadline")),
                 submitted=float(_text(fields, "submitted", "0")),
                 attempts=attempts,
@@ -197,6 +206,17 @@ class Job:
             )
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...]]]]
             raise ValueError(f"malformed job fields: {exc}") from exc
+
+
+def check_phrasing(phrasing: object) -> dict[str, str]:
+    """A job's ``phrasing``, checked: ``{"phrase": ..., "sentence": ...}``, either template optional, each with
+    exactly one ``{}``. Raises ``ValueError`` with a message for people (the backend shows it for bad settings)."""
+    if not isinstance(phrasing, dict) or not set(phrasing) <= set(TEMPLATES):
+        raise ValueError(f"a job's phrasing must be an object with keys among {TEMPLATES}, not {clip(repr(phrasing))}")
+    for name, template in phrasing.items():
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(f"the {name} template must contain exactly one {{}}: {clip(repr(template))}")
+    return phrasing
 
 
 def _finite(value: Any) -> bool:
@@ -247,6 +267,7 @@ class Result:
     ``text``, with ``scores[i]`` the model's confidence in mask ``i``. ``timings`` maps stage names to seconds.
     ``worker`` names the worker that produced the result (empty for answers made by the client itself).
     ``note`` is a message for people shown with the answer (the offline demo model says what it is).
+    ``question`` is the question the worker put to the model (a phrased job's, see :attr:`Job.phrasing`).
     """
 
     job_id: str
@@ -260,6 +281,7 @@ class Result:
     error_message: str = ""
     worker: str = ""
     note: str = ""
+    question: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in (STATUS_OK, STATUS_ERROR):
@@ -303,6 +325,7 @@ class Result:
             "error_message": self.error_message.encode(),
             "worker": self.worker.encode(),
             "note": self.note.encode(),
+            "question": self.question.encode(),
         }
 
     @classmethod
@@ -321,6 +344,7 @@ class Result:
                 error_message=_text(fields, "error_message", ""),
                 worker=_text(fields, "worker", ""),
                 note=_text(fields, "note", ""),
+                question=_text(fields, "question", ""),
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed result fields: {exc}") from exc

@@ -2,7 +2,7 @@
 
 Both models are scored on the same held-out split (teacher-forced gIoU, LISA's validation); the candidate wins on
 a strictly higher gIoU (ties keep the current model: a new version makes Label Studio re-predict every task).
-Promotion writes the registry key (``worker.registry``); running workers switch between batches.
+Promotion writes the registry key (``worker.client.registry``); running workers switch between batches.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.defaults import QueueConfig
+from worker.client.defaults import QueueConfig
 
 
 def better(candidate: dict[str, float], current: dict[str, float], margin: float = 0.0) -> bool:
@@ -52,7 +52,7 @@ def promote_run(run: Path, data: list[str], queue, examples: int = 200, device: 
                 force: bool = False) -> dict[str, Any]:
     from model.adapters import read_metadata
     from model.data import FALLBACK_VAL_PERCENT
-    from worker import registry
+    from worker.client import registry
 
     meta = read_metadata(run)
     if not meta:
@@ -76,8 +76,8 @@ def promote_run(run: Path, data: list[str], queue, examples: int = 200, device: 
 
 
 def run_promote(args: argparse.Namespace) -> int:
-    from worker.connection import connect
-    from worker.queue import JobQueue
+    from worker.client.connection import connect
+    from worker.client.queue import JobQueue
 
     config = QueueConfig.from_env()
     queue = JobQueue(connect(config=config), config)
