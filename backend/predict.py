@@ -300,6 +300,14 @@ def refine(state: BackendState, setup: LabelingSetup, project: str, settings: Pr
     return jsonify({"results": [pred]})
 
 
+def _loggable(value: object, known: tuple[str, ...] = ()) -> str:
+    """An untrusted request value for a log line: as is when it is a known word or a plain id, else quoted and cut
+    (``%r``), so that a value holding a newline cannot forge a log line."""
+    if (isinstance(value, str) and value in known) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    return repr(value)[:100]
+
+
 @bp.post("/webhook")
 def webhook() -> Answer:
     """Store a submitted, updated or deleted annotation for capture, then answer (Label Studio waits 1 s).
@@ -317,8 +325,8 @@ def webhook() -> Answer:
     action = body["action"]
     annotation = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}
     task = body.get("task") if isinstance(body.get("task"), dict) else {}
-    log.info("webhook %.100r annotation=%.40r task=%.40r", action, annotation.get("id"),  # quoted: not checked yet
-             task.get("id") or annotation.get("task"))
+    log.info("webhook %s annotation=%s task=%s", _loggable(action, capture.ACTIONS), _loggable(annotation.get("id")),
+             _loggable(task.get("id") or annotation.get("task")))
     if action not in capture.ACTIONS:
         return jsonify({"status": "Unknown event"})
     if not state.config.capture:
