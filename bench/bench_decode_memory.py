@@ -20,15 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import status_kb
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "lisa_tiny"
 
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def make_png(width: int, height: int) -> bytes:
@@ -57,17 +53,17 @@ def child(strategy: str, path: str, images: int) -> None:
     blobs = [base + bytes([i]) * (i + 1) for i in range(images)]  # bytes after IEND: same picture, distinct hash
     handler = LisaHandler(predictor, "bench", cache_bytes=1 << 30)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
-    start = _status_kb("VmRSS")
+    start = status_kb("VmRSS")
     if strategy == "decode-all":
         # What _encode did before: every image decoded and kept until the encoder call returned.
         arrays = [load_image(blob) for blob in blobs]
         inputs = [predictor.preprocess(a) for a in arrays]
     else:
         inputs = [handler._preprocess(blob) for blob in blobs]  # what _encode does now, image by image
-    decode = _status_kb("VmHWM") - start
+    decode = status_kb("VmHWM") - start
     Path("/proc/self/clear_refs").write_text("5")
     predictor.encode_batch(inputs)
-    encode = _status_kb("VmHWM") - start
+    encode = status_kb("VmHWM") - start
     print(json.dumps({"decode_mb": decode / 1024, "encode_mb": encode / 1024}))
 
 

@@ -18,15 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import status_kb
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "lisa_tiny"
 
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def child(strategy: str, model: str, promoted: str, vision_tower: str) -> None:
@@ -36,14 +32,14 @@ def child(strategy: str, model: str, promoted: str, vision_tower: str) -> None:
     handler = load_handler(model, vision_tower, "fp32", "cpu", None, version="old", switch_strategy=strategy)
     size = model_bytes(handler.predictor.model)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
-    start = _status_kb("VmRSS")
+    start = status_kb("VmRSS")
     entry = {"version": "new", "base": promoted, "adapter": None}
     if strategy == "free-first":
         handler._switch_free_first(entry)
     else:
         handler._serve_model(handler._load(entry), entry)
     assert handler.version == "new"
-    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - start) / 1024, "after_mb": (_status_kb("VmRSS") - start) / 1024,
+    print(json.dumps({"peak_mb": (status_kb("VmHWM") - start) / 1024, "after_mb": (status_kb("VmRSS") - start) / 1024,
                       "model_mb": size / 2**20}))
 
 

@@ -7,10 +7,11 @@ import io
 import pytest
 from conftest import CASES, case_image
 from PIL import Image
+from test_worker_model import job_for
 
 from model import preprocess
 from worker.client.limits import MAX_ASPECT_RATIO, image_shape_error
-from worker.client.protocol import BAD_INPUT, Job, image_hash
+from worker.client.protocol import BAD_INPUT
 from worker.gpu.handler import LisaHandler
 
 
@@ -21,12 +22,6 @@ def png(width: int, height: int, orientation: int | None = None) -> bytes:
         exif[0x0112] = orientation
     Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG", exif=exif)
     return out.getvalue()
-
-
-def job_for(data: bytes, **kw) -> Job:
-    job = Job(image=image_hash(data), **kw)
-    job.image_bytes = data
-    return job
 
 
 @pytest.fixture(scope="module")
