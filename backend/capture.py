@@ -65,7 +65,16 @@ from backend.capture_store import (
     store_event,
     version_of,
 )
-from backend.config import BackendConfig
+from backend.config import (
+    CAPTURE_BATCH,
+    CAPTURE_BLOCK_S,
+    CAPTURE_ERROR_CHARS,
+    CAPTURE_GROUP,
+    CAPTURE_MAX_DELIVERIES,
+    CAPTURE_TRIM_COUNT,
+    CAPTURE_TRIM_STEPS,
+    BackendConfig,
+)
 from backend.dataset import Dataset, atomic_write, now_iso, sample_id
 from backend.images import ImageFetcher
 from backend.samples import RetryLater, SkipSample, annotation_identity, build_sample, ls_id
@@ -79,12 +88,9 @@ __all__ = ["ACTIONS", "CaptureConsumer", "CaptureFull", "keys", "store_event"]
 log = logging.getLogger(__name__)
 
 ACTIONS = (CREATED, BULK_CREATED, UPDATED, DELETED)
-GROUP = "lisa-capture"
-BATCH = 8
-BLOCK_S = 1.0  # also how late a stopping consumer notices
-MAX_DELIVERIES = 5
-TRIM_COUNT, TRIM_STEPS = 1000, 8  # version records looked at per trim step, steps per reclaim round
-ERROR_CHARS = 2000  # of an error kept in the errors hash (the message may quote a large event)
+# The capture's fixed values, under the short names this module uses (documented in backend/config.py).
+GROUP, BATCH, BLOCK_S, MAX_DELIVERIES = CAPTURE_GROUP, CAPTURE_BATCH, CAPTURE_BLOCK_S, CAPTURE_MAX_DELIVERIES
+TRIM_COUNT, TRIM_STEPS, ERROR_CHARS = CAPTURE_TRIM_COUNT, CAPTURE_TRIM_STEPS, CAPTURE_ERROR_CHARS
 
 
 def _s(value: Any) -> str:

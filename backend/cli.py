@@ -207,11 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.cli")
     add_backend_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        level = BackendConfig.from_env().log_level
-    except ValueError:
-        level = settings.LOG_LEVEL  # run_serve reports the bad variable
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.env_log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
 
 

@@ -29,6 +29,7 @@ import torch
 from model import parallel
 from model.checkpoint import load_lisa
 from model.data import FALLBACK_VAL_PERCENT
+from model.defaults import resolve_device, resolve_dtype
 from model.finetune_config import FinetuneConfig
 from model.losses import LossWeights
 from model.metrics import IoUMeter
@@ -236,10 +237,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, device = parallel.setup(device)
+    rank, world, device = parallel.setup(resolve_device(cfg.device))
     main = rank == 0
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_lisa(cfg.base, cfg.vision_tower, dtype=dtype, device=device)
     net = trainable_model(model, cfg)
