@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -370,9 +369,3 @@ def _resume(out: Path, net, masters: MasterWeights, optimizer, scheduler) -> int
     torch.set_rng_state(state["rng"])
     log.info("resumed %s at step %d", out, state["step"])
     return int(state["step"])
-
-
-def count_steps_per_second(log_path: Path) -> float:
-    """Optimizer steps per second in a run's log (for reports)."""
-    rows = [json.loads(x) for x in log_path.read_text().splitlines() if '"step"' in x and '"eval"' not in x]
-    return rows[-1]["step"] / rows[-1]["elapsed_s"] if rows and rows[-1]["elapsed_s"] else math.nan
