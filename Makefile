@@ -6,13 +6,30 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 ARCH := $(shell uname -m)
 # segment_anything imports torchvision; these pairs are the ones that import together (see DEVELOPERS notes).
+TORCH_X86_64 := torch==2.14.1 torchvision==0.29.1
 ifeq ($(ARCH),aarch64)
 TORCH := torch==2.9.1 torchvision==0.24.1
 else
-TORCH := torch==2.14.1 torchvision==0.29.1
+TORCH := $(TORCH_X86_64)
 endif
 
-.PHONY: run test lint bench clean e2e-deps chromium demo-model
+.PHONY: run test lint bench clean e2e-deps chromium demo-model lock
+
+# requirements.lock: every version the tests ran (torch and its nvidia wheels included), for x86_64 Linux and the
+# python3 that makes .venv; `make test` and `make run` install under it (-c). On aarch64 the torch pins above differ
+# from the lock's, so there the installs go unlocked (pyproject.toml's ranges only). `make lock` regenerates it with
+# uv (pinned, in .uv/), resolving against pip's indexes as pip would (the highest version on any of them); the
+# versions already in the lock are kept unless a requirement no longer allows them (delete the file to move all).
+LOCK := requirements.lock
+ifeq ($(ARCH),aarch64)
+LOCK_C :=
+else
+LOCK_C := -c $(LOCK)
+endif
+UV_VERSION := 0.13.9
+UV := .uv/bin/uv
+PIP_INDEXES = $(foreach u,$(shell python3 -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(u)) \
+  $(foreach f,$(shell python3 -m pip config get global.find-links 2>/dev/null),--find-links $(f))
 
 # The end-to-end tests drive a real Label Studio in its own venv (it pins redis 5, numpy 2.2 and Django: keep it
 # apart from .venv) through the labeling UI in Debian's chromium (never a browser that a tool downloads itself).
@@ -21,12 +38,24 @@ LS_STAMP := $(LSVENV)/.installed
 LS_VERSION := 1.23.2
 CHROMIUM := /usr/bin/chromium
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[all,dev]'
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH) $(LOCK_C)
+	$(PIP) install -q -e '.[all,dev]' $(LOCK_C)
 	touch $(STAMP)
+
+$(UV):
+	test -x .uv/bin/python || python3 -m venv .uv
+	.uv/bin/pip install -q uv==$(UV_VERSION)
+
+# Not on $(STAMP): regenerating the lock never touches .venv (tests/test_lock.py then says what .venv lacks).
+lock: $(UV)
+	printf '%s\n' $(TORCH_X86_64) > .uv/torch.txt
+	$(UV) pip compile -q pyproject.toml --extra all --extra dev -c .uv/torch.txt --no-emit-package lisa-ls \
+	  --python-version $$(python3 -c 'import platform; print(platform.python_version())') \
+	  --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(PIP_INDEXES) \
+	  --custom-compile-command 'make lock' -o $(LOCK)
 
 $(LS_STAMP):
 	test -x $(LSVENV)/bin/python || python3 -m venv $(LSVENV)
