@@ -21,10 +21,14 @@ endif
 # uv (pinned, in .uv/), resolving against pip's indexes as pip would (the highest version on any of them); the
 # versions already in the lock are kept unless a requirement no longer allows them (delete the file to move all).
 LOCK := requirements.lock
+# requirements-ls.lock does the same for .lsvenv (Label Studio and what it pulls).
+LS_LOCK := requirements-ls.lock
 ifeq ($(ARCH),aarch64)
 LOCK_C :=
+LS_LOCK_C :=
 else
 LOCK_C := -c $(LOCK)
+LS_LOCK_C := -c $(LS_LOCK)
 endif
 UV_VERSION := 0.13.9
 UV := .uv/bin/uv
@@ -56,10 +60,15 @@ lock: $(UV)
 	  --python-version $$(python3 -c 'import platform; print(platform.python_version())') \
 	  --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(PIP_INDEXES) \
 	  --custom-compile-command 'make lock' -o $(LOCK)
+	echo 'label-studio==$(LS_VERSION)' > .uv/ls.txt
+	$(UV) pip compile -q .uv/ls.txt --no-annotate \
+	  --python-version $$(python3 -c 'import platform; print(platform.python_version())') \
+	  --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(PIP_INDEXES) \
+	  --custom-compile-command 'make lock' -o $(LS_LOCK)
 
-$(LS_STAMP):
+$(LS_STAMP): $(LS_LOCK)
 	test -x $(LSVENV)/bin/python || python3 -m venv $(LSVENV)
-	$(LSVENV)/bin/pip install -qq label-studio==$(LS_VERSION)
+	$(LSVENV)/bin/pip install -qq label-studio==$(LS_VERSION) $(LS_LOCK_C)
 	touch $(LS_STAMP)
 
 # Debian's chromium, installed only when missing (CI runs as root on Debian); apt's output only on failure.

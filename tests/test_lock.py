@@ -9,7 +9,9 @@ exactly the locked versions. When one fails: `make lock` (keeps the locked versi
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -176,3 +178,34 @@ def test_the_venv_is_the_lock() -> None:
     extra = sorted(set(have) - set(pins) - INSTALLER - {PROJECT})
     assert not extra, (f"installed in {sys.prefix} but not locked: {extra}; add what the code needs to "
                        f"pyproject.toml, then `make lock`")
+
+
+LS_LOCK = ROOT / "requirements-ls.lock"
+LSVENV_PYTHON = ROOT / ".lsvenv" / "bin" / "python"
+
+
+def test_label_studio_lock_pins_the_makefile_version() -> None:
+    """requirements-ls.lock is .lsvenv's lock: it pins the Label Studio the Makefile installs, and not the project."""
+    version = re.search(r"^LS_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert version, "the Makefile's LS_VERSION line is missing"
+    pins = read_lock(LS_LOCK)
+    assert pins.get("label-studio") == version[1]
+    assert PROJECT not in pins
+
+
+@pytest.mark.skipif(not LSVENV_PYTHON.exists(), reason=".lsvenv is not installed (`make e2e-deps`)")
+def test_the_label_studio_venv_is_its_lock() -> None:
+    listing = subprocess.run(
+        [str(LSVENV_PYTHON), "-c", "from importlib import metadata\n"
+         "for d in metadata.distributions(): print(d.metadata['Name'], d.version)"],
+        # Neither this checkout (PYTHONPATH, the current folder) nor its egg-info: only what .lsvenv holds.
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd=LSVENV_PYTHON.parent,
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    have: dict[str, str] = {}
+    for line in listing.splitlines():
+        name, version = line.split()
+        have.setdefault(canonicalize_name(name), version)
+    pins = read_lock(LS_LOCK)
+    wrong = {n: (v, have.get(n)) for n, v in pins.items() if have.get(n) != v}
+    assert not wrong, f".lsvenv differs from requirements-ls.lock (name: (locked, installed)): {wrong}"
+    assert sorted(set(have) - set(pins) - INSTALLER) == []
