@@ -54,16 +54,18 @@ $(UV):
 	.uv/bin/pip install -q uv==$(UV_VERSION)
 
 # Not on $(STAMP): regenerating the lock never touches .venv (tests/test_lock.py then says what .venv lacks).
+# manylinux_2_36: glibc 2.36 is Debian bookworm's (the test machines' and the images' base); with an older target
+# uv skips releases that ship only newer wheels (cryptography 50.0.2: manylinux_2_34) and the lock lags .lsvenv.
 lock: $(UV)
 	printf '%s\n' $(TORCH_X86_64) > .uv/torch.txt
 	$(UV) pip compile -q pyproject.toml --extra all --extra dev -c .uv/torch.txt --no-emit-package lisa-ls \
 	  --python-version $$(python3 -c 'import platform; print(platform.python_version())') \
-	  --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(PIP_INDEXES) \
+	  --python-platform x86_64-manylinux_2_36 --index-strategy unsafe-best-match $(PIP_INDEXES) \
 	  --custom-compile-command 'make lock' -o $(LOCK)
 	echo 'label-studio==$(LS_VERSION)' > .uv/ls.txt
 	$(UV) pip compile -q .uv/ls.txt --no-annotate \
 	  --python-version $$(python3 -c 'import platform; print(platform.python_version())') \
-	  --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(PIP_INDEXES) \
+	  --python-platform x86_64-manylinux_2_36 --index-strategy unsafe-best-match $(PIP_INDEXES) \
 	  --custom-compile-command 'make lock' -o $(LS_LOCK)
 
 $(LS_STAMP): $(LS_LOCK)
