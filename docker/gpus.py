@@ -57,9 +57,11 @@ def gpus_from_nvidia_smi(use_uuid: bool = False) -> list[str]:
     return ids
 
 
-def override(compose: dict[str, Any], device_ids: list[str], service: str = WORKER_SERVICE) -> dict[str, Any]:
+def override(compose: dict[str, Any], device_ids: list[str], service: str = WORKER_SERVICE,
+             redis_url: str | None = None) -> dict[str, Any]:
     """The override for ``compose`` (compose.yml as loaded, anchors resolved): ``service`` scaled to 0 and one copy
-    of it per entry of ``device_ids``, that GPU alone reserved."""
+    of it per entry of ``device_ids``, that GPU alone reserved. With ``redis_url`` (a second host joining the first
+    one's queue) the copies use that Redis and wait for no local service."""
     if len(set(device_ids)) != len(device_ids):
         raise GpuError(f"a GPU is named twice in {device_ids}: each GPU gets exactly one worker")
     if not device_ids:
@@ -75,6 +77,12 @@ def override(compose: dict[str, Any], device_ids: list[str], service: str = WORK
         deploy.pop("replicas", None)
         reservation = {"driver": "nvidia", "device_ids": [device], "capabilities": ["gpu"]}
         deploy.setdefault("resources", {}).setdefault("reservations", {})["devices"] = [reservation]
+        if redis_url:
+            worker.pop("depends_on", None)  # Redis (and the backend) run on the first host
+            env = worker.get("environment") or {}
+            if isinstance(env, list):  # the KEY=VALUE form
+                env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+            worker["environment"] = {**env, "REDIS_URL": redis_url}
         name = f"{service}-gpu{device}" if device.isdigit() else f"{service}-{device.lower()}"
         services[name] = worker
     return {"services": services}
@@ -89,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uuid", action="store_true", help="with nvidia-smi: name GPUs by UUID, not index")
     parser.add_argument("--compose", type=Path, default=HERE / "compose.yml", help="the compose file to read")
     parser.add_argument("--service", default=WORKER_SERVICE, help="the worker service to copy per GPU")
+    parser.add_argument("--redis-url", default=None,
+                        help="for a second host: the first host's Redis (redis://[:PASSWORD@]HOST:6379/0); the "
+                             "workers here then join its queue")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="override file to write (default: compose.gpus.yml next to --compose)")
     args = parser.parse_args(argv)
@@ -111,17 +122,19 @@ def main(argv: list[str] | None = None) -> int:
             compose = yaml.safe_load(args.compose.read_text())
         except (OSError, yaml.YAMLError) as e:
             raise GpuError(f"cannot read {args.compose}: {e}") from e
-        result = override(compose if isinstance(compose, dict) else {}, ids, args.service)
+        result = override(compose if isinstance(compose, dict) else {}, ids, args.service, args.redis_url)
     except GpuError as e:
         print(f"docker/gpus.py: {e}", file=sys.stderr)
         return 2
     output = args.output or args.compose.resolve().parent / OVERRIDE.name
+    workers = [n for n in result["services"] if n != args.service]
+    # On a second host only the workers start: naming them keeps compose from starting a Redis and a backend there.
+    up = f"docker compose -f {args.compose.name} -f {output.name} --profile gpu up -d"
+    up += f" {' '.join(workers)}" if args.redis_url else ""
     header = (f"# Written by docker/gpus.py for {len(ids)} GPU(s): {', '.join(ids)}. One worker per GPU; regenerate "
-              f"when the GPUs or {args.compose.name}'s {args.service!r} change.\n"
-              f"#   docker compose -f {args.compose.name} -f {output.name} --profile gpu up -d\n")
+              f"when the GPUs or {args.compose.name}'s {args.service!r} change.\n#   {up}\n")
     output.write_text(header + yaml.safe_dump(result, sort_keys=False, default_flow_style=False))
-    print(f"{output}: {', '.join(n for n in result['services'] if n != args.service)} "
-          f"(one GPU each; {args.service!r} scaled to 0)")
+    print(f"{output}: {', '.join(workers)} (one GPU each; {args.service!r} scaled to 0). Start: {up}")
     return 0
 
 

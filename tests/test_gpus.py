@@ -81,6 +81,20 @@ def test_compose_config_gives_every_gpu_of_four_exactly_one_worker(tmp_path):
         assert "redis" in service["depends_on"]
     assert sorted(ids) == ["0", "1", "2", "3"]  # distinct: no two workers share a GPU
 
+    # A second host: its workers join the first host's Redis (its URL left to compose, so no password is written
+    # into the file) and wait for no local Redis.
+    joined = gpus("--ids", "0,1", "--redis-url", "${LISA_LS_REDIS_URL}", "--compose", str(folder / "compose.yml"))
+    assert joined.returncode == 0 and "up -d worker-gpu0 worker-gpu1" in joined.stdout, joined.stderr
+    env["LISA_LS_REDIS_URL"] = "redis://10.1.2.3:6379/0"
+    config = subprocess.run([*command, "-f", "compose.yml", "-f", "compose.gpus.yml", "--profile", "gpu", "config"],
+                            cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    assert config.returncode == 0, config.stderr
+    services = yaml.safe_load(config.stdout)["services"]
+    for name in ("worker-gpu0", "worker-gpu1"):
+        assert services[name]["environment"]["REDIS_URL"] == "redis://10.1.2.3:6379/0"
+        assert "depends_on" not in services[name]
+    assert "worker-gpu2" not in services and services["worker"]["deploy"]["replicas"] == 0
+
 
 def test_gpus_from_nvidia_smi_ids_and_bad_input(tmp_path):
     """GPUs as ``nvidia-smi -L`` lists them (a stand-in printing its format: no NVIDIA driver here), by index or
