@@ -12,7 +12,8 @@ Variable                        Default         Meaning
                                                 API (``LABEL_STUDIO_HOST``, the older name, is read as a fallback)
 ``LABEL_STUDIO_API_KEY``        (unset)         token for Label Studio's API (legacy or personal access token)
 ``MODEL_DIR``                   ``./data``      directory for the backend's own files (captured corrections,
-                                                pre-label progress); model weights live with the workers
+                                                pre-label progress); model weights live with the workers, which
+                                                name theirs ``LISA_LS_MODEL`` (``model/defaults.py``)
 ``LOG_LEVEL``                   ``INFO``        DEBUG, INFO, WARNING, ERROR or CRITICAL (DEBUG adds access logs)
 ``WORKERS``                     ``1``           gunicorn processes
 ``THREADS``                     ``64``          threads per gunicorn process. A /predict thread mostly waits on

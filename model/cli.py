@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from model.defaults import DEFAULT_MAX_NEW_TOKENS
+from model.defaults import DEFAULT_MAX_NEW_TOKENS, MODEL_ENV
 from model.errors import LisaError
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_device: str = "cpu", required: bool = True) -> None:
-    """The options that pick and load a model (shared by ``segment``, ``worker`` and ``up``)."""
-    parser.add_argument("--model", required=required, default=None,
-                        help="LISA release folder or Hub id, e.g. xinlai/LISA-7B-v1")
+    """The options that pick and load a model (shared by ``segment``, ``worker`` and ``up``). ``--model``
+    defaults to :data:`model.defaults.MODEL_ENV` (``LISA_LS_MODEL``) from the environment."""
+    env_model = os.environ.get(MODEL_ENV) or None
+    parser.add_argument("--model", required=required and env_model is None, default=env_model,
+                        help=f"LISA release folder or Hub id, e.g. xinlai/LISA-7B-v1 (default: ${MODEL_ENV})")
     parser.add_argument("--vision-tower", default=None,
                         help="CLIP folder or Hub id (default: the one named in the checkpoint's config)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")

@@ -11,17 +11,23 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import psutil
-from redis_fixtures import ROOT, RedisServer, free_port
+import requests
+from fake_ls import TOKEN, FakeLabelStudio, Project, brush, textarea
+from redis_fixtures import ROOT, RedisServer, free_port, wait_for
 
+from model.defaults import MODEL_ENV
+from model.demo import DEMO_DIR
 from model.demo_scope import REAL_LISA_COMMAND
+from worker.cli import build_parser
 from worker.client.defaults import REDIS_URL
 from worker.gpu import up
 
 
 def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
     port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR")}
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR", MODEL_ENV)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "up", "--port", str(port), "--redis-port", str(redis_port),
          "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--device", "cpu"],
@@ -58,7 +64,7 @@ def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
 
 def test_children_do_not_outlive_a_killed_up(tmp_path):
     port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR")}
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR", MODEL_ENV)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "up", "--port", str(port), "--redis-port", str(redis_port),
          "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--device", "cpu"],
@@ -77,7 +83,7 @@ def test_children_do_not_outlive_a_killed_up(tmp_path):
 
 def up_refused(tmp_path, redis_port: int) -> str:
     """``lisa-ls up`` with its embedded Redis on ``redis_port``: it must refuse at once; its output."""
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR")}
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR", MODEL_ENV)}
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", "up", "--port", str(free_port()), "--redis-port", str(redis_port),
          "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--device", "cpu"],
@@ -112,3 +118,66 @@ def test_a_taken_redis_port_is_refused_with_what_listens_there(tmp_path):
         other.listen()
         out = up_refused(tmp_path, other.getsockname()[1])
     assert "is taken by something that is not Redis" in out
+
+
+def test_model_dir_is_the_backends_data_folder_and_never_the_model(tmp_path):
+    """Label Studio's ML backends read ``MODEL_DIR`` as the backend's data folder, and so does ours; ``up`` hands
+    the backend and the workers one environment, so with ``MODEL_DIR`` set the workers still serve the demo model
+    (before, they tried to load ``MODEL_DIR`` as one), and an annotation captured at ``/webhook`` lands under it."""
+    project = Project()
+    project.add_task(1)
+    ls = FakeLabelStudio(project)
+    model_dir = tmp_path / "md"
+    port, redis_port = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", MODEL_ENV, "LISA_LS_DATASET_DIR")},
+           "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "up", "--port", str(port), "--redis-port", str(redis_port),
+         "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--device", "cpu"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def one_worker() -> bool:
+            try:
+                return bool(requests.get(f"{url}/health", timeout=2).json()["workers"])
+            except (OSError, ValueError):
+                time.sleep(0.3)  # not listening yet
+                return proc.poll() is not None  # up died: the assertions below say how
+        wait_for(one_worker, 120, "a live worker in /health")
+        assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
+        [worker] = requests.get(f"{url}/health", timeout=2).json()["workers"]
+        assert worker["model_version"].startswith("models/demo@"), worker  # not MODEL_DIR
+        mask = np.zeros((24, 32), bool)
+        mask[4:12, 6:20] = True
+        event = project.annotate(1, 1, [textarea("the red square"), brush(mask)], minute=1)
+        answer = requests.post(f"{url}/webhook", json=event, timeout=10)
+        assert answer.status_code == 200, answer.text
+        record = model_dir / "dataset" / "project-1" / "samples" / "ls-1-1.json"
+        wait_for(record.exists, 60, f"the captured sample in {record}")
+        assert json.loads(record.read_text())["queries"] == ["the red square"]
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+        assert proc.returncode == 0, out
+        assert f"MODEL_DIR={model_dir} is the backend's data folder, not a model" in out
+        assert "Traceback" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ls.close()
+
+
+def test_lisa_ls_model_names_the_model_and_model_dir_does_not(monkeypatch, caplog):
+    """``LISA_LS_MODEL`` is ``--model``'s default for ``worker``, ``up`` and ``segment`` (so ``worker`` runs without
+    ``--model``); ``MODEL_DIR`` alone leaves ``up`` on the demo model and says why in the log."""
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    monkeypatch.setenv("MODEL_DIR", "/srv/lisa-data")
+    assert build_parser().parse_args(["up"]).model is None
+    with caplog.at_level("WARNING", logger="lisa-ls.up"):
+        assert up.served_model(None) == str(DEMO_DIR)
+    assert "MODEL_DIR=/srv/lisa-data is the backend's data folder, not a model" in caplog.text
+    assert f"no --model or {MODEL_ENV} given" in caplog.text
+    monkeypatch.setenv(MODEL_ENV, "xinlai/LISA-7B-v1")
+    for command in (["worker"], ["up"], ["segment", "--image", "x.png", "--query", "q", "--output", "o.npz"]):
+        assert build_parser().parse_args(command).model == "xinlai/LISA-7B-v1", command
+    assert build_parser().parse_args(["worker", "--model", "other"]).model == "other"
+    assert up.served_model("xinlai/LISA-7B-v1") == "xinlai/LISA-7B-v1"

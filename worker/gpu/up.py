@@ -6,8 +6,9 @@
   into any Redis answering on localhost:6379 (:data:`LABEL_STUDIO_REDIS_PORT`), so that port gets a warning, and a
   port already taken is refused with what is listening there and what to do.
 * The backend (gunicorn, ``lisa-ls serve``) on ``--port`` (9090).
-* ``--workers N`` model workers (``lisa-ls worker``); more can join from other shells with the printed
-  ``REDIS_URL``.
+* ``--workers N`` model workers (``lisa-ls worker``) serving ``--model`` / ``LISA_LS_MODEL`` (else the offline demo
+  model); more can join from other shells with the printed ``REDIS_URL``. ``MODEL_DIR`` is the backend's data
+  folder only (both children get this process's environment), never the model.
 
 Each child's output is relayed with a ``[name]`` prefix. Ctrl-C (or SIGTERM) drains the workers, stops the
 backend and then Redis, in that order, so that nothing in flight is lost.
@@ -24,10 +25,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from backend import config as settings
+from model.defaults import MODEL_ENV
 from worker.client.defaults import REDIS_URL
 
 log = logging.getLogger("lisa-ls.up")
@@ -178,22 +181,31 @@ def start_embedded_redis(stack: Stack, port: int, data_dir: Path) -> str:
     raise SystemExit(f"lisa-ls up: the embedded redis-server did not answer on port {port}")
 
 
-def run_up(args: argparse.Namespace) -> int:
-    model = args.model or os.environ.get("MODEL_DIR")
-    if not model:
-        from model.demo import DEMO_DIR  # no torch in this process (numpy and Pillow only)
-        from model.demo_scope import EXAMPLES, REAL_LISA_COMMAND
+def served_model(model: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The model ``up``'s workers load: ``--model`` / ``LISA_LS_MODEL`` (``model``), else the offline demo model,
+    else the untrained tiny LISA; the fallbacks say so in the log. ``MODEL_DIR`` is never taken as the model: it is
+    the backend's data folder (``backend/config.py``), as in Label Studio's ML backends."""
+    if model:
+        return model
+    from model.demo import DEMO_DIR  # no torch in this process (numpy and Pillow only)
+    from model.demo_scope import EXAMPLES, REAL_LISA_COMMAND
 
-        if (DEMO_DIR / "config.json").is_file():
-            model = str(DEMO_DIR)
-            log.warning("no --model or MODEL_DIR given: serving the offline DEMO model from %s - a tiny LISA trained "
-                        "on synthetic scenes of coloured shapes only (examples to import: %s); it gives no answer "
-                        "about other pictures. For real images serve LISA: %s", model, EXAMPLES, REAL_LISA_COMMAND)
-        else:
-            model = str(TINY_MODEL)
-            log.warning("no --model or MODEL_DIR given and %s is missing (make demo-model): serving the UNTRAINED "
-                        "tiny LISA from %s; its masks are random shapes, for trying the stack only. For real masks "
-                        "serve LISA: %s", DEMO_DIR, model, REAL_LISA_COMMAND)
+    given = f"no --model or {MODEL_ENV} given"
+    if environ.get("MODEL_DIR"):
+        given += f" (MODEL_DIR={environ['MODEL_DIR']} is the backend's data folder, not a model)"
+    if (DEMO_DIR / "config.json").is_file():
+        log.warning("%s: serving the offline DEMO model from %s - a tiny LISA trained on synthetic scenes of coloured "
+                    "shapes only (examples to import: %s); it gives no answer about other pictures. For real images "
+                    "serve LISA: %s", given, DEMO_DIR, EXAMPLES, REAL_LISA_COMMAND)
+        return str(DEMO_DIR)
+    log.warning("%s and %s is missing (make demo-model): serving the UNTRAINED tiny LISA from %s; its masks are random "
+                "shapes, for trying the stack only. For real masks serve LISA: %s", given, DEMO_DIR, TINY_MODEL,
+                REAL_LISA_COMMAND)
+    return str(TINY_MODEL)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    model = served_model(args.model)
     stack = Stack()
     stopping = threading.Event()
 
