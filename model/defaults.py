@@ -25,6 +25,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
         return dtype
     return "bf16" if device.startswith("cuda") else "fp32"
 
+
 #: The environment variable naming the model (LISA release folder or Hub id) that ``lisa-ls worker``, ``up`` and
 #: ``segment`` load when ``--model`` is not given. Deliberately not ``MODEL_DIR``: Label Studio's ML backends use
 #: that for the backend's own data folder, and so does ours (``backend/config.py``); ``lisa-ls up`` hands its
