@@ -73,8 +73,8 @@ def records(folder: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a gunicorn arbiter and its worker processes (children found through /proc)."""
+def process_tree(pid: int) -> list[int]:
+    """A gunicorn arbiter and its worker processes (children found through /proc), arbiter last."""
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -83,9 +83,17 @@ def kill_tree(pid: int) -> None:
             continue
         if int(fields[1]) == pid:
             children.append(int(stat.parent.name))
-    for child in children:
-        os.kill(child, signal.SIGKILL)
-    os.kill(pid, signal.SIGKILL)
+    return [*children, pid]
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        os.kill(pid, signum)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a gunicorn arbiter and its worker processes."""
+    signal_all(process_tree(pid), signal.SIGKILL)
 
 
 def test_replayed_shuffled_webhooks_give_the_newest_state(queue_config, start_backend, tmp_path) -> None:
@@ -149,6 +157,7 @@ def test_acknowledged_events_survive_a_sigkill_mid_burst(queue_config, tmp_path)
         lock = threading.Lock()
         watch = redis.Redis.from_url(queue_config.redis_url)
         killed = False
+        tree: list[int] = []
 
         def holding() -> bool:
             return watch.xpending(queue_config.key("capture"), "lisa-capture")["pending"] > 0
@@ -164,9 +173,17 @@ def test_acknowledged_events_survive_a_sigkill_mid_burst(queue_config, tmp_path)
                     acked.append(event["annotation"]["id"])
                     # From the 100th acknowledgement on, kill while other requests are in flight - once the
                     # consumer holds events (a starved capture thread may not have read any yet on a busy machine).
-                    if not killed and len(acked) >= 100 and holding():
-                        killed = True
-                        kill_tree(backend.proc.pid)
+                    # The processes are frozen before looking, so the consumer cannot acknowledge its batch
+                    # between the look and the kill; when it holds nothing they run on until the next try.
+                    if not killed and len(acked) >= 100:
+                        pids = tree or process_tree(backend.proc.pid)
+                        tree[:] = pids
+                        signal_all(pids, signal.SIGSTOP)
+                        if holding():
+                            killed = True
+                            signal_all(pids, signal.SIGKILL)
+                        else:
+                            signal_all(pids, signal.SIGCONT)
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(send, events))
