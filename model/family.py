@@ -71,3 +71,12 @@ def family_of(model: str | os.PathLike) -> str:
     """``"lisa"`` or ``"sam3"`` for a checkpoint folder or Hub id; :class:`CheckpointError` otherwise."""
     config, where = read_config(model)
     return family_of_config(config, where)
+
+
+def is_sam3(model: str | os.PathLike) -> bool:
+    """Whether ``model`` is a SAM 3 checkpoint. Anything unreadable counts as not (the LISA loader then says what
+    is wrong with it in its own words, as it always has)."""
+    try:
+        return family_of(model) == SAM3
+    except CheckpointError:
+        return False

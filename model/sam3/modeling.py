@@ -205,8 +205,10 @@ class Sam3Predictor:
                                 attention_mask=text["attention_mask"])
         [found] = self.processor.post_process_instance_segmentation(
             outputs, threshold=threshold, mask_threshold=mask_threshold, target_sizes=[encoded.original_hw])
-        return Instances(found["masks"].bool().cpu().numpy(), found["scores"].float().cpu().numpy(),
-                         found["boxes"].float().cpu().numpy())
+        masks = found["masks"].bool().cpu().numpy()
+        if not len(masks):  # post-processing leaves an empty set at the model's mask size
+            masks = np.zeros((0, *encoded.original_hw), dtype=bool)
+        return Instances(masks, found["scores"].float().cpu().numpy(), found["boxes"].float().cpu().numpy())
 
     # ---- clicks and boxes ----
 

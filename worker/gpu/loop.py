@@ -64,6 +64,7 @@ class WorkerLoop:
         *,
         device: str = "cpu",
         model_version: str = "",
+        family: str = "",
         batch_size: int | None = None,
         stats: Callable[[], Mapping[str, Any]] | None = None,
         fetch_images: bool = True,
@@ -71,6 +72,8 @@ class WorkerLoop:
     ) -> None:
         self.queue, self.handler, self.config = queue, handler, queue.config
         self.device, self.model_version, self.stats = device, model_version, stats
+        #: The model family served ("lisa", "sam3"; model/family.py), advertised with the version.
+        self.family = family
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.name = name or f"{self.host}:{self.pid}:{device}"
         self.batch_size = batch_size or self.config.batch_size
@@ -300,6 +303,7 @@ class WorkerLoop:
             "pid": self.pid,
             "device": self.device,
             "model_version": self.model_version,
+            "family": self.family,
             "batch_size": self.batch_size,
             "started": self.started,
             "last_seen": time.time(),
