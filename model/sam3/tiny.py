@@ -74,3 +74,51 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def random_predictor(geometry: str = "release", device: str = "cpu", dtype: str = "fp32", seed: int = 0):
+    """A :class:`~model.sam3.modeling.Sam3Predictor` with random weights, built in memory (benches).
+
+    ``geometry`` ``"release"``: ``Sam3Config``'s defaults, the released model's sizes (ViT 32 x 1024 at 1008 px,
+    CLIP text 24 x 1024, DETR 6 + 6 layers, 200 queries); ``"tiny"``: :func:`tiny_config_dict`. The tracker is
+    built with a one-layer ViT of its own, which is then replaced by the detector's backbone - as
+    ``Sam3Predictor.from_pretrained`` shares it - so that no second 32-layer ViT is ever initialised.
+    """
+    from transformers import (Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor, Sam3TrackerConfig,
+                              Sam3TrackerModel, Sam3TrackerProcessor)
+
+    from model.defaults import resolve_device
+    from model.sam3.modeling import DTYPES, Sam3Predictor
+
+    tokenizer = tiny_clip_tokenizer()
+    if geometry == "release":
+        detector_config = Sam3Config()
+        tracker_config = Sam3TrackerConfig()
+    elif geometry == "tiny":
+        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id}
+        parts = tiny_config_dict(len(tokenizer), special_tokens=special)
+        detector_config = Sam3Config(**parts["detector_config"])
+        tracker_config = Sam3TrackerConfig(**{k: v for k, v in parts["tracker_config"].items() if k != "image_size"})
+        tracker_config.prompt_encoder_config.image_size = detector_config.vision_config.image_size
+    else:
+        raise ValueError(f"geometry must be 'release' or 'tiny', not {geometry!r}")
+    tracker_config.vision_config.backbone_config.num_hidden_layers = 1
+    tracker_config.vision_config.backbone_config.global_attn_indexes = [0]
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        detector = Sam3Model(detector_config)
+        tracker = Sam3TrackerModel(tracker_config)
+    finally:
+        torch.random.set_rng_state(state)
+    tracker.vision_encoder.backbone = detector.vision_encoder.backbone
+    torch_dtype = DTYPES[dtype]
+    device = resolve_device(device)
+    detector.to(device, torch_dtype)
+    tracker.to(device, torch_dtype)
+    side = detector_config.vision_config.image_size
+    processor = Sam3Processor(image_processor=Sam3ImageProcessor(size={"height": side, "width": side}),
+                              tokenizer=tokenizer)
+    return Sam3Predictor(detector, tracker, processor, Sam3TrackerProcessor(image_processor=processor.image_processor),
+                         device, torch_dtype)
