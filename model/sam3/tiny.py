@@ -84,8 +84,15 @@ def random_predictor(geometry: str = "release", device: str = "cpu", dtype: str 
     built with a one-layer ViT of its own, which is then replaced by the detector's backbone - as
     ``Sam3Predictor.from_pretrained`` shares it - so that no second 32-layer ViT is ever initialised.
     """
-    from transformers import (Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor, Sam3TrackerConfig,
-                              Sam3TrackerModel, Sam3TrackerProcessor)
+    from transformers import (
+        Sam3Config,
+        Sam3ImageProcessor,
+        Sam3Model,
+        Sam3Processor,
+        Sam3TrackerConfig,
+        Sam3TrackerModel,
+        Sam3TrackerProcessor,
+    )
 
     from model.defaults import resolve_device
     from model.sam3.modeling import DTYPES, Sam3Predictor
