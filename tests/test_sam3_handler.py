@@ -89,6 +89,7 @@ def test_lisa_ls_worker_serves_sam3_jobs(job_queue, queue_config, sam3_tiny, tmp
          "--model-version", "sam3-v1"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
+        job_queue = job_queue.for_family("sam3")  # SAM 3 jobs have their own stream (worker/client/defaults.py)
         workers = wait_for(job_queue.live_workers, timeout=60, what="the worker's heartbeat")
         assert workers[0]["family"] == "sam3" and workers[0]["model_version"] == "sam3-v1"
         data = png_bytes(rgb_image())

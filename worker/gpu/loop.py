@@ -70,10 +70,12 @@ class WorkerLoop:
         fetch_images: bool = True,
         split_on_error: bool = True,
     ) -> None:
+        if family:  # a family's worker reads that family's stream only (worker.client.defaults.FAMILY_NAMES)
+            queue = queue.for_family(family)
         self.queue, self.handler, self.config = queue, handler, queue.config
         self.device, self.model_version, self.stats = device, model_version, stats
         #: The model family served ("lisa", "sam3"; model/family.py), advertised with the version.
-        self.family = family
+        self.family = self.config.family
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.name = name or f"{self.host}:{self.pid}:{device}"
         self.batch_size = batch_size or self.config.batch_size
