@@ -6,8 +6,10 @@
   into any Redis answering on localhost:6379 (:data:`LABEL_STUDIO_REDIS_PORT`), so that port gets a warning, and a
   port already taken is refused with what is listening there and what to do.
 * The backend (gunicorn, ``lisa-ls serve``) on ``--port`` (9090).
-* ``--workers N`` model workers (``lisa-ls worker``); more can join from other shells with the printed
-  ``REDIS_URL``.
+* ``--workers N`` model workers (``lisa-ls worker``) of ``--model``, whose family (LISA or SAM 3) the worker reads
+  from the checkpoint; with ``--sam3-model`` (or ``SAM3_MODEL_DIR``), ``--sam3-workers N`` SAM 3 workers beside
+  them, so one stack serves LISA projects and SAM 3 projects (Extra params ``"model": "sam3"``) at once. SAM 3 alone:
+  ``--model facebook/sam3``. More workers can join from other shells with the printed ``REDIS_URL``.
 
 Each child's output is relayed with a ``[name]`` prefix. Ctrl-C (or SIGTERM) drains the workers, stops the
 backend and then Redis, in that order, so that nothing in flight is lost.
@@ -52,7 +54,11 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, default_device="auto", required=False)
     p.add_argument("--port", type=int, default=int(os.environ.get("LISA_LS_PORT", "9090")), help="backend port")
     p.add_argument("--host", default=os.environ.get("LISA_LS_HOST", "0.0.0.0"), help="backend address")
-    p.add_argument("--workers", type=int, default=1, help="model worker processes to start")
+    p.add_argument("--workers", type=int, default=1, help="model worker processes to start (of --model)")
+    p.add_argument("--sam3-model", default=os.environ.get("SAM3_MODEL_DIR") or None,
+                   help="also serve SAM 3 projects: a SAM 3 folder or Hub id (e.g. facebook/sam3) for "
+                        "--sam3-workers more workers beside those of --model (default SAM3_MODEL_DIR)")
+    p.add_argument("--sam3-workers", type=int, default=1, help="SAM 3 worker processes to start with --sam3-model")
     p.add_argument("--redis-port", type=int, default=REDIS_PORT,
                    help=f"port of the embedded Redis when REDIS_URL is unset (default {REDIS_PORT}; not "
                         f"{LABEL_STUDIO_REDIS_PORT}, where Label Studio looks for its own Redis)")
@@ -214,6 +220,10 @@ def run_up(args: argparse.Namespace) -> int:
             model_args += ["--quantize", args.quantize]
         for i in range(args.workers):
             stack.start(f"worker-{i + 1}", [*cli, "worker", *model_args], env)
+        if args.sam3_model:  # LISA's --vision-tower and --quantize are not SAM 3 options
+            sam3_args = ["--model", args.sam3_model, "--dtype", args.dtype, "--device", args.device]
+            for i in range(args.sam3_workers):
+                stack.start(f"worker-sam3-{i + 1}", [*cli, "worker", *sam3_args], env)
         print(f"lisa-ls up: backend http://{args.host}:{args.port}  (health: curl http://127.0.0.1:{args.port}/health)",
               flush=True)
         print(f"lisa-ls up: REDIS_URL={redis_url}  (more workers: REDIS_URL={redis_url} lisa-ls worker --model ...)",
