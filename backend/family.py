@@ -51,9 +51,9 @@ def require_worker(queue: JobQueue, settings: ProjectSettings) -> None:
         raise Refusal(503, no_worker_message(settings.family))
 
 
-def with_scores(pred: dict[str, Any], settings: ProjectSettings) -> dict[str, Any]:
+def with_scores(pred: dict[str, Any], family: str) -> dict[str, Any]:
     """``pred`` with each mask region's ``score`` set from its model score, for a family of calibrated scores."""
-    if settings.family in SCORED_FAMILIES:
+    if family in SCORED_FAMILIES:
         for region in pred["result"]:
             if region.get("type") in MASK_TYPES and "sam_score" in region.get("meta", {}):
                 region["score"] = region["meta"]["sam_score"]

@@ -256,7 +256,7 @@ def _prediction(result: Any, setup: LabelingSetup, settings: ProjectSettings, qu
                       settings.split_instances, min_score=settings.min_score, min_area=settings.min_area,
                       tolerance=settings.polygon_tolerance, message=message, model_name=settings.model_name, **kw)
     # the note: e.g. the offline demo model saying what it is
-    return with_note(families.with_scores(pred, settings), setup, result.note)
+    return with_note(families.with_scores(pred, settings.family), setup, result.note)
 
 
 def refine(state: BackendState, setup: LabelingSetup, project: str, settings: ProjectSettings, task: dict,

@@ -345,11 +345,11 @@ class Prelabeler:
         if not result.ok:
             group.fail(f"{work.label + ': ' if self.queries else ''}{result.error_code}: {result.error_message}")
         else:
-            group.add(work.label, prediction(
+            group.add(work.label, families.with_scores(prediction(
                 result.mask_array(), result.scores, self.setup, work.label, result.model_version or self.version,
                 work.query, bool(self.config.split_instances), min_score=self.config.min_score,
                 min_area=self.config.min_area, tolerance=self.config.polygon_tolerance,
-                meta={"family": self.family}, model_name=FAMILY_NAMES[self.family]))
+                meta={"family": self.family}, model_name=FAMILY_NAMES[self.family]), self.family))
         if not group.complete:
             return
         if group.errors:
