@@ -6,7 +6,8 @@ test time, :mod:`sam3_fixtures`). The project's connection carries the Extra par
 "score_threshold": 0.2}``: the random weights score about 0.25, so a low threshold lets several instances through.
 In the UI: open the task, Auto-Annotation on, type the phrase, Enter: the suggestions are exactly the instances
 the SAM 3 predictor finds on the same weights, image and threshold (same count, same scores, same masks), the
-``lisa`` message box is cleared, and after accepting and submitting, Label Studio keeps them all.
+``lisa`` message box is cleared, and after accepting and submitting, Label Studio keeps them all and the backend
+captures the sample with the phrase and ``model_families == ["sam3"]``.
 
 Same browser rules as ``tests/test_e2e_ui.py`` (Debian's chromium, loopback only); screenshots go to
 ``tests/artifacts/sam3_ui_*.png`` (git-ignored).
@@ -27,6 +28,7 @@ from sam3_fixtures import LOW_THRESHOLD
 from test_e2e_ui import STEP_TIMEOUT_MS, browser_page  # noqa: F401  (browser_page: the fixture, reused)
 
 from backend.brush import rle_to_mask
+from backend.dataset import Dataset
 from backend.regions import MESSAGE_ID
 
 pytest_plugins = ["ls_fixtures", "redis_fixtures", "sam3_fixtures"]
@@ -137,4 +139,11 @@ def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
     [saved] = [a for a in client.annotations(task["id"]) if a["id"] == annotation_id]
     kept = [r for r in saved["result"] if r["type"] == "brushlabels"]
     assert len(kept) == n and all(r["origin"] == "prediction" for r in kept)
+
+    # Captured like LISA's answers, recording the family that proposed the masks (one mask per label).
+    dataset = e2e.stack.workdir / "model_dir" / "dataset" / f"project-{project['id']}"
+    sample = f"ls-{project['id']}-{annotation_id}"
+    wait_for(lambda: (dataset / "samples" / f"{sample}.json").exists(), 30, "the captured sample")
+    record = Dataset.open(dataset, create=False).read_sample(sample)
+    assert record["queries"] == [PHRASE] and record["model_families"] == ["sam3"], record
 
