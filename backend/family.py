@@ -60,6 +60,15 @@ def with_scores(pred: dict[str, Any], family: str) -> dict[str, Any]:
     return pred
 
 
+def refined_ids(settings: ProjectSettings, regions: list[str]) -> list[str]:
+    """The region ids a click's answer takes over (so that accepting it replaces them). LISA's answer is one
+    object, refined as a whole; a SAM 3 concept answer is many instances and a click segments one object, so the
+    clicked mask replaces a region only when the task's last answer had a single one (e.g. an earlier click)."""
+    if settings.family in SCORED_FAMILIES and len(regions) > 1:
+        return []
+    return regions
+
+
 def region_meta(settings: ProjectSettings) -> dict[str, Any]:
     """What every region a project's model proposes records of it (the family, read back by capture)."""
     return {"family": settings.family}

@@ -302,7 +302,7 @@ def refine(state: BackendState, setup: LabelingSetup, project: str, settings: Pr
     if not result.ok:
         return interactive_error(setup, _status(result.error_code), f"{result.error_code}: {result.error_message}")
     query = memory.query or ""
-    pred = _prediction(result, setup, settings, query, message=True, ids=memory.regions,
+    pred = _prediction(result, setup, settings, query, message=True, ids=families.refined_ids(settings, memory.regions),
                        meta={"refined": {"points": points, "box": merged.box}})
     if not query and not any(r["type"] in MASK_TYPES for r in pred["result"]) and setup.message_name:
         pred["result"] = [message_region(setup, f"{settings.model_name} found nothing at these clicks")]

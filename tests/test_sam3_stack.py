@@ -218,3 +218,17 @@ def test_no_sam3_worker_is_said_at_once(stack, start_backend):
     answer = requests.post(lonely.url + "/predict", json=body, timeout=30)
     _, said = split(answer.json()["results"][0])
     assert said and said[0].startswith("no SAM 3 worker is running: start one with `lisa-ls worker --model")
+
+
+def test_a_click_after_a_concept_query_adds_one_object_and_later_clicks_refine_it(stack):
+    """A concept answer holds many instances; a click segments one object, so it takes over no instance's id (its
+    mask would replace an unrelated instance on accept); the next click refines that clicked region."""
+    backend, _ = stack
+    [pred] = predict(backend, SAM3_PROJECT, {"result": [textarea(PHRASE)]}, tid=8).json()["results"]
+    instances = {r["id"] for r in split(pred)[0]}
+    assert len(instances) > 1
+    first, _ = split(predict(backend, SAM3_PROJECT, {"result": [click(30.0, 40.0)]}, tid=8).json()["results"][0])
+    second, _ = split(predict(backend, SAM3_PROJECT, {"result": [click(30.0, 40.0), click(60.0, 50.0, "k2")]},
+                              tid=8).json()["results"][0])
+    assert len(first) == len(second) == 1 and first[0]["id"] not in instances and second[0]["id"] == first[0]["id"]
+    assert first[0]["meta"]["question"] == PHRASE and len(second[0]["meta"]["refined"]["points"]) == 2
