@@ -16,6 +16,7 @@ Same browser rules as ``tests/test_e2e_ui.py`` (Debian's chromium, loopback only
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,8 @@ pytestmark = pytest.mark.slow
 
 #: What an annotator types: a noun phrase, put to SAM 3 as typed.
 PHRASE = "shape"
+#: Where the click test clicks, in pixels of the fixture picture (640 x 480): inside the red disc.
+CLICK_AT = (151, 155)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +54,7 @@ def test_a_noun_phrase_on_a_sam3_project_suggests_every_instance(sam3_stack: Lis
                                                                  e2e_artifacts: Path, browser_page, sam3_predictor):  # noqa: F811
     page, _blocked = browser_page
     e2e = E2E(label_studio, sam3_stack, e2e_artifacts)
-    for old in e2e.artifacts.glob("sam3_ui_*.png"):
+    for old in e2e.artifacts.glob("sam3_ui_0*.png"):
         old.unlink()
 
     def shot(name: str) -> None:
@@ -67,25 +70,26 @@ def test_a_noun_phrase_on_a_sam3_project_suggests_every_instance(sam3_stack: Lis
         print(f"UI screenshots: {e2e.artifacts}/sam3_ui_*.png")
 
 
-def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
+def sam3_project(e2e: E2E, title: str) -> tuple[dict, dict, np.ndarray]:
+    """A project with the fixture picture, connected to the SAM 3 stack with a low threshold: (project, task, RGB)."""
     client = e2e.client
     assert [w["family"] for w in e2e.stack.health()["workers"]] == ["sam3"]
-    project = client.create_project("e2e sam3 ui")
+    project = client.create_project(title)
     [task] = client.upload_images(project["id"], [case_png(1)])
-    client.connect_ml_backend(project["id"], e2e.stack.url, title="SAM 3 (e2e ui)",
+    client.connect_ml_backend(project["id"], e2e.stack.url, title=f"SAM 3 ({title})",
                               extra_params={"model": "sam3", "score_threshold": LOW_THRESHOLD})
     with Image.open(case_png(1)) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    height, width = rgb.shape[:2]
-    # What SAM 3 itself finds on the same weights, picture and threshold.
-    expected = predictor.find(predictor.encode(rgb), PHRASE, LOW_THRESHOLD)
-    assert len(expected.scores) >= 2, "the tiny SAM 3 must find several instances for this test to mean anything"
+        return project, task, np.asarray(im.convert("RGB"))
 
+
+def open_task(e2e: E2E, page, project: dict, task: dict) -> None:
+    """Log in (unless the browser already is), open the task in the labeling UI, switch Auto-Annotation on."""
     page.goto(f"{e2e.ls.url}/user/login/")
-    page.fill("input[name=email]", USERNAME)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(lambda url: "/user/login" not in url)
+    if "/user/login" in page.url:  # a logged-in browser is sent on to its projects
+        page.fill("input[name=email]", USERNAME)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(lambda url: "/user/login" not in url)
 
     page.goto(f"{e2e.ls.url}/projects/{project['id']}/data?task={task['id']}")
     submit = page.get_by_test_id("bottombar-submit-button")
@@ -98,6 +102,17 @@ def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
     if not toggle.is_checked():
         page.get_by_text("Auto-Annotation", exact=True).click()
     wait_for(toggle.is_checked, 10, "Auto-Annotation to be on")
+
+
+def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
+    client = e2e.client
+    project, task, rgb = sam3_project(e2e, "e2e sam3 ui")
+    height, width = rgb.shape[:2]
+    # What SAM 3 itself finds on the same weights, picture and threshold.
+    expected = predictor.find(predictor.encode(rgb), PHRASE, LOW_THRESHOLD)
+    assert len(expected.scores) >= 2, "the tiny SAM 3 must find several instances for this test to mean anything"
+    open_task(e2e, page, project, task)
+    submit = page.get_by_test_id("bottombar-submit-button")
     shot("01_task_opened")
 
     prompt = page.get_by_test_id("textarea-input")
@@ -147,3 +162,47 @@ def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
     record = Dataset.open(dataset, create=False).read_sample(sample)
     assert record["queries"] == [PHRASE] and record["model_families"] == ["sam3"], record
 
+
+
+def test_a_click_without_query_on_a_sam3_project_is_the_trackers_mask(sam3_stack: LisaStack,
+                                                                      label_studio: LabelStudio, e2e_artifacts: Path,
+                                                                      browser_page, sam3_predictor):  # noqa: F811
+    """Plain interactive segmentation: the smart key point, no query typed, gives one region, SAM 3's tracker
+    mask for that point on the cached embedding (the same mask and score the predictor's own click gives)."""
+    page, _blocked = browser_page
+    e2e = E2E(label_studio, sam3_stack, e2e_artifacts)
+    project, task, rgb = sam3_project(e2e, "e2e sam3 click")
+    height, width = rgb.shape[:2]
+    try:
+        open_task(e2e, page, project, task)
+        page.locator("button.lsf-tool_smart").first.hover()
+        page.locator(".lsf-tool__extra button[aria-label='key-point-tool']").click()
+        page.locator(".lsf-label", has_text="Include").first.click()
+        image = page.evaluate(  # the labeling image: the largest (the task list shows a thumbnail)
+            "() => { const i = Array.from(document.querySelectorAll('img')).sort((a, b) =>"
+            " b.width * b.height - a.width * a.height)[0]; i.scrollIntoView({block: 'center'});"
+            " const r = i.getBoundingClientRect(); return {x: r.x, y: r.y, width: r.width, height: r.height}; }")
+        x = image["x"] + CLICK_AT[0] / width * image["width"]
+        y = image["y"] + CLICK_AT[1] / height * image["height"]
+        with page.expect_request(lambda r: "interactive-annotating" in r.url) as sent, \
+                page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=STEP_TIMEOUT_MS) as got:
+            page.mouse.click(x, y)
+        [point] = json.loads(sent.value.post_data)["context"]["result"]
+        assert point["type"] == "keypointlabels" and point["value"]["keypointlabels"] == ["Include"]
+        # The click in pixels, as the backend reads Label Studio's percent.
+        px, py = point["value"]["x"] * width / 100, point["value"]["y"] * height / 100
+        assert abs(px - CLICK_AT[0]) < 3 and abs(py - CLICK_AT[1]) < 3, (px, py)
+        body = got.value.json()
+        assert "errors" not in body, body
+        [region] = [r for r in body["data"]["result"] if r["type"] == "brushlabels"]
+        clicked = sam3_predictor.click(sam3_predictor.encode(rgb), [(px, py, 1)], None)
+        mask = rle_to_mask(region["value"]["rle"], height, width)
+        assert clicked.mask.any() and float(np.mean(mask != clicked.mask)) <= 0.001
+        assert region["score"] == pytest.approx(float(clicked.score), abs=1e-4)
+        assert region["meta"]["family"] == "sam3" and region["origin"] == "prediction"
+        page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for()
+        page.screenshot(path=str(e2e.artifacts / "sam3_ui_click.png"))
+    except Exception:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(e2e.artifacts / "sam3_ui_click_failure.png"))
+        raise
