@@ -29,16 +29,13 @@ def check_phrase(phrase: str, tokenizer, limit: int) -> str:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable character table of byte-level BPE (GPT-2 / CLIP): printable Latin-1 bytes stand for
-    themselves, the others are moved past U+0100 so that every byte has a visible, non-space character."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shifted)
-            shifted += 1
+    """The byte -> printable character table of byte-level BPE (GPT-2 / CLIP), in its usual order (which fixes
+    the token ids): the printable Latin-1 bytes stand for themselves and come first; the others follow, moved past
+    U+0100 so that every byte has a visible, non-space character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {b: chr(b) for b in printable}
+    for shifted, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + shifted)
     return table
 
 
