@@ -22,11 +22,11 @@ from typing import Any
 from backend.inputs import Refusal
 from backend.project import MODEL_KEY, THRESHOLD_KEY, ProjectSettings
 from backend.shapes import MASK_TYPES
-from worker.client.defaults import DEFAULT_FAMILY, FAMILY_NAMES
+from worker.client.defaults import CONCEPT_FAMILIES, DEFAULT_FAMILY, FAMILY_NAMES
 from worker.client.queue import JobQueue
 
 #: Families whose result scores are calibrated probabilities, shown as each region's ``score``.
-SCORED_FAMILIES = ("sam3",)
+SCORED_FAMILIES = CONCEPT_FAMILIES
 
 
 def no_worker_message(family: str, then: str = "try again") -> str:

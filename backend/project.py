@@ -42,7 +42,7 @@ from backend.multiclass import QUERIES_KEY, check_queries
 from backend.polygons import TOLERANCE_KEY, check_tolerance
 from backend.query import QueryError, clean_query, phrasing
 from backend.state import redis_call
-from worker.client.defaults import DEFAULT_FAMILY, FAMILY_NAMES
+from worker.client.defaults import CONCEPT_FAMILIES, DEFAULT_FAMILY, FAMILY_NAMES
 from worker.client.queue import JobQueue
 
 #: How long a project's settings are kept without a ``/setup`` (Label Studio calls it on every model-card visit).
@@ -114,9 +114,8 @@ def _tolerance(key: str, value: object) -> float:
 
 #: The Extra params key naming the project's model family, and the families' names in messages.
 MODEL_KEY = "model"
-#: The Extra params key of a concept query's score threshold, and the families whose jobs take one.
+#: The Extra params key of a concept query's score threshold (families of ``CONCEPT_FAMILIES`` only).
 THRESHOLD_KEY = "score_threshold"
-THRESHOLD_FAMILIES = ("sam3",)
 
 
 def _family(key: str, value: object) -> str:
@@ -157,7 +156,8 @@ class ProjectSettings:
     polygon_tolerance: float
     #: The model family answering the project's jobs (:data:`worker.client.defaults.FAMILY_NAMES`).
     family: str = DEFAULT_FAMILY
-    #: A concept query's score threshold (families of :data:`THRESHOLD_FAMILIES`); ``None``: the model's own.
+    #: A concept query's score threshold (:data:`~worker.client.defaults.CONCEPT_FAMILIES`); ``None``: the
+    #: model's own.
     score_threshold: float | None = None
 
     @property
@@ -215,9 +215,9 @@ def check_extra_params(extra: object, config: BackendConfig, setup: LabelingSetu
     values = {key: KEYS[key](key, value) for key, value in extra.items()}
     ProjectSettings.resolve(values, config)  # the templates, together
     family = values.get(MODEL_KEY, DEFAULT_FAMILY)
-    if THRESHOLD_KEY in values and family not in THRESHOLD_FAMILIES:
+    if THRESHOLD_KEY in values and family not in CONCEPT_FAMILIES:
         raise SettingsError(f"extra_params '{THRESHOLD_KEY}' is a setting of "
-                            f"{' and '.join(FAMILY_NAMES[f] for f in THRESHOLD_FAMILIES)} projects; this one uses "
+                            f"{' and '.join(FAMILY_NAMES[f] for f in CONCEPT_FAMILIES)} projects; this one uses "
                             f"{FAMILY_NAMES[family]} (set \"{MODEL_KEY}\" too, or use 'min_score')")
     if setup is not None and values.get("label") and values["label"] not in setup.labels:
         raise SettingsError(f"extra_params 'label' is {values['label']!r}, which is not a label of the config's "

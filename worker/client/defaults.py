@@ -48,6 +48,11 @@ FAMILY_NAMES = {"lisa": "LISA", "sam3": "SAM 3"}
 the name users read in messages. A family's jobs go to its own stream, ``{lisa}:jobs:<family>`` for every family
 but :data:`DEFAULT_FAMILY`, and only its workers read it: one Redis serves every family side by side."""
 
+CONCEPT_FAMILIES = ("sam3",)
+"""The families that answer concept prompts: a noun phrase -> every instance, each with a calibrated score, above a
+score threshold a job may set (``options["threshold"]``). The backend shows their scores and lets a project set the
+threshold; LISA answers a question with one mask per ``[SEG]`` and an uncalibrated score."""
+
 DEAD_LETTER_STREAM = "jobs:dead"
 """Stream (the ``kind`` of :meth:`QueueConfig.key`) that keeps jobs which failed ``MAX_ATTEMPTS`` deliveries, with
 the cause."""
