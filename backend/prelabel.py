@@ -122,6 +122,7 @@ class Prelabeler:
         self.queries: dict[str, str] | None = None  # label -> query, for a run over several labels
         self.labels = LabelCounts()
         self.family, self.options = DEFAULT_FAMILY, {}  # the project's model family, its jobs' options
+        self.label_prompted = False  # self.queries are the label names (a concept family, no query given)
 
     # ---- preparation (anything wrong here is a usage error: exit 2, nothing submitted) ----
 
@@ -176,6 +177,7 @@ class Prelabeler:
             where = "the model connection's Extra params 'queries'"
         if not given and self.o.query is None:
             given = families.label_prompts(self.family, self.setup.labels)
+            self.label_prompted = given is not None  # a task's own query still wins over the label names
             where = "the label names (as prompts)"
         if not given:
             return None
@@ -293,7 +295,9 @@ class Prelabeler:
         try:
             if not query and not self.queries:
                 raise QueryError(f"no query: the task has no '{field}' field and no --query was given")
-            asked = {label: (q, checked_query(q, self.family)) for label, q in (self.queries or {"": query}).items()}
+            own_first = self.label_prompted and query  # the label names prompt only tasks without a query
+            prompts = {"": query} if own_first or not self.queries else self.queries
+            asked = {label: (q, checked_query(q, self.family)) for label, q in prompts.items()}
             value = data.get(self.setup.image_field)
             if not value:
                 raise ImageFetchError(f"the task has no '{self.setup.image_field}' field (the <Image> value)")

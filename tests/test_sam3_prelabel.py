@@ -69,11 +69,14 @@ def sam3_prelabel_stack(tmp_path_factory, sam3_tiny):
 
 def test_label_names_prompt_their_own_instances(sam3_prelabel_stack, sam3_predictor):
     fake, env = sam3_prelabel_stack
-    pid = fake.add_project(["case1.png", "case2.png"])
+    pid = fake.add_project(["case1.png", "case2.png", "case3.png"], queries=[None, None, "bird"])
     fake.projects[pid]["label_config"] = CONFIG
     proc = prelabel(env, pid)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for tid, name in zip(fake.task_ids(pid), ("case1.png", "case2.png")):
+    *unprompted, own = fake.task_ids(pid)
+    [pred] = fake.predictions_of(own)  # a task with its own query keeps it: the label names are not asked
+    assert {r["meta"]["prompt"] for r in pred["result"]} <= {"bird"}
+    for tid, name in zip(unprompted, ("case1.png", "case2.png")):
         [pred] = fake.predictions_of(tid)
         assert pred["model_version"] == "sam3-tiny"
         with Image.open(FIXTURE / "cases" / name) as im:
