@@ -1,10 +1,10 @@
-"""Defaults of the model library that the command line needs without importing torch."""
+"""Defaults of the model library, and the "auto" device/dtype rule, importable without torch (the command line
+and the queue client read them; torch is imported only when "auto" has to be decided)."""
+
+from __future__ import annotations
 
 #: LISA's ``evaluate`` default; released v1 answers ("Sure, [SEG].") need fewer than 10 tokens.
 DEFAULT_MAX_NEW_TOKENS = 32
-
-#: Where a model runs when ``--device auto`` (the CLI's default for workers): CUDA when present, else CPU.
-AUTO_DEVICE = "auto"
 
 #: SAM 3's own score threshold (``Sam3Model``'s model card): a concept query returns every instance whose score
 #: (query logit x presence, both sigmoids) is above it. A job may ask for another in ``options["threshold"]``.
@@ -12,13 +12,21 @@ SAM3_SCORE_THRESHOLD = 0.5
 #: Probability above which a pixel of a SAM 3 instance mask is inside (``post_process_instance_segmentation``).
 SAM3_MASK_THRESHOLD = 0.5
 
+AUTO = "auto"
+"""The ``--device``/``--dtype`` value that lets :func:`resolve_device`/:func:`resolve_dtype` choose."""
+
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when a CUDA device is present, else ``"cpu"``; anything else as given.
-
-    torch is imported here, not at the top, so that this module stays importable without it."""
-    if device != AUTO_DEVICE:
+    """``device`` as given, or for ``"auto"`` CUDA when present, else the CPU."""
+    if device != AUTO:
         return device
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``dtype`` as given, or for ``"auto"`` bf16 on CUDA (half the memory, LISA's training dtype), fp32 on a CPU."""
+    if dtype != AUTO:
+        return dtype
+    return "bf16" if device.startswith("cuda") else "fp32"
