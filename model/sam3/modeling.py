@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.defaults import SAM3_MASK_THRESHOLD, SAM3_SCORE_THRESHOLD, resolve_device
+from model.defaults import SAM3_MASK_THRESHOLD, SAM3_SCORE_THRESHOLD, resolve_device, resolve_dtype
 from model.errors import CheckpointError, InputError
 from model.family import SAM3, family_of_config, read_config
 from model.sam3.configuration import FULL_MODEL_TYPE
@@ -118,10 +118,11 @@ class Sam3Predictor:
                 f"{model}: this is a {found.upper()} checkpoint (model_type {config.get('model_type')!r}), not SAM 3; "
                 "serve it with the LISA family, or pass a SAM 3 release such as facebook/sam3"
             )
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         if dtype not in DTYPES:
             raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         folder = _resolve_folder(model)
-        device = resolve_device(device)
         torch_dtype = DTYPES[dtype]
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the load reports list the other model's weights as unexpected

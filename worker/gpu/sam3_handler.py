@@ -30,7 +30,7 @@ from model.errors import InputError
 from model.family import SAM3
 from model.preprocess import load_image
 from model.sam3.modeling import Sam3Encoding, Sam3Predictor
-from worker.client.defaults import MAX_DECODED_PIXELS
+from worker.client.defaults import CACHE_BYTES, MAX_DECODED_PIXELS
 from worker.client.limits import image_shape_error
 from worker.client.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
 from worker.gpu.cache import EncodingCache
@@ -39,9 +39,9 @@ from worker.gpu.version import model_version
 
 log = logging.getLogger(__name__)
 
-#: Default bytes of encodings kept: the release's backbone output is 21 MB per image in fp32 (10.6 MB in bf16),
-#: so 1 GiB holds about 50 (100) images.
-DEFAULT_CACHE_BYTES = 1 << 30
+#: Default bytes of encodings kept (the worker's one setting): the release's backbone output is 21 MB per image in
+#: fp32 (10.6 MB in bf16), so 1 GiB holds about 50 (100) images.
+DEFAULT_CACHE_BYTES = CACHE_BYTES
 
 
 class Sam3Handler:
