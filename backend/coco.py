@@ -119,6 +119,7 @@ def export_coco(dataset: Dataset, out: Path) -> dict[str, Any]:
                     "query": queries[0] if queries else "", "queries": queries,
                     "origin": (sample.get("origins") or [None] * (k + 1))[k],
                     "model_version": (sample.get("model_versions") or [None] * (k + 1))[k],
+                    "model_family": (sample.get("model_families") or [None] * (k + 1))[k],
                     "lisa_sample": sample["id"],
                 })
                 next_annotation += 1

@@ -24,6 +24,7 @@ A sample file (``samples/<id>.json``, ``id`` = ``ls-<project>-<annotation>``) ho
 - ``origins``: per mask, ``prediction`` (a LISA mask accepted as is), ``prediction-changed`` (a LISA mask edited
   or extended) or ``manual`` (drawn by hand);
 - ``model_versions``: per mask, the model version that proposed it, or null (manual, or not recorded);
+- ``model_families``: per mask, the model family that proposed it (``lisa``, ``sam3``), or null (manual);
 - ``ignore`` (only when present): relative path of the ignore mask, from brush labels containing "ignore";
 - ``refinements``: metadata of the clicks behind the masks (``{"region", "points": [[x, y, label]...] in pixels,
   "box"}`` per refined region, and ``{"type", "value", "is_positive"}`` per key point or box left in the
@@ -80,7 +81,8 @@ ORIGINS = ("prediction", "prediction-changed", "manual")
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
               "TIFF": "tif", "AVIF": "avif"}
 #: The fields of a sample file, in the order they are written.
-FIELDS = ("id", "image", "width", "height", "queries", "labels", "masks", "origins", "model_versions", "ignore",
+FIELDS = ("id", "image", "width", "height", "queries", "labels", "masks", "origins", "model_versions",
+          "model_families", "ignore",
           "refinements", "split", "annotator", "created_at", "updated_at", "task_id", "annotation_id", "project_id",
           "source", "written_at")
 #: Fields of a sample that say when and how it was written, not what it holds.

@@ -32,6 +32,7 @@ import redis
 from flask import Blueprint, Response, jsonify, request
 
 from backend import capture
+from backend import family as families
 from backend import project as project_settings
 from backend.config import ENV_PREFIX
 from backend.errors import json_error
@@ -46,6 +47,7 @@ from backend.regions import message_region, with_note
 from backend.shapes import MASK_TYPES, prediction
 from backend.state import BackendState, current_state
 from worker.client.connection import RedisDown
+from worker.client.defaults import DEFAULT_FAMILY
 from worker.client.protocol import REFINE, Job, QueueError
 from worker.client.queue import BusyError, JobQueue
 
@@ -54,9 +56,9 @@ bp = Blueprint("protocol", __name__)
 Answer = Response | tuple[Response, int]
 
 
-def current_version(queue: JobQueue) -> str | None:
-    """The model version the workers serve (the most common one while a rollout is under way)."""
-    versions = [str(w["model_version"]) for w in queue.live_workers()
+def current_version(queue: JobQueue, family: str | None = None) -> str | None:
+    """The model version the workers (of ``family``: all without) serve (the most common one during a rollout)."""
+    versions = [str(w["model_version"]) for w in queue.live_workers(family)
                 if w.get("model_version") and w.get("state") != "draining"]
     return max(set(versions), key=versions.count) if versions else None
 
@@ -79,10 +81,16 @@ def setup() -> Answer:
         return json_error(422, str(e))
     if project and "extra_params" in body:  # an emptied Extra params forgets the old ones
         project_settings.save(state.queue, project, values)  # RedisDown -> 503 (backend.errors)
-    version = current_version(state.queue)
+    if "extra_params" in body or not project:
+        family = values.get(project_settings.MODEL_KEY, DEFAULT_FAMILY)
+    else:  # Label Studio's model card asks again without the params: the stored ones say
+        try:
+            family = project_settings.load(state.queue, project, state.config).family
+        except SettingsError:
+            family = DEFAULT_FAMILY
+    version = current_version(state.queue, family)
     if version is None:
-        return json_error(503, "no LISA worker is running: start one with `lisa-ls worker --model ...` "
-                               "(or `lisa-ls up`), then validate the connection again")
+        return json_error(503, families.no_worker_message(family, "validate the connection again"))
     return jsonify({"model_version": version})
 
 
@@ -199,11 +207,13 @@ def _segment(call: Call, tasks: list[dict], wanted: list[tuple[int, str]], *, in
     for clicks, under the call's project."""
     state, setup, settings, project, started = call.state, call.setup, call.settings, call.project, call.started
     config, deadline = state.config, call.deadline
+    queue = families.family_queue(state.queue, settings)
+    families.require_worker(queue, settings)  # a family no worker serves: say so now, not at the deadline
     problems: dict[int, Exception] = {}
     asked: list[tuple[int, str, str, object]] = []  # (task index, query, checked query, image value)
     for i, query in wanted:
         try:
-            asked.append((i, query, checked_query(query), image_value(tasks[i], setup)))
+            asked.append((i, query, checked_query(query, settings.family), image_value(tasks[i], setup)))
         except (QueryError, ImageFetchError) as e:
             problems[i] = e
     jobs: dict[int, tuple[Job, FetchedImage, object]] = {}
@@ -218,10 +228,10 @@ def _segment(call: Call, tasks: list[dict], wanted: list[tuple[int, str]], *, in
                                           f"({ENV_PREFIX}PREDICT_DEADLINE_S) passed while its image was fetched; "
                                           "nothing was queued", "timeout")
             continue
-        job = Job(image=state.queue.put_image(image.data), query=checked, phrasing=settings.phrasing,
-                  deadline=deadline, options={"query": query, "task": task_id(tasks[i], i)})
+        job = Job(image=queue.put_image(image.data), query=checked, phrasing=settings.job_phrasing,
+                  deadline=deadline, options={"query": query, "task": task_id(tasks[i], i), **settings.job_options()})
         try:
-            state.queue.submit(job)
+            queue.submit(job)
         except BusyError as e:
             if interactive:
                 raise  # -> "busy" in the message TextArea (predict)
@@ -238,7 +248,7 @@ def _segment(call: Call, tasks: list[dict], wanted: list[tuple[int, str]], *, in
         results[i] = {"error": str(e)}
         log.warning("task %s: %s", tasks[i].get("id"), e)
     for i, (job, image, value) in sorted(jobs.items()):
-        result = state.queue.wait(job, timeout=max(0.0, deadline - time.time()))
+        result = queue.wait(job, timeout=max(0.0, deadline - time.time()))
         if not result.ok:
             message = f"{result.error_code}: {result.error_message}"
             if interactive:
@@ -262,13 +272,15 @@ def _prediction(result: Any, setup: LabelingSetup, settings: ProjectSettings, qu
     """A worker's masks as a prediction, with the project's label, instance splitting and noise thresholds;
     ``message``: an interactive answer, which always carries the message TextArea (see :func:`prediction`).
     Each region's ``meta.question`` is the question the worker put to LISA for ``query``."""
+    kw["meta"] = {**families.region_meta(settings), **kw.get("meta", {})}
     if result.question:
-        kw["meta"] = {"question": result.question, **kw.get("meta", {})}
+        kw["meta"] = {"question": result.question, **kw["meta"]}
     label = setup.choose_label(query, settings.label)
     pred = prediction(result.mask_array(), result.scores, setup, label, result.model_version, query,
                       settings.split_instances, min_score=settings.min_score, min_area=settings.min_area,
-                      tolerance=settings.polygon_tolerance, message=message, **kw)
-    return with_note(pred, setup, result.note)  # e.g. the offline demo model saying what it is
+                      tolerance=settings.polygon_tolerance, message=message, model_name=settings.model_name, **kw)
+    # the note: e.g. the offline demo model saying what it is
+    return with_note(families.with_scores(pred, settings.family), setup, result.note)
 
 
 def refine(call: Call, task: dict, context: dict) -> Answer:
@@ -278,6 +290,8 @@ def refine(call: Call, task: dict, context: dict) -> Answer:
     if not setup.click_names or not click_items(context, setup):  # e.g. the call after Submit, with an empty context
         return jsonify(_EMPTY)
     tid = task_id(task, 0)
+    queue = families.family_queue(state.queue, settings)
+    families.require_worker(queue, settings)
     memory = TaskMemory.load(state.queue, project, tid)
     deadline = call.deadline
     try:
@@ -292,7 +306,7 @@ def refine(call: Call, task: dict, context: dict) -> Answer:
         if memory.image not in (None, key):
             memory = TaskMemory()  # the task's image changed: its query and clicks were about another picture
         merged = memory.merge(clicks)
-        checked = checked_query(memory.query) if memory.query else ""
+        checked = checked_query(memory.query, settings.family) if memory.query else ""
     except (ImageFetchError, RefineError, QueryError) as e:
         return interactive_error(setup, _fetch_status(e), str(e))
     memory.image, memory.points, memory.box = key, merged.points, merged.box
@@ -302,20 +316,20 @@ def refine(call: Call, task: dict, context: dict) -> Answer:
         said = [message_region(setup, "")] if setup.message_name else []  # an answer: clear the last message
         return jsonify({"results": [{"result": said, "score": 0}]})
     points = list(merged.points.values())
-    job = Job(image=key, kind=REFINE, query=checked, phrasing=settings.phrasing, deadline=deadline,
+    job = Job(image=key, kind=REFINE, query=checked, phrasing=settings.job_phrasing, deadline=deadline,
               options={"points": points, "box": merged.box, "query": memory.query, "task": tid})
     if job.expired():
         return interactive_error(setup, 504, f"the request's {state.config.predict_deadline_s:g} s deadline "
                                              f"({ENV_PREFIX}PREDICT_DEADLINE_S) passed before the click was queued")
-    state.queue.submit(job)  # BusyError -> "busy" (predict)
-    result = state.queue.wait(job, timeout=max(0.0, job.remaining()))
+    queue.submit(job)  # BusyError -> "busy" (predict)
+    result = queue.wait(job, timeout=max(0.0, job.remaining()))
     if not result.ok:
         return interactive_error(setup, _status(result.error_code), f"{result.error_code}: {result.error_message}")
     query = memory.query or ""
-    pred = _prediction(result, setup, settings, query, message=True, ids=memory.regions,
+    pred = _prediction(result, setup, settings, query, message=True, ids=families.refined_ids(settings, memory.regions),
                        meta={"refined": {"points": points, "box": merged.box}})
     if not query and not any(r["type"] in MASK_TYPES for r in pred["result"]) and setup.message_name:
-        pred["result"] = [message_region(setup, "LISA found nothing at these clicks")]
+        pred["result"] = [message_region(setup, f"{settings.model_name} found nothing at these clicks")]
     memory.regions = [r["id"] for r in pred["result"] if r["type"] in MASK_TYPES] or memory.regions
     memory.save(state.queue, project, tid)
     log.info("task %s: refined %r with %d point(s)%s -> %d region(s) in %.2f s%s", tid, query, len(points),

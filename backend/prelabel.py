@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from backend import family as families
 from backend.config import ENV_PREFIX, BackendConfig
 from backend.images import FetchSettings, ImageFetcher, ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
@@ -68,6 +69,7 @@ from backend.prelabel_progress import Progress, StateFile
 from backend.query import QueryError, checked_query, phrasing
 from backend.shapes import MASK_TYPES, prediction
 from worker.client.connection import RedisDown, connect
+from worker.client.defaults import DEFAULT_FAMILY, FAMILY_NAMES
 from worker.client.protocol import Job
 from worker.client.queue import BusyError, JobQueue
 
@@ -119,6 +121,8 @@ class Prelabeler:
         self.busy_waits = 0  # chunks the queue refused as busy (reported in the state file's run record)
         self.queries: dict[str, str] | None = None  # label -> query, for a run over several labels
         self.labels = LabelCounts()
+        self.family, self.options = DEFAULT_FAMILY, {}  # the project's model family, its jobs' options
+        self.label_prompted = False  # self.queries are the label names (a concept family, no query given)
 
     # ---- preparation (anything wrong here is a usage error: exit 2, nothing submitted) ----
 
@@ -141,14 +145,18 @@ class Prelabeler:
         if self.o.label is not None and self.o.label not in self.setup.labels:
             raise UsageError(f"--label {self.o.label!r} is not a label of the project's <BrushLabels "
                              f"name=\"{self.setup.brush_name}\">: choose one of {', '.join(self.setup.labels)}")
+        try:  # the connection's Extra params "model": the family whose workers answer (backend.family)
+            self.family, self.options = families.connection_settings(self.client.ml_backends(self.o.project))
+        except LabelStudioError:
+            self.family, self.options = DEFAULT_FAMILY, {}
+        self.queue = self.queue.for_family(self.family)
         self.queries = self._label_queries()
         try:
-            version = current_version(self.queue)
+            version = current_version(self.queue, self.family)
         except RedisDown as e:
             raise UsageError(f"{e}: check REDIS_URL") from e
         if version is None:
-            raise UsageError("no LISA worker is running: start one with `lisa-ls worker --model ...` (or "
-                             "`lisa-ls up`) with the same REDIS_URL, then run prelabel again")
+            raise UsageError(families.no_worker_message(self.family, "run prelabel again (same REDIS_URL)"))
         self.version = version
 
     def _label_queries(self) -> dict[str, str] | None:
@@ -167,6 +175,10 @@ class Prelabeler:
             except QueriesError as e:
                 raise UsageError(str(e)) from e
             where = "the model connection's Extra params 'queries'"
+        if not given and self.o.query is None:
+            given = families.label_prompts(self.family, self.setup.labels)
+            self.label_prompted = given is not None  # a task's own query still wins over the label names
+            where = "the label names (as prompts)"
         if not given:
             return None
         try:
@@ -175,7 +187,7 @@ class Prelabeler:
             raise UsageError(str(e)) from e
         for label, query in queries.items():
             try:
-                checked_query(query)
+                checked_query(query, self.family)
             except QueryError as e:
                 raise UsageError(f"{where}: the query of '{label}': {e}") from e
         return queries
@@ -283,7 +295,9 @@ class Prelabeler:
         try:
             if not query and not self.queries:
                 raise QueryError(f"no query: the task has no '{field}' field and no --query was given")
-            asked = {label: (q, checked_query(q)) for label, q in (self.queries or {"": query}).items()}
+            own_first = self.label_prompted and query  # the label names prompt only tasks without a query
+            prompts = {"": query} if own_first or not self.queries else self.queries
+            asked = {label: (q, checked_query(q, self.family)) for label, q in prompts.items()}
             value = data.get(self.setup.image_field)
             if not value:
                 raise ImageFetchError(f"the task has no '{self.setup.image_field}' field (the <Image> value)")
@@ -296,8 +310,8 @@ class Prelabeler:
         works = []
         for label, (text, checked) in asked.items():
             label = label or self.o.label or self.setup.choose_label(text, self.config.default_label)
-            job = Job(image=key, query=checked, phrasing=self.phrasing,
-                      options={"query": text, "task": task_id, "source": "prelabel"})
+            job = Job(image=key, query=checked, phrasing=self.phrasing if self.family == DEFAULT_FAMILY else None,
+                      options={"query": text, "task": task_id, "source": "prelabel", **self.options})
             works.append(_Work(task_id, text, label, job, group))
         return works
 
@@ -335,10 +349,11 @@ class Prelabeler:
         if not result.ok:
             group.fail(f"{work.label + ': ' if self.queries else ''}{result.error_code}: {result.error_message}")
         else:
-            group.add(work.label, prediction(
+            group.add(work.label, families.with_scores(prediction(
                 result.mask_array(), result.scores, self.setup, work.label, result.model_version or self.version,
                 work.query, bool(self.config.split_instances), min_score=self.config.min_score,
-                min_area=self.config.min_area, tolerance=self.config.polygon_tolerance))
+                min_area=self.config.min_area, tolerance=self.config.polygon_tolerance,
+                meta={"family": self.family}, model_name=FAMILY_NAMES[self.family]), self.family))
         if not group.complete:
             return
         if group.errors:

@@ -19,7 +19,13 @@ Key                  Meaning                                                    
 ``sentence_template`` question for a sentence (``{}`` is the sentence)                  LISA_LS_SENTENCE_TEMPLATE
 ``queries``          ``{label: query}``: multi-class pre-labelling (:mod:`backend.multiclass`) (none)
 ``polygon_tolerance`` polygon simplification in pixels (:mod:`backend.polygons`)         LISA_LS_POLYGON_TOLERANCE
+``model``            the model family serving the project: ``lisa`` or ``sam3``          ``lisa``
+``score_threshold``  SAM 3 only: a concept query keeps the instances scoring above this    the model's own (0.5)
 ==================== ================================================================== ====================
+
+A project's ``model`` decides which workers answer it (each family has its own job stream,
+:data:`worker.client.defaults.FAMILY_NAMES`), so one backend and one Redis serve LISA and SAM 3 projects at once.
+LISA's phrasing templates are ignored by SAM 3, which takes the noun phrase as typed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from backend.multiclass import QUERIES_KEY, check_queries
 from backend.polygons import TOLERANCE_KEY, check_tolerance
 from backend.query import QueryError, clean_query, phrasing
 from backend.state import redis_call
+from worker.client.defaults import CONCEPT_FAMILIES, DEFAULT_FAMILY, FAMILY_NAMES
 from worker.client.queue import JobQueue
 
 #: How long a project's settings are kept without a ``/setup`` (Label Studio calls it on every model-card visit).
@@ -105,11 +112,32 @@ def _tolerance(key: str, value: object) -> float:
         raise SettingsError(str(e)) from e
 
 
+#: The Extra params key naming the project's model family, and the families' names in messages.
+MODEL_KEY = "model"
+#: The Extra params key of a concept query's score threshold (families of ``CONCEPT_FAMILIES`` only).
+THRESHOLD_KEY = "score_threshold"
+
+
+def _family(key: str, value: object) -> str:
+    known = ", ".join(f"{f!r} ({name})" for f, name in FAMILY_NAMES.items())
+    if not isinstance(value, str) or value.strip().lower() not in FAMILY_NAMES:
+        raise SettingsError(f"extra_params '{key}' is {json.dumps(value)[:40]}, which is no model family lisa-ls "
+                            f"serves; the families are {known}")
+    return value.strip().lower()
+
+
+def _threshold(key: str, value: object) -> float:
+    number = _number(key, value)
+    if not 0 <= number <= 1:
+        raise SettingsError(f"extra_params '{key}' must be a score from 0 to 1, not {value}")
+    return number
+
+
 #: Every key Extra params may set, with its check (which returns the typed value).
 KEYS: dict[str, Callable[[str, object], Any]] = {
     "default_query": _query, "query_field": _field, "label": _text, "split_instances": _flag, "min_score": _number,
     "min_area": _count, "phrase_template": _text, "sentence_template": _text, QUERIES_KEY: _queries,
-    TOLERANCE_KEY: _tolerance,
+    TOLERANCE_KEY: _tolerance, MODEL_KEY: _family, THRESHOLD_KEY: _threshold,
 }
 
 
@@ -126,6 +154,26 @@ class ProjectSettings:
     #: The templates sent with each job (``Job.phrasing``): the worker phrases the query with them.
     phrasing: dict[str, str]
     polygon_tolerance: float
+    #: The model family answering the project's jobs (:data:`worker.client.defaults.FAMILY_NAMES`).
+    family: str = DEFAULT_FAMILY
+    #: A concept query's score threshold (:data:`~worker.client.defaults.CONCEPT_FAMILIES`); ``None``: the
+    #: model's own.
+    score_threshold: float | None = None
+
+    @property
+    def model_name(self) -> str:
+        """The family's name as users read it ("LISA", "SAM 3")."""
+        return FAMILY_NAMES[self.family]
+
+    def job_options(self) -> dict[str, Any]:
+        """What every segmentation job of the project carries for its family (a threshold, when one is set)."""
+        return {"threshold": self.score_threshold} if self.score_threshold is not None else {}
+
+    @property
+    def job_phrasing(self) -> dict[str, str] | None:
+        """The jobs' ``phrasing``: the project's templates for LISA; ``None`` (the query verbatim) for a family
+        that takes the text as typed (SAM 3's noun phrases)."""
+        return self.phrasing if self.family == DEFAULT_FAMILY else None
 
     @classmethod
     def resolve(cls, values: dict[str, Any], config: BackendConfig) -> ProjectSettings:
@@ -141,7 +189,8 @@ class ProjectSettings:
                    split_instances=values.get("split_instances", bool(config.split_instances)),
                    min_score=values.get("min_score", config.min_score),
                    min_area=values.get("min_area", config.min_area), phrasing=templates,
-                   polygon_tolerance=values.get(TOLERANCE_KEY, config.polygon_tolerance))
+                   polygon_tolerance=values.get(TOLERANCE_KEY, config.polygon_tolerance),
+                   family=values.get(MODEL_KEY, DEFAULT_FAMILY), score_threshold=values.get(THRESHOLD_KEY))
 
 
 def check_extra_params(extra: object, config: BackendConfig, setup: LabelingSetup | None = None) -> dict[str, Any]:
@@ -165,6 +214,11 @@ def check_extra_params(extra: object, config: BackendConfig, setup: LabelingSetu
         raise SettingsError(f"extra_params has the unknown key {unknown[0]!r}; the keys are {', '.join(KEYS)}")
     values = {key: KEYS[key](key, value) for key, value in extra.items()}
     ProjectSettings.resolve(values, config)  # the templates, together
+    family = values.get(MODEL_KEY, DEFAULT_FAMILY)
+    if THRESHOLD_KEY in values and family not in CONCEPT_FAMILIES:
+        raise SettingsError(f"extra_params '{THRESHOLD_KEY}' is a setting of "
+                            f"{' and '.join(FAMILY_NAMES[f] for f in CONCEPT_FAMILIES)} projects; this one uses "
+                            f"{FAMILY_NAMES[family]} (set \"{MODEL_KEY}\" too, or use 'min_score')")
     if setup is not None and values.get("label") and values["label"] not in setup.labels:
         raise SettingsError(f"extra_params 'label' is {values['label']!r}, which is not a label of the config's "
                             f"<BrushLabels name=\"{setup.brush_name}\"> ({', '.join(setup.labels)})")

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import unicodedata
 
+from worker.client.defaults import FAMILY_NAMES
 from worker.client.protocol import check_phrasing
 
 #: Longest query accepted, in characters: LISA's prompts are a sentence or two; 1000 leaves room for detail.
 MAX_QUERY_CHARS = 1000
+
+#: Longest query, in words, of the families with a short text encoder: SAM 3 reads 32 CLIP tokens, 30 of them the
+#: phrase's, and every word is at least one token, so a longer phrase can never fit. The worker counts the tokens
+#: exactly and refuses the rest (``bad_input``, shown in the same message area).
+MAX_QUERY_WORDS = {"sam3": 30}
 
 
 class QueryError(ValueError):
@@ -40,9 +46,15 @@ def phrasing(phrase_template: str, sentence_template: str) -> dict[str, str]:
     return check_phrasing({k: v for k, v in (("phrase", phrase_template), ("sentence", sentence_template)) if v})
 
 
-def checked_query(query: object) -> str:
-    """:func:`clean_query`, refusing a query that is empty once cleaned."""
+def checked_query(query: object, family: str | None = None) -> str:
+    """:func:`clean_query`, refusing a query that is empty once cleaned, or longer than ``family``'s model reads
+    (:data:`MAX_QUERY_WORDS`)."""
     text = clean_query(query)
     if not text:
         raise QueryError("the query is empty")
+    limit = MAX_QUERY_WORDS.get(family or "")
+    if limit is not None and len(text.split()) > limit:
+        name = FAMILY_NAMES[family or ""]
+        raise QueryError(f"the query has {len(text.split())} words; this project's model ({name}) reads a short "
+                         f"noun phrase of at most {limit} words (e.g. 'yellow school bus'). Shorten it.")
     return text

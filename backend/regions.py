@@ -123,16 +123,16 @@ def message_region(setup: LabelingSetup, text: str) -> dict[str, Any]:
             "value": {"text": [text] if text else []}, "readonly": True}
 
 
-def capped_message(query: str, found: int, kept: int) -> str:
+def capped_message(query: str, found: int, kept: int, model_name: str = "LISA") -> str:
     """What the message TextArea says when an answer split into more instances than it may hold."""
-    return (f"LISA found {found} separate regions for '{query}'; showing the {kept} largest (at most {kept} per "
-            "answer). Turn split_instances off for this project to get the whole mask as one region.")
+    return (f"{model_name} found {found} separate regions for '{query}'; showing the {kept} largest (at most {kept} "
+            "per answer). Turn split_instances off for this project to get the whole mask as one region.")
 
 
 def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, label: str, model_version: str,
                query: str, split: bool = False, *, ids: list[str] | None = None, min_score: float = float("-inf"),
                min_area: int = 0, meta: dict[str, Any] | None = None, message: bool = False,
-               max_regions: int = MAX_REGIONS) -> dict[str, Any]:
+               max_regions: int = MAX_REGIONS, model_name: str = "LISA") -> dict[str, Any]:
     """A Label Studio prediction: one region per kept mask (or per connected instance with ``split``).
 
     Args:
@@ -146,6 +146,7 @@ def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, lab
             nothing is kept, :func:`capped_message` when ``max_regions`` cut the answer, and nothing otherwise,
             which clears the message of an earlier answer.
         max_regions: the most regions of the answer (the largest instances are kept; whole masks are never cut).
+        model_name: the model that answered, as the messages name it ("LISA", "SAM 3").
     Returns:
         ``{"result": [...], "score": None, "model_version": ...}``; ``result`` has no region when nothing is kept.
         ``score`` is None (Label Studio stores no prediction score) for the reason in the module docstring.
@@ -173,8 +174,8 @@ def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, lab
     if capped:
         log.warning("the answer for %r has %d instances; kept the %d largest", query, found, len(regions))
     if message and setup.message_name:
-        said = (capped_message(query, found, len(regions)) if capped
-                else "" if regions else f"LISA found nothing matching '{query}'")
+        said = (capped_message(query, found, len(regions), model_name) if capped
+                else "" if regions else f"{model_name} found nothing matching '{query}'")
         regions.append(message_region(setup, said))
     return {"result": regions, "score": None, "model_version": model_version}
 

@@ -18,7 +18,8 @@ What is read from ``result`` (see ``shared/ref/ui-check.md`` §5 for a real one)
   names the region, and keeps the sample of its previous version, if any;
 * per mask, the origin (all regions ``prediction``: ``prediction``; all ``manual``: ``manual``; any mix or edit:
   ``prediction-changed``) and the proposing model version (``meta.model_version`` of a region, else the
-  annotation's ``prediction.model_version``; none for a hand-drawn mask).
+  annotation's ``prediction.model_version``; none for a hand-drawn mask) and model family (``meta.family`` of a
+  region: ``lisa`` or ``sam3``; a proposed region that records none is LISA's, the one family before SAM 3).
 
 Refinement clicks are metadata, never training input: the sample is still (image, query, final mask), so that
 fine-tuning learns from the text. The clicks a suggestion was refined with (``meta.refined`` of its region) and any
@@ -39,6 +40,7 @@ from backend.images import FetchedImage, ImageFetchError
 from backend.labeling import ConfigError, LabelingSetup, parse_labeling_config
 from backend.polygons import PolygonError, rasterize, region_points
 from backend.regions import MESSAGE_ID
+from worker.client.defaults import DEFAULT_FAMILY, FAMILY_NAMES
 
 Fetch = Callable[[str, "int | None"], FetchedImage]
 """``fetch(image value, task id)``: :meth:`backend.images.ImageFetcher.fetch`."""
@@ -222,6 +224,15 @@ def _version(region: dict[str, Any], annotation: dict[str, Any]) -> str | None:
     return None
 
 
+def _family(region: dict[str, Any]) -> str | None:
+    """The model family that proposed a region (None for a hand-drawn one)."""
+    if region.get("origin") not in ("prediction", "prediction-changed"):
+        return None
+    meta = region.get("meta") if isinstance(region.get("meta"), dict) else {}
+    family = meta.get("family")
+    return family if isinstance(family, str) and family in FAMILY_NAMES else DEFAULT_FAMILY
+
+
 def build_sample(annotation: object, task: object, label_config: object, fetch: Fetch,
                  project: object = None) -> SampleDraft:
     """The sample of one annotation (image fetched, masks decoded), or :class:`SkipSample` / :class:`RetryLater`.
@@ -259,10 +270,13 @@ def build_sample(annotation: object, task: object, label_config: object, fetch: 
     merged: dict[str, np.ndarray] = {}
     origins: dict[str, list[str]] = {}
     versions: dict[str, list[str]] = {}
+    families: dict[str, list[str]] = {}
     for region, labels in zip(regions, region_labels):
         mask = _decode(region, image)
-        version = _version(region, annotation)
+        version, family = _version(region, annotation), _family(region)
         for label in labels:
+            if family:
+                families.setdefault(label, []).append(family)
             merged[label] = merged[label] | mask if label in merged else mask
             origins.setdefault(label, []).append(str(region.get("origin") or "manual"))
             if version:
@@ -280,6 +294,7 @@ def build_sample(annotation: object, task: object, label_config: object, fetch: 
         "width": image.width, "height": image.height, "queries": queries, "labels": targets,
         "origins": [_origin(origins[lab]) for lab in targets],
         "model_versions": [versions[lab][0] if lab in versions else None for lab in targets],
+        "model_families": [families[lab][0] if lab in families else None for lab in targets],
         "refinements": _refinements(results, regions),
         "annotator": completed_by, "created_at": annotation.get("created_at"),
         "updated_at": annotation.get("updated_at") or annotation.get("created_at"),

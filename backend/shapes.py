@@ -38,11 +38,12 @@ def split_ids(ids: list[str] | None) -> tuple[list[str], list[str]]:
 def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, label: str, model_version: str,
                query: str, split: bool = False, *, tolerance: float, ids: list[str] | None = None,
                min_score: float = float("-inf"), min_area: int = 0, meta: dict[str, Any] | None = None,
-               message: bool = False) -> dict[str, Any]:
+               message: bool = False, model_name: str = "LISA") -> dict[str, Any]:
     """A Label Studio prediction for ``masks`` (``n x H x W`` bool): brush regions as
     :func:`backend.regions.prediction` makes them (same arguments) when ``label`` is one of the config's
     BrushLabels, plus polygons of each mask's pieces (each of at least ``min_area`` pixels; masks scoring under
     ``min_score`` dropped) when it is one of its PolygonLabels. ``tolerance``: polygon simplification in pixels.
+    ``model_name``: the model that answered, as the messages name it.
 
     Returns ``{"result": [...], "score": None, "model_version": ...}``: brush regions first, then polygons; with
     ``message`` (an interactive answer), the config's message TextArea last, as :func:`backend.regions.prediction`
@@ -67,13 +68,13 @@ def prediction(masks: np.ndarray, scores: list[float], setup: LabelingSetup, lab
     brushed = setup.brush_name and label in setup.brush_labels
     pred = regions.prediction(masks if brushed else np.asarray(masks)[:0], scores if brushed else [], setup, label,
                               model_version, query, split, ids=brush_ids, min_score=min_score, min_area=min_area,
-                              meta=meta, message=message)
+                              meta=meta, message=message, model_name=model_name)
     said = [t for r in pred["result"] if r.get("id") == MESSAGE_ID for t in r["value"]["text"]]
     shown = [r for r in pred["result"] if r.get("id") != MESSAGE_ID] + polygons
     if said and polygons and not any(r["type"] == "brushlabels" for r in shown):
         said = []  # "found nothing" spoke of brushes only: the polygons are the answer
     if found > len(polygons):
-        said.append(f"LISA found {found} separate pieces for '{query}'; showing the {MAX_POLYGONS} largest as "
+        said.append(f"{model_name} found {found} separate pieces for '{query}'; showing the {MAX_POLYGONS} largest as "
                     f"polygons (at most {MAX_POLYGONS} per mask).")
     if message and setup.message_name:
         shown.append(message_region(setup, " ".join(said)))

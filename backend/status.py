@@ -41,6 +41,7 @@ from backend.config import MODEL_CLASS
 from backend.errors import json_error
 from backend.state import BackendState, current_state
 from worker.client.connection import RedisDown, call_with_retry
+from worker.client.defaults import DEFAULT_FAMILY, FAMILY_NAMES
 from worker.client.metrics import Histogram, ServingMetrics, read_metrics
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Snapshot:
 
     workers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     queue: dict[str, int] | None = None
+    #: Each other family's queue stats (``queue`` is the default family's, as before there were several).
+    family_queues: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     metrics: ServingMetrics | None = None
     error: str | None = None
     elapsed_s: float = 0.0
@@ -75,6 +78,17 @@ class Snapshot:
         """Model versions served by live workers, sorted, without duplicates."""
         return sorted({str(w["model_version"]) for w in self.serving if w.get("model_version")})
 
+    def families(self) -> dict[str, dict[str, Any]]:
+        """Per model family: its name, live workers taking jobs, the versions they serve and its queue."""
+        out = {}
+        for family, name in FAMILY_NAMES.items():
+            serving = [w for w in self.serving if (w.get("family") or DEFAULT_FAMILY) == family]
+            out[family] = {"name": name, "workers": len(serving),
+                           "model_versions": sorted({str(w["model_version"]) for w in serving
+                                                     if w.get("model_version")}),
+                           "queue": self.queue if family == DEFAULT_FAMILY else self.family_queues.get(family)}
+        return out
+
 
 def take_snapshot(state: BackendState, *, with_metrics: bool = False) -> Snapshot:
     """Read workers and queue stats (and the serving metrics) from Redis; never raises for Redis trouble."""
@@ -83,6 +97,7 @@ def take_snapshot(state: BackendState, *, with_metrics: bool = False) -> Snapsho
     try:
         snap.workers = sq.live_workers()
         snap.queue = sq.stats()
+        snap.family_queues = {f: sq.for_family(f).stats() for f in FAMILY_NAMES if f != DEFAULT_FAMILY}
         if with_metrics:
             cfg = sq.config
             snap.metrics = call_with_retry(
@@ -136,6 +151,7 @@ def health_body(state: BackendState, snap: Snapshot) -> dict[str, Any]:
         "workers": workers,
         "queue": snap.queue,
         "model_versions": snap.versions,
+        "families": snap.families() if snap.redis_ok else {},
         "redis": {"url": state.config.redis_url_redacted, "reachable": snap.redis_ok},
         "image_fetches": state.fetch_gate.snapshot(),  # this process's; "busy" answers start at the bounds
         "elapsed_ms": round(snap.elapsed_s * 1000, 1),

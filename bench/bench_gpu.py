@@ -22,6 +22,8 @@ measured and exits 15 s past it), and each prints its stages' seconds and peak G
 
 Goals (GB = 1e9 bytes): p50 <= 1.0 s, >= 10,000 images/GPU-hour, bf16 <= 17 GB, 4-bit <= 7 GB.
 
+``--family sam3`` measures SAM 3 instead (:mod:`bench.gpu_sam3`: latency per image, images per GPU-hour, memory).
+
 Random weights never answer with ``[SEG]`` nor stop: every query generates exactly ``--max-new-tokens`` (16)
 tokens, more than a real answer ("Sure, [SEG]." and EOS, 6-7 tokens) takes, and a final-layer hidden state - the one
 at which "Sure, [SEG]." emits ``[SEG]`` - stands in for one ``[SEG]`` (:func:`bench.gpu_probe.install_seg_standin`),
@@ -288,6 +290,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-repeats", type=int, default=3, help="timed runs per batch size for (c)")
     parser.add_argument("--total-s", type=float, default=450.0, help="the whole run's budget of seconds")
     parser.add_argument("--cleanup", action="store_true", help="delete --out at the end")
+    parser.add_argument("--family", choices=["lisa", "sam3"], default="lisa",
+                        help="sam3: SAM 3's released geometry, random weights, built in memory (bench/gpu_sam3.py)")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.mode_list = [m for m in args.modes.split(",") if m]
@@ -312,6 +316,16 @@ def main(argv: list[str] | None = None) -> int:
         parts.stop()
         print(f"SKIP bench_gpu: --device {args.device} is not CUDA; pass --allow-cpu for a smoke run.")
         return 0
+    if args.family == "sam3":
+        from bench import gpu_sam3
+
+        name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+        print(f"bench_gpu SAM 3 on {name}: budget {args.total_s:.0f} s; per part (s): {gpu_sam3.BUDGETS}", flush=True)
+        try:
+            res = gpu_sam3.run(args, parts, bench_images, Timer(args.device))
+        finally:
+            parts.stop()
+        return gpu_sam3.report(res, parts)
     bench = holder["bench"] = Bench(args, parts)
     name = torch.cuda.get_device_name(args.device) if bench.cuda else "CPU"
     standin = install_seg_standin()

@@ -6,6 +6,12 @@ from __future__ import annotations
 #: LISA's ``evaluate`` default; released v1 answers ("Sure, [SEG].") need fewer than 10 tokens.
 DEFAULT_MAX_NEW_TOKENS = 32
 
+#: SAM 3's own score threshold (``Sam3Model``'s model card): a concept query returns every instance whose score
+#: (query logit x presence, both sigmoids) is above it. A job may ask for another in ``options["threshold"]``.
+SAM3_SCORE_THRESHOLD = 0.5
+#: Probability above which a pixel of a SAM 3 instance mask is inside (``post_process_instance_segmentation``).
+SAM3_MASK_THRESHOLD = 0.5
+
 AUTO = "auto"
 """The ``--device``/``--dtype`` value that lets :func:`resolve_device`/:func:`resolve_dtype` choose."""
 
@@ -31,3 +37,6 @@ def resolve_dtype(dtype: str, device: str) -> str:
 #: that for the backend's own data folder, and so does ours (``backend/config.py``); ``lisa-ls up`` hands its
 #: backend and its workers one environment, so one name cannot mean both.
 MODEL_ENV = "LISA_LS_MODEL"
+#: The environment variable naming a SAM 3 model (folder or Hub id) that ``lisa-ls up`` serves beside ``--model``
+#: (its ``--sam3-model`` default).
+SAM3_MODEL_ENV = "LISA_LS_SAM3_MODEL"

@@ -6,7 +6,7 @@ class LisaError(Exception):
 
 
 class CheckpointError(LisaError):
-    """A checkpoint folder, Hub id or CLIP tower cannot be loaded as a LISA model."""
+    """A checkpoint folder, Hub id or CLIP tower cannot be loaded as the model family it was taken for."""
 
 
 class InputError(LisaError, ValueError):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 # Fixture modules that tests load with pytest_plugins and also import from: rewrite their asserts either way.
-pytest.register_assert_rewrite("image_fixtures", "redis_fixtures", "backend_fixtures", "ls_fixtures")
+pytest.register_assert_rewrite("image_fixtures", "redis_fixtures", "backend_fixtures", "ls_fixtures", "sam3_fixtures")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lisa_tiny"
 CHECKPOINT = FIXTURE / "checkpoint"

@@ -294,3 +294,14 @@ def test_reasonseg_folders_read_like_lisa_and_mix_with_ours(tmp_path: Path) -> N
 def test_the_model_reader_needs_no_torch() -> None:
     code = "import sys, model.data; assert 'torch' not in sys.modules and 'backend' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True, timeout=60)
+
+
+def test_samples_record_the_family_that_proposed_each_mask() -> None:
+    """``model_families``: ``meta.family`` of a proposed region (SAM 3's, or LISA's when a region names none, as
+    before SAM 3), none for a hand-drawn mask."""
+    ann = annotation(region(rect(2, 10, 3, 12), origin="prediction", meta={"model_version": "s1", "family": "sam3"}),
+                     region(rect(0, 4, 0, 4), "Other", origin="prediction-changed"),
+                     region(rect(9, 12, 0, 32), "Ignore"))
+    assert build_sample(ann, TASK, CONFIG, fetcher(png())).record["model_families"] == ["sam3", "lisa"]
+    manual = annotation(region(rect(2, 10, 3, 12)))
+    assert build_sample(manual, TASK, CONFIG, fetcher(png())).record["model_families"] == [None]

@@ -17,12 +17,29 @@ import requests
 from fake_ls import TOKEN, FakeLabelStudio, Project, brush, textarea
 from redis_fixtures import ROOT, RedisServer, free_port, wait_for
 
-from model.defaults import MODEL_ENV
+from model.defaults import MODEL_ENV, SAM3_MODEL_ENV
 from model.demo import DEMO_DIR
 from model.demo_scope import REAL_LISA_COMMAND
 from worker.cli import build_parser
 from worker.client.defaults import REDIS_URL
 from worker.gpu import up
+
+pytest_plugins = ["sam3_fixtures"]
+
+
+def health_with(port: int, n_workers: int, timeout: float = 120) -> dict | None:
+    """The backend's ``/health`` once it lists ``n_workers`` workers (the last answer after ``timeout``)."""
+    health, deadline = None, time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                health = json.loads(r.read())
+            if len(health["workers"]) >= n_workers:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return health
 
 
 def test_up_serves_health_with_one_live_worker_and_stops_cleanly(tmp_path):
@@ -181,3 +198,28 @@ def test_lisa_ls_model_names_the_model_and_model_dir_does_not(monkeypatch, caplo
         assert build_parser().parse_args(command).model == "xinlai/LISA-7B-v1", command
     assert build_parser().parse_args(["worker", "--model", "other"]).model == "other"
     assert up.served_model("xinlai/LISA-7B-v1") == "xinlai/LISA-7B-v1"
+
+
+def test_up_serves_lisa_and_sam3_side_by_side(tmp_path, sam3_tiny):
+    """``--sam3-model`` starts a SAM 3 worker beside the LISA one: ``/health`` lists both with family and version."""
+    port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_DIR", MODEL_ENV, SAM3_MODEL_ENV)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "up", "--port", str(port), "--redis-port", str(redis_port),
+         "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--device", "cpu",
+         "--sam3-model", str(sam3_tiny)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        health = health_with(port, 2)
+        assert health and health["status"] == "UP", health
+        families = {w["family"]: w for w in health["workers"]}
+        assert set(families) == {"lisa", "sam3"}, health["workers"]
+        assert families["lisa"]["model_version"].startswith("models/demo@")
+        assert families["sam3"]["model_version"] and families["sam3"]["device"] == "cpu"
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+        assert proc.returncode == 0, out
+        assert "started worker-sam3-1" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

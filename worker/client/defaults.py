@@ -37,7 +37,21 @@ KEY_PREFIX = "lisa:"
 
 JOB_STREAM = "jobs"
 """Stream (the ``kind`` of :meth:`QueueConfig.key`) that holds queued and in-flight jobs; finished entries are
-deleted."""
+deleted. Each model family has its own (:attr:`QueueConfig.job_stream`)."""
+
+DEFAULT_FAMILY = "lisa"
+"""The model family of a queue that names none: its streams keep the names above (``{lisa}:jobs``), so a
+deployment serving LISA alone looks as it always did."""
+
+FAMILY_NAMES = {"lisa": "LISA", "sam3": "SAM 3"}
+"""Every model family a worker can serve (``model/family.py`` tells them apart from a checkpoint's files), with
+the name users read in messages. A family's jobs go to its own stream, ``{lisa}:jobs:<family>`` for every family
+but :data:`DEFAULT_FAMILY`, and only its workers read it: one Redis serves every family side by side."""
+
+CONCEPT_FAMILIES = ("sam3",)
+"""The families that answer concept prompts: a noun phrase -> every instance, each with a calibrated score, above a
+score threshold a job may set (``options["threshold"]``). The backend shows their scores and lets a project set the
+threshold; LISA answers a question with one mask per ``[SEG]`` and an uncalibrated score."""
 
 DEAD_LETTER_STREAM = "jobs:dead"
 """Stream (the ``kind`` of :meth:`QueueConfig.key`) that keeps jobs which failed ``MAX_ATTEMPTS`` deliveries, with
@@ -178,6 +192,9 @@ class QueueConfig:
     client_backoff_s: tuple[float, ...] = CLIENT_BACKOFF_S
     worker_backoff_s: tuple[float, ...] = WORKER_BACKOFF_S
     max_decoded_pixels: int = MAX_DECODED_PIXELS
+    #: The model family whose streams this queue reads and writes (:data:`FAMILY_NAMES`); not read from the
+    #: environment: a worker takes its checkpoint's, the backend each project's (:meth:`for_family`).
+    family: str = DEFAULT_FAMILY
 
     def __post_init__(self) -> None:
         # Catch settings that would silently break a guarantee rather than fail later in a worker.
@@ -189,6 +206,8 @@ class QueueConfig:
             raise ValueError("wait_slice_s must be below socket_timeout_s, or every wait would time out its socket")
         if self.result_ttl_s <= self.job_deadline_s:
             raise ValueError("result_ttl_s must exceed job_deadline_s so a late duplicate result is still dropped")
+        if self.family not in FAMILY_NAMES:
+            raise ValueError(f"unknown model family {self.family!r}; the families are {', '.join(FAMILY_NAMES)}")
         if not self.key_prefix.strip(":"):
             raise ValueError("key_prefix must name the deployment (e.g. 'lisa:'): it becomes the keys' hash tag")
 
@@ -238,15 +257,24 @@ class QueueConfig:
         """
         return f"{self.key_tag}{kind}:{name}" if name else f"{self.key_tag}{kind}"
 
+    def for_family(self, family: str) -> QueueConfig:
+        """The same settings on ``family``'s streams (``ValueError`` for an unknown family)."""
+        return self if family == self.family else dataclasses.replace(self, family=family)
+
+    def _stream(self, kind: str) -> str:
+        if self.family == DEFAULT_FAMILY:
+            return self.key(kind)
+        return self.key(f"{JOB_STREAM}:{self.family}{kind[len(JOB_STREAM):]}")
+
     @property
     def job_stream(self) -> str:
-        """Redis key of the job stream."""
-        return self.key(JOB_STREAM)
+        """Redis key of this family's job stream (``{lisa}:jobs``; ``{lisa}:jobs:sam3`` for SAM 3)."""
+        return self._stream(JOB_STREAM)
 
     @property
     def dead_letter_stream(self) -> str:
-        """Redis key of the dead-letter stream."""
-        return self.key(DEAD_LETTER_STREAM)
+        """Redis key of this family's dead-letter stream (``{lisa}:jobs:dead``; ``{lisa}:jobs:sam3:dead``)."""
+        return self._stream(DEAD_LETTER_STREAM)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> QueueConfig:
@@ -260,6 +288,8 @@ class QueueConfig:
         if env.get("REDIS_URL"):
             values["redis_url"] = env["REDIS_URL"]
         for f in dataclasses.fields(cls):
+            if f.name == "family":
+                continue  # a property of the checkpoint or the project, not of the deployment
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import redis
 from redis.client import Pipeline
 
 from worker.client import scripts
 from worker.client.connection import call_with_retry
-from worker.client.defaults import QueueConfig
+from worker.client.defaults import DEFAULT_FAMILY, QueueConfig
 from worker.client.protocol import BAD_INPUT, BUSY, TIMEOUT, Job, QueueError, Result, image_hash
 
 T = TypeVar("T")
@@ -62,6 +62,12 @@ class QueueClient:
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._attempt_s = float(timeout) if timeout else self.config.socket_timeout_s
         self._submit = client.register_script(scripts.SUBMIT)
+
+    def for_family(self, family: str) -> Self:
+        """This queue on ``family``'s streams, sharing the Redis client (``ValueError`` for an unknown family)."""
+        if family == self.config.family:
+            return self
+        return type(self)(self.redis, self.config.for_family(family))
 
     def key(self, kind: str, name: str = "") -> str:
         """The Redis key of ``kind`` (``img``, ``res``, ``done``, ``err``, ``worker``, ``workers``); see
@@ -166,8 +172,9 @@ class QueueClient:
             "or running (workers overloaded, too few, or down)",
         )
 
-    def live_workers(self) -> list[dict[str, Any]]:
-        """Heartbeats of the workers seen within ``heartbeat_ttl_s``, oldest registration first."""
+    def live_workers(self, family: str | None = None) -> list[dict[str, Any]]:
+        """Heartbeats of the workers seen within ``heartbeat_ttl_s``, oldest registration first; with ``family``,
+        only that family's (a heartbeat naming none is :data:`~worker.client.defaults.DEFAULT_FAMILY`'s)."""
         names = self.call(lambda: self.redis.zrange(self.key("workers"), 0, -1), "live_workers")
         if not names:
             return []
@@ -180,6 +187,8 @@ class QueueClient:
                 gone.append(name)
         if gone:  # the hash expired: the worker died without unregistering
             self.call(lambda: self.redis.zrem(self.key("workers"), *gone), "live_workers")
+        if family is not None:
+            live = [w for w in live if (w.get("family") or DEFAULT_FAMILY) == family]
         return sorted(live, key=lambda w: w.get("started", 0))
 
     def stats(self) -> dict[str, int]:

@@ -29,6 +29,7 @@ from PIL import Image
 from model import demo_scope, phrasing
 from model.defaults import resolve_device
 from model.errors import InputError
+from model.family import LISA, is_sam3
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
 from model.preprocess import PreprocessedImage, load_image
 from worker.client.defaults import (
@@ -63,6 +64,8 @@ class CachedAnswer:
 
 class LisaHandler:
     """Batch function for :class:`worker.gpu.loop.WorkerLoop` around a loaded :class:`LisaPredictor`."""
+
+    family = LISA
 
     def __init__(self, predictor: LisaPredictor, version: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, load_options: dict | None = None,
@@ -340,8 +343,19 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
 
 def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, quantize: str | None,
                  version: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 max_decoded_pixels: int = MAX_DECODED_PIXELS, switch_strategy: str = switch.AUTO) -> LisaHandler:
-    """Load the model once and wrap it; ``device="auto"`` picks CUDA when present."""
+                 max_decoded_pixels: int = MAX_DECODED_PIXELS, switch_strategy: str = switch.AUTO):
+    """Load the model once and wrap it; ``device="auto"`` picks CUDA when present.
+
+    A SAM 3 checkpoint (:mod:`model.family`) gets :class:`worker.gpu.sam3_handler.Sam3Handler` instead of a
+    :class:`LisaHandler`; ``vision_tower``, ``quantize`` and ``switch_strategy`` are LISA's alone."""
+    if is_sam3(model):
+        from worker.gpu.sam3_handler import load_sam3_handler
+
+        if vision_tower or quantize:
+            from model.errors import CheckpointError
+
+            raise CheckpointError(f"{model} is a SAM 3 checkpoint: --vision-tower and --quantize are LISA options")
+        return load_sam3_handler(model, dtype, device, version, cache_bytes, max_decoded_pixels)
     device = resolve_device(device)
     predictor = LisaPredictor.from_pretrained(model, vision_tower, dtype, device, quantize)
     from model.checkpoint import resolve_model_dir

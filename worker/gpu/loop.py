@@ -65,13 +65,18 @@ class WorkerLoop:
         *,
         device: str = "cpu",
         model_version: str = "",
+        family: str = "",
         batch_size: int | None = None,
         stats: Callable[[], Mapping[str, Any]] | None = None,
         fetch_images: bool = True,
         split_on_error: bool = True,
     ) -> None:
+        if family:  # a family's worker reads that family's stream only (worker.client.defaults.FAMILY_NAMES)
+            queue = queue.for_family(family)
         self.queue, self.handler, self.config = queue, handler, queue.config
         self.device, self.model_version, self.stats = device, model_version, stats
+        #: The model family served ("lisa", "sam3"; model/family.py), advertised with the version.
+        self.family = self.config.family
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.name = name or f"{self.host}:{self.pid}:{device}"
         self.batch_size = batch_size or self.config.batch_size
@@ -301,6 +306,7 @@ class WorkerLoop:
             "pid": self.pid,
             "device": self.device,
             "model_version": self.model_version,
+            "family": self.family,
             "batch_size": self.batch_size,
             "started": self.started,
             "last_seen": time.time(),

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 def add_worker_parser(sub: argparse._SubParsersAction) -> None:
     from model.cli import add_model_options
 
-    p = sub.add_parser("worker", help="serve LISA jobs from the Redis queue at REDIS_URL (one process per GPU)")
+    p = sub.add_parser("worker", help="serve LISA or SAM 3 jobs (the family of --model) from the Redis queue at "
+                                      "REDIS_URL (one process per GPU)")
     add_model_options(p, default_device="auto")
     p.add_argument("--name", default=None, help="worker name in /health (default host:pid:device)")
     p.add_argument("--batch-size", type=int, default=None, help="most jobs per model call (default LISA_LS_BATCH_SIZE)")
@@ -47,6 +48,7 @@ def run_worker(args: argparse.Namespace) -> int:
     device = str(handler.predictor.device)
     name = args.name or f"{os.uname().nodename}:{os.getpid()}:{device}"
     loop = WorkerLoop.from_url(handler, config.redis_url, config, name=name, device=device,
-                               model_version=handler.version, batch_size=args.batch_size, stats=handler.stats)
-    log.info("worker %s: model version %s, queue %s", name, handler.version, config.redis_url)
+                               model_version=handler.version, family=handler.family, batch_size=args.batch_size,
+                               stats=handler.stats)
+    log.info("worker %s: %s model version %s, queue %s", name, handler.family, handler.version, config.redis_url)
     return loop.run()

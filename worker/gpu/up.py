@@ -7,8 +7,11 @@
   port already taken is refused with what is listening there and what to do.
 * The backend (gunicorn, ``lisa-ls serve``) on ``--port`` (9090).
 * ``--workers N`` model workers (``lisa-ls worker``) serving ``--model`` / ``LISA_LS_MODEL`` (else the offline demo
-  model); more can join from other shells with the printed ``REDIS_URL``. ``MODEL_DIR`` is the backend's data
-  folder only (both children get this process's environment), never the model.
+  model), whose family (LISA or SAM 3) the worker reads from the checkpoint; with ``--sam3-model`` (or
+  ``LISA_LS_SAM3_MODEL``), ``--sam3-workers N`` SAM 3 workers beside them, so one stack serves LISA projects and
+  SAM 3 projects (Extra params ``"model": "sam3"``) at once. SAM 3 alone: ``--model facebook/sam3``. More workers
+  can join from other shells with the printed ``REDIS_URL``. ``MODEL_DIR`` is the backend's data folder only (both
+  children get this process's environment), never a model.
 
 Each child's output is relayed with a ``[name]`` prefix. Ctrl-C (or SIGTERM) drains the workers, stops the
 backend and then Redis, in that order, so that nothing in flight is lost.
@@ -30,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from backend import config as settings
-from model.defaults import MODEL_ENV
+from model.defaults import MODEL_ENV, SAM3_MODEL_ENV
 from worker.client.defaults import REDIS_URL
 
 log = logging.getLogger("lisa-ls.up")
@@ -58,7 +61,11 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"backend port (default: $LISA_LS_PORT or {settings.PORT})")
     p.add_argument("--host", default=os.environ.get("LISA_LS_HOST") or settings.HOST,
                    help=f"backend address (default: $LISA_LS_HOST or {settings.HOST})")
-    p.add_argument("--workers", type=int, default=1, help="model worker processes to start")
+    p.add_argument("--workers", type=int, default=1, help="model worker processes to start (of --model)")
+    p.add_argument("--sam3-model", default=os.environ.get(SAM3_MODEL_ENV) or None,
+                   help="also serve SAM 3 projects: a SAM 3 folder or Hub id (e.g. facebook/sam3) for "
+                        "--sam3-workers more workers beside those of --model (default $" + SAM3_MODEL_ENV + ")")
+    p.add_argument("--sam3-workers", type=int, default=1, help="SAM 3 worker processes to start with --sam3-model")
     p.add_argument("--redis-port", type=int, default=REDIS_PORT,
                    help=f"port of the embedded Redis when REDIS_URL is unset (default {REDIS_PORT}; not "
                         f"{LABEL_STUDIO_REDIS_PORT}, where Label Studio looks for its own Redis)")
@@ -229,6 +236,10 @@ def run_up(args: argparse.Namespace) -> int:
             model_args += ["--quantize", args.quantize]
         for i in range(args.workers):
             stack.start(f"worker-{i + 1}", [*cli, "worker", *model_args], env)
+        if args.sam3_model:  # LISA's --vision-tower and --quantize are not SAM 3 options
+            sam3_args = ["--model", args.sam3_model, "--dtype", args.dtype, "--device", args.device]
+            for i in range(args.sam3_workers):
+                stack.start(f"worker-sam3-{i + 1}", [*cli, "worker", *sam3_args], env)
         print(f"lisa-ls up: backend http://{args.host}:{args.port}  (health: curl http://127.0.0.1:{args.port}/health)",
               flush=True)
         print(f"lisa-ls up: REDIS_URL={redis_url}  (more workers: REDIS_URL={redis_url} lisa-ls worker --model ...)",
