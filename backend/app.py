@@ -1,10 +1,10 @@
 """The Flask app factory of the Label Studio ML backend.
 
 Deliberately small: it wires settings, shared state, optional basic auth and JSON errors, and registers the
-endpoint blueprints. Each group of endpoints is its own module with a ``bp`` blueprint; today that is
-:mod:`backend.status` (``/health``, ``/metrics``, ``/versions``). The Label Studio protocol endpoints
-(``/setup``, ``/predict``, ``/webhook``) are added the same way: a module with a blueprint that reaches the queue
-through :func:`backend.state.current_state`, plus one line in :data:`BLUEPRINTS`.
+endpoint blueprints. Each group of endpoints is its own module with a ``bp`` blueprint that reaches the queue
+through :func:`backend.state.current_state`, listed in :data:`BLUEPRINTS`: :mod:`backend.status` (``/health``,
+``/metrics``, ``/versions``) and :mod:`backend.predict` (the Label Studio protocol: ``/setup``, ``/predict``,
+``/webhook``).
 
 Served by gunicorn with threads (``lisa-ls serve``, :mod:`backend.cli`); ``create_app`` is also what tests call.
 """

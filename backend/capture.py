@@ -45,8 +45,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from backend.capture_store import APPEND as APPEND
 from backend.capture_store import (
     BULK_CREATED,
@@ -67,24 +65,32 @@ from backend.capture_store import (
     store_event,
     version_of,
 )
-from backend.config import BackendConfig
+from backend.config import (
+    CAPTURE_BATCH,
+    CAPTURE_BLOCK_S,
+    CAPTURE_ERROR_CHARS,
+    CAPTURE_GROUP,
+    CAPTURE_MAX_DELIVERIES,
+    CAPTURE_TRIM_COUNT,
+    CAPTURE_TRIM_STEPS,
+    BackendConfig,
+)
 from backend.dataset import Dataset, atomic_write, now_iso, sample_id
 from backend.images import ImageFetcher
 from backend.samples import RetryLater, SkipSample, annotation_identity, build_sample, ls_id
 from worker.client import scripts
-from worker.client.connection import CONNECTION_ERRORS, backoff_forever, connect
+from worker.client.connection import CONNECTION_ERRORS, RedisDown, backoff_forever, connect
+from worker.client.queue_client import QueueClient
+from worker.client.stream import StreamGroup
 
 __all__ = ["ACTIONS", "CaptureConsumer", "CaptureFull", "keys", "store_event"]
 
 log = logging.getLogger(__name__)
 
 ACTIONS = (CREATED, BULK_CREATED, UPDATED, DELETED)
-GROUP = "lisa-capture"
-BATCH = 8
-BLOCK_S = 1.0  # also how late a stopping consumer notices
-MAX_DELIVERIES = 5
-TRIM_COUNT, TRIM_STEPS = 1000, 8  # version records looked at per trim step, steps per reclaim round
-ERROR_CHARS = 2000  # of an error kept in the errors hash (the message may quote a large event)
+# The capture's fixed values, under the short names this module uses (documented in backend/config.py).
+GROUP, BATCH, BLOCK_S, MAX_DELIVERIES = CAPTURE_GROUP, CAPTURE_BATCH, CAPTURE_BLOCK_S, CAPTURE_MAX_DELIVERIES
+TRIM_COUNT, TRIM_STEPS, ERROR_CHARS = CAPTURE_TRIM_COUNT, CAPTURE_TRIM_STEPS, CAPTURE_ERROR_CHARS
 
 
 def _s(value: Any) -> str:
@@ -110,6 +116,7 @@ class CaptureConsumer:
         self._done = self.redis.register_script(DONE)
         self._trim = self.redis.register_script(TRIM)
         self._prune = self.redis.register_script(scripts.PRUNE)
+        self.group = StreamGroup(QueueClient(self.redis, q), self.keys["stream"], GROUP)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reclaim_ms = int(config.capture_reclaim_s * 1000)
@@ -143,7 +150,7 @@ class CaptureConsumer:
             try:
                 self.poll()
                 delays = None
-            except CONNECTION_ERRORS as e:
+            except (*CONNECTION_ERRORS, RedisDown) as e:
                 delays = delays or backoff_forever(self.config.queue.worker_backoff_s)
                 log.warning("capture: Redis unreachable (%s); retrying", e)
                 self._stop.wait(next(delays))
@@ -156,13 +163,6 @@ class CaptureConsumer:
 
     # ---- reading ----
 
-    def _ensure_group(self) -> None:
-        try:
-            self.redis.xgroup_create(self.keys["stream"], GROUP, "0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-
     def poll(self, block_s: float = BLOCK_S) -> int:
         """Reclaim stale events and trim old versions if due, then read and process new events (blocking up to
         ``block_s``)."""
@@ -171,62 +171,31 @@ class CaptureConsumer:
             self._next_reclaim = time.monotonic() + min(self.config.capture_reclaim_s / 4, 10.0)
             done += self._reclaim()
             self.trim_versions()
-        args = (GROUP, self.name, {self.keys["stream"]: ">"})
-        block = int(block_s * 1000) or None
-        try:
-            reply = self.redis.xreadgroup(*args, count=BATCH, block=block)
-        except redis.ResponseError as e:
-            if "NOGROUP" not in str(e):
-                raise
-            self._ensure_group()  # first start, or Redis restarted empty
-            reply = self.redis.xreadgroup(*args, count=BATCH, block=block)
-        if isinstance(reply, dict):  # RESP3
-            reply = list(reply.items())
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                if self._stop.is_set():
-                    return done  # the rest stay pending for a reclaim
-                self.process(_s(entry_id), fields, 1)
-                done += 1
+        for entry_id, fields in self.group.read(self.name, BATCH, int(block_s * 1000), "capture"):
+            if self._stop.is_set():
+                return done  # the rest stay pending for a reclaim
+            self.process(entry_id, fields, 1)
+            done += 1
         return done
 
     def _reclaim(self) -> int:
-        stream = self.keys["stream"]
-        try:
-            stale = self.redis.xpending_range(stream, GROUP, "-", "+", BATCH, idle=self._reclaim_ms)
-        except redis.ResponseError as e:
-            if "NOGROUP" in str(e):
-                return 0
-            raise
-        if not stale:
-            return 0
-        deliveries = {_s(p["message_id"]): int(p["times_delivered"]) + 1 for p in stale}
-        # XCLAIM re-checks the idle time, so an event another process took a moment ago is not taken twice.
-        claimed = self.redis.xclaim(stream, GROUP, self.name, self._reclaim_ms, list(deliveries))
-        for entry_id, fields in claimed:
-            if entry_id is None or fields is None or self._stop.is_set():
-                continue
-            self.process(_s(entry_id), fields, deliveries.get(_s(entry_id), MAX_DELIVERIES))
-        gone = set(deliveries) - {_s(e[0]) for e in claimed if e[0] is not None and e[1] is not None}
-        for entry_id in gone:  # Redis 6.2 keeps pending ids whose entry was deleted: retire them
-            if not self.redis.xrange(stream, entry_id, entry_id):
-                self.redis.xack(stream, GROUP, entry_id)
-                self.redis.hdel(self.keys["errors"], entry_id)
-        return len(claimed)
+        claimed = self.group.reclaim(self.name, BATCH, self._reclaim_ms, "capture.reclaim")
+        for entry_id, fields in claimed.entries:
+            if self._stop.is_set():
+                break
+            self.process(entry_id, fields, claimed.deliveries.get(entry_id, MAX_DELIVERIES))
+        if claimed.retired:  # ghosts of deleted entries: their error notes go with them
+            self.redis.hdel(self.keys["errors"], *claimed.retired)
+        return len(claimed.entries)
 
     def trim_versions(self) -> int:
         """Drop version records written more than ``versions_keep_s`` ago and before the oldest unacknowledged
         event (which may still need them), a few thousand records per call; returns how many went."""
         now_s, now_us = self.redis.time()
         cutoff = now_s * 1000 + now_us // 1000 - self._keep_ms
-        try:
-            oldest = self.redis.xpending(self.keys["stream"], GROUP).get("min")
-        except redis.ResponseError as e:
-            if "NOGROUP" not in str(e):
-                raise
-            oldest = None
+        oldest = self.group.oldest_pending()
         if oldest:
-            cutoff = min(cutoff, int(_s(oldest).partition("-")[0]))
+            cutoff = min(cutoff, int(oldest.partition("-")[0]))
         removed = 0
         for _ in range(TRIM_STEPS):
             cursor, gone = self._trim(keys=[self.keys["versions"]], args=[self._trim_cursor, TRIM_COUNT, cutoff])

@@ -3,7 +3,8 @@
 Threads, not just processes: Label Studio gives ``/health`` 1 s, and a ``/predict`` waits seconds for a worker,
 so each gunicorn process needs spare threads to answer health checks while predictions wait (measured in
 ``shared/ref/labelstudio.md``: one thread per process timed out ``/health``, four answered in 10 ms). The waiting
-costs no CPU (it is a blocking Redis pop), so the default is 8 threads per process and a single process.
+costs no CPU (it is a blocking Redis pop), so the default is many threads per process and a single process
+(``THREADS`` and ``WORKERS`` in :mod:`backend.config`).
 
 gunicorn is driven programmatically (``gunicorn.app.base.BaseApplication``) so that the settings come from
 :class:`backend.config.BackendConfig` (environment, then command-line flags) rather than a second config file,
@@ -207,11 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.cli")
     add_backend_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        level = BackendConfig.from_env().log_level
-    except ValueError:
-        level = settings.LOG_LEVEL  # run_serve reports the bad variable
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.env_log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
 
 

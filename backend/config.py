@@ -135,6 +135,30 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 POLYGON_TOLERANCE_PX = 0.5
 MAX_POLYGON_TOLERANCE_PX = 100.0  # beyond this a polygon no longer outlines the mask
 
+# -- fixed values of the backend (not read from the environment) --
+CAPTURE_GROUP = "lisa-capture"
+"""The consumer group of the capture stream (:mod:`backend.capture`)."""
+CAPTURE_BATCH = 8
+"""Webhook events one capture round reads or reclaims."""
+CAPTURE_BLOCK_S = 1.0
+"""How long one capture read blocks; also how late a stopping consumer notices."""
+CAPTURE_MAX_DELIVERIES = 5
+"""Deliveries of a failing webhook event before it is recorded as skipped."""
+CAPTURE_TRIM_COUNT, CAPTURE_TRIM_STEPS = 1000, 8
+"""Version records looked at per trim step, and steps per reclaim round."""
+CAPTURE_ERROR_CHARS = 2000
+"""Characters of an error kept in the capture errors hash (the message may quote a large event)."""
+REFINE_MEMORY_TTL_S = 24 * 3600
+"""How long a task remembers its last query and clicks (an annotator may come back to a task after lunch)."""
+
+
+def env_log_level(environ: Mapping[str, str] | None = None) -> str:
+    """``LOG_LEVEL`` as the command line's logging starts with it (the one place it is read before a
+    :class:`BackendConfig` exists); a bad value gives the default here, and ``serve`` reports it."""
+    env = os.environ if environ is None else environ
+    level = env.get("LOG_LEVEL", "").strip().upper() or LOG_LEVEL
+    return level if level in LOG_LEVELS else LOG_LEVEL
+
 
 def _tls_verify(name: str, raw: str) -> bool | str:
     """``LISA_LS_TLS_VERIFY``: a yes/no word, or the path of a CA bundle (which must exist)."""
@@ -154,109 +178,110 @@ def _hosts(name: str, raw: str) -> tuple[str, ...]:
     return hosts
 
 
-def _env(name: str, doc: str, parse: Callable[[str, str], Any] | None = None) -> dict[str, Any]:
-    """Field metadata: the environment variable a field is read from, what it means, and how to read it when the
-    field's type is not one :func:`~worker.client.defaults.parse_env_value` reads (``parse(name, raw)``)."""
-    return {"env": name, "doc": doc, "parse": parse}
+def _env(name: str, parse: Callable[[str, str], Any] | None = None) -> dict[str, Any]:
+    """Field metadata: the environment variable a field is read from, and how to read it when the field's type is
+    not one :func:`~worker.client.defaults.parse_env_value` reads (``parse(name, raw)``). What the setting means
+    is written once, in the module docstring's table (``tests/test_settings.py`` holds the two together)."""
+    return {"env": name, "parse": parse}
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendConfig:
     """The backend's settings; the module docstring lists each variable. Build with :meth:`from_env`."""
 
-    label_studio_url: str = dataclasses.field(default="", metadata=_env("LABEL_STUDIO_URL", "Label Studio base URL"))
+    label_studio_url: str = dataclasses.field(default="", metadata=_env("LABEL_STUDIO_URL"))
     label_studio_api_key: str = dataclasses.field(
-        default="", repr=False, metadata=_env("LABEL_STUDIO_API_KEY", "Label Studio API token")
+        default="", repr=False, metadata=_env("LABEL_STUDIO_API_KEY")
     )
-    model_dir: str = dataclasses.field(default=MODEL_DIR, metadata=_env("MODEL_DIR", "the backend's own files"))
-    log_level: str = dataclasses.field(default=LOG_LEVEL, metadata=_env("LOG_LEVEL", "log level"))
-    workers: int = dataclasses.field(default=WORKERS, metadata=_env("WORKERS", "gunicorn processes"))
-    threads: int = dataclasses.field(default=THREADS, metadata=_env("THREADS", "threads per gunicorn process"))
-    basic_auth_user: str = dataclasses.field(default="", metadata=_env("BASIC_AUTH_USER", "basic auth user"))
+    model_dir: str = dataclasses.field(default=MODEL_DIR, metadata=_env("MODEL_DIR"))
+    log_level: str = dataclasses.field(default=LOG_LEVEL, metadata=_env("LOG_LEVEL"))
+    workers: int = dataclasses.field(default=WORKERS, metadata=_env("WORKERS"))
+    threads: int = dataclasses.field(default=THREADS, metadata=_env("THREADS"))
+    basic_auth_user: str = dataclasses.field(default="", metadata=_env("BASIC_AUTH_USER"))
     basic_auth_pass: str = dataclasses.field(
-        default="", repr=False, metadata=_env("BASIC_AUTH_PASS", "basic auth password")
+        default="", repr=False, metadata=_env("BASIC_AUTH_PASS")
     )
-    host: str = dataclasses.field(default=HOST, metadata=_env(ENV_PREFIX + "HOST", "listen address"))
-    port: int = dataclasses.field(default=PORT, metadata=_env(ENV_PREFIX + "PORT", "listen port"))
+    host: str = dataclasses.field(default=HOST, metadata=_env(ENV_PREFIX + "HOST"))
+    port: int = dataclasses.field(default=PORT, metadata=_env(ENV_PREFIX + "PORT"))
     predict_deadline_s: float = dataclasses.field(
-        default=PREDICT_DEADLINE_S, metadata=_env(ENV_PREFIX + "PREDICT_DEADLINE_S", "longest /predict wait")
+        default=PREDICT_DEADLINE_S, metadata=_env(ENV_PREFIX + "PREDICT_DEADLINE_S")
     )
     health_timeout_s: float = dataclasses.field(
-        default=HEALTH_TIMEOUT_S, metadata=_env(ENV_PREFIX + "HEALTH_TIMEOUT_S", "Redis budget of /health")
+        default=HEALTH_TIMEOUT_S, metadata=_env(ENV_PREFIX + "HEALTH_TIMEOUT_S")
     )
     query_field: str = dataclasses.field(
-        default=QUERY_FIELD, metadata=_env(ENV_PREFIX + "QUERY_FIELD", "task data key of batch queries")
+        default=QUERY_FIELD, metadata=_env(ENV_PREFIX + "QUERY_FIELD")
     )
     default_label: str = dataclasses.field(
-        default="", metadata=_env(ENV_PREFIX + "DEFAULT_LABEL", "brush label when the query names none")
+        default="", metadata=_env(ENV_PREFIX + "DEFAULT_LABEL")
     )
     split_instances: int = dataclasses.field(
-        default=0, metadata=_env(ENV_PREFIX + "SPLIT_INSTANCES", "1: one region per connected instance")
+        default=0, metadata=_env(ENV_PREFIX + "SPLIT_INSTANCES")
     )
     min_score: float = dataclasses.field(
-        default=float("-inf"), metadata=_env(ENV_PREFIX + "MIN_SCORE", "drop masks scoring below this")
+        default=float("-inf"), metadata=_env(ENV_PREFIX + "MIN_SCORE")
     )
     min_area: int = dataclasses.field(
-        default=16, metadata=_env(ENV_PREFIX + "MIN_AREA", "drop regions of fewer pixels")
+        default=16, metadata=_env(ENV_PREFIX + "MIN_AREA")
     )
     polygon_tolerance: float = dataclasses.field(
-        default=POLYGON_TOLERANCE_PX, metadata=_env(ENV_PREFIX + "POLYGON_TOLERANCE", "polygon simplification, px")
+        default=POLYGON_TOLERANCE_PX, metadata=_env(ENV_PREFIX + "POLYGON_TOLERANCE")
     )
     phrase_template: str = dataclasses.field(
-        default="", metadata=_env(ENV_PREFIX + "PHRASE_TEMPLATE", "question for a short phrase")
+        default="", metadata=_env(ENV_PREFIX + "PHRASE_TEMPLATE")
     )
     sentence_template: str = dataclasses.field(
-        default="", metadata=_env(ENV_PREFIX + "SENTENCE_TEMPLATE", "question for a sentence")
+        default="", metadata=_env(ENV_PREFIX + "SENTENCE_TEMPLATE")
     )
-    capture: int = dataclasses.field(default=1, metadata=_env(ENV_PREFIX + "CAPTURE", "1: capture annotations"))
+    capture: int = dataclasses.field(default=1, metadata=_env(ENV_PREFIX + "CAPTURE"))
     dataset_dir: str = dataclasses.field(
-        default="", metadata=_env(ENV_PREFIX + "DATASET_DIR", "captured datasets (default $MODEL_DIR/dataset)")
+        default="", metadata=_env(ENV_PREFIX + "DATASET_DIR")
     )
     val_percent: int = dataclasses.field(
-        default=VAL_PERCENT, metadata=_env(ENV_PREFIX + "VAL_PERCENT", "val share of a new dataset's images")
+        default=VAL_PERCENT, metadata=_env(ENV_PREFIX + "VAL_PERCENT")
     )
     capture_backlog: int = dataclasses.field(
-        default=CAPTURE_BACKLOG, metadata=_env(ENV_PREFIX + "CAPTURE_BACKLOG", "most unprocessed webhook events")
+        default=CAPTURE_BACKLOG, metadata=_env(ENV_PREFIX + "CAPTURE_BACKLOG")
     )
     capture_reclaim_s: float = dataclasses.field(
-        default=CAPTURE_RECLAIM_S, metadata=_env(ENV_PREFIX + "CAPTURE_RECLAIM_S", "retake a dead process's events")
+        default=CAPTURE_RECLAIM_S, metadata=_env(ENV_PREFIX + "CAPTURE_RECLAIM_S")
     )
     # -- request and capture sizes (issue 18) --
     max_body_mb: int = dataclasses.field(
-        default=MAX_BODY_MB, metadata=_env(ENV_PREFIX + "MAX_BODY_MB", "largest request body (MiB): 413 above")
+        default=MAX_BODY_MB, metadata=_env(ENV_PREFIX + "MAX_BODY_MB")
     )
     capture_backlog_mb: int = dataclasses.field(
-        default=CAPTURE_BACKLOG_MB, metadata=_env(ENV_PREFIX + "CAPTURE_BACKLOG_MB", "most unprocessed webhook MiB")
+        default=CAPTURE_BACKLOG_MB, metadata=_env(ENV_PREFIX + "CAPTURE_BACKLOG_MB")
     )
     fetch_max_bytes: int = dataclasses.field(
-        default=FETCH_MAX_BYTES, metadata=_env(ENV_PREFIX + "FETCH_MAX_BYTES", "largest image file fetched")
+        default=FETCH_MAX_BYTES, metadata=_env(ENV_PREFIX + "FETCH_MAX_BYTES")
     )
     fetch_max_pixels: int = dataclasses.field(
-        default=FETCH_MAX_PIXELS, metadata=_env(ENV_PREFIX + "FETCH_MAX_PIXELS", "most pixels of an image")
+        default=FETCH_MAX_PIXELS, metadata=_env(ENV_PREFIX + "FETCH_MAX_PIXELS")
     )
     fetch_connect_timeout_s: float = dataclasses.field(
-        default=FETCH_CONNECT_TIMEOUT_S, metadata=_env(ENV_PREFIX + "FETCH_CONNECT_TIMEOUT_S", "connect timeout")
+        default=FETCH_CONNECT_TIMEOUT_S, metadata=_env(ENV_PREFIX + "FETCH_CONNECT_TIMEOUT_S")
     )
     fetch_read_timeout_s: float = dataclasses.field(
-        default=FETCH_READ_TIMEOUT_S, metadata=_env(ENV_PREFIX + "FETCH_READ_TIMEOUT_S", "read timeout")
+        default=FETCH_READ_TIMEOUT_S, metadata=_env(ENV_PREFIX + "FETCH_READ_TIMEOUT_S")
     )
     fetch_deadline_s: float = dataclasses.field(
-        default=FETCH_DEADLINE_S, metadata=_env(ENV_PREFIX + "FETCH_DEADLINE_S", "longest whole fetch")
+        default=FETCH_DEADLINE_S, metadata=_env(ENV_PREFIX + "FETCH_DEADLINE_S")
     )
     fetch_max_redirects: int = dataclasses.field(
-        default=FETCH_MAX_REDIRECTS, metadata=_env(ENV_PREFIX + "FETCH_MAX_REDIRECTS", "redirects followed")
+        default=FETCH_MAX_REDIRECTS, metadata=_env(ENV_PREFIX + "FETCH_MAX_REDIRECTS")
     )
     tls_verify: bool | str = dataclasses.field(
-        default=True, metadata=_env(ENV_PREFIX + "TLS_VERIFY", "verify TLS (or a CA bundle path)", _tls_verify)
+        default=True, metadata=_env(ENV_PREFIX + "TLS_VERIFY", _tls_verify)
     )
     allowed_private_hosts: tuple[str, ...] = dataclasses.field(
-        default=(), metadata=_env(ENV_PREFIX + "ALLOWED_PRIVATE_HOSTS", "hosts allowed on private addresses", _hosts)
+        default=(), metadata=_env(ENV_PREFIX + "ALLOWED_PRIVATE_HOSTS", _hosts)
     )
     fetch_concurrency: int = dataclasses.field(
-        default=0, metadata=_env(ENV_PREFIX + "FETCH_CONCURRENCY", "image fetches at once per process (0: auto)")
+        default=0, metadata=_env(ENV_PREFIX + "FETCH_CONCURRENCY")
     )
     fetch_per_host: int = dataclasses.field(
-        default=0, metadata=_env(ENV_PREFIX + "FETCH_PER_HOST", "image fetches at once per host (0: auto)")
+        default=0, metadata=_env(ENV_PREFIX + "FETCH_PER_HOST")
     )
     queue: QueueConfig = dataclasses.field(default_factory=QueueConfig)
     """The job queue's settings (``REDIS_URL`` and the queue's ``LISA_LS_*`` variables)."""

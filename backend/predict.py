@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -85,6 +86,23 @@ def setup() -> Answer:
     return jsonify({"model_version": version})
 
 
+@dataclass(frozen=True)
+class Call:
+    """One ``/predict`` call being answered: what every step of it reads."""
+
+    state: BackendState
+    setup: LabelingSetup
+    settings: ProjectSettings
+    project: str
+    """The Label Studio project (its clicks' memory is kept under it); may be empty."""
+    started: float
+    """``time.time()`` when the request arrived; the deadline counts from it."""
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.state.config.predict_deadline_s
+
+
 @bp.post("/predict")
 def predict() -> Answer:
     """Label Studio's predictions: a typed query (interactive), clicks (interactive), or task queries (batch)."""
@@ -100,30 +118,38 @@ def predict() -> Answer:
         return json_error(422, f"lisa-ls cannot serve this labeling config: {e}")
     interactive = context is not None
     try:
-        settings = project_settings.load(state.queue, project, state.config)
-        if not interactive:
-            return _batch(state, setup, settings, tasks, started)
-        if not tasks:
-            return jsonify(_EMPTY)
-        query = typed_query(context, setup)
-        if query is None:  # clicks, or (after Submit) nothing
-            return refine(state, setup, project, settings, tasks[0], context, started)
-        return _segment(state, setup, settings, tasks, [(0, query)], started, interactive=True, project=project)
-    except Refusal as e:
-        return refused(setup, interactive, e.status, e.message)
-    except SettingsError as e:
-        return refused(setup, interactive, 422, str(e))
-    except RedisDown as e:
-        return refused(setup, interactive, 503, str(e))
-    except QueueError as e:  # busy (backpressure) is a "try again later"; anything else is ours to fix
-        return refused(setup, interactive, 503 if e.code == BUSY else 500, f"{e.code}: {e}")
-    except redis.RedisError as e:  # reachable but refusing: out of memory, wrong password, ...
-        return refused(setup, interactive, 503, f"Redis answered with an error: {type(e).__name__}: {e}")
+        call = Call(state, setup, project_settings.load(state.queue, project, state.config), project, started)
+        return _interactive(call, tasks, context) if context is not None else _batch(call, tasks)
     except Exception as e:
-        if not interactive:
-            raise  # backend.errors logs it and answers 500
-        log.exception("interactive /predict failed")
-        return refused(setup, True, 500, f"internal error in the lisa-ls backend: {type(e).__name__}: {e}")
+        return _failed(setup, interactive, e)
+
+
+def _interactive(call: Call, tasks: list[dict], context: dict) -> Answer:
+    """A typed query (segment the first task) or clicks (refine it); nothing to do: an empty answer."""
+    if not tasks:
+        return jsonify(_EMPTY)
+    query = typed_query(context, call.setup)
+    if query is None:  # clicks, or (after Submit) nothing
+        return refine(call, tasks[0], context)
+    return _segment(call, tasks, [(0, query)], interactive=True)
+
+
+def _failed(setup: LabelingSetup, interactive: bool, e: Exception) -> Answer:
+    """The answer to a call that raised ``e``: the user's problem, Redis's, or (500) ours."""
+    if isinstance(e, Refusal):
+        return refused(setup, interactive, e.status, e.message)
+    if isinstance(e, SettingsError):
+        return refused(setup, interactive, 422, str(e))
+    if isinstance(e, RedisDown):
+        return refused(setup, interactive, 503, str(e))
+    if isinstance(e, QueueError):  # busy (backpressure) is a "try again later"; anything else is ours to fix
+        return refused(setup, interactive, 503 if e.code == BUSY else 500, f"{e.code}: {e}")
+    if isinstance(e, redis.RedisError):  # reachable but refusing: out of memory, wrong password, ...
+        return refused(setup, interactive, 503, f"Redis answered with an error: {type(e).__name__}: {e}")
+    if not interactive:
+        raise e  # backend.errors logs it and answers 500
+    log.exception("interactive /predict failed", exc_info=e)
+    return refused(setup, True, 500, f"internal error in the lisa-ls backend: {type(e).__name__}: {e}")
 
 
 _EMPTY = {"results": [{"result": [], "score": 0}]}
@@ -145,17 +171,16 @@ def interactive_error(setup: LabelingSetup, status: int, message: str) -> Answer
     return json_error(status, message)
 
 
-def _batch(state: BackendState, setup: LabelingSetup, settings: ProjectSettings, tasks: list[dict],
-           started: float) -> Answer:
+def _batch(call: Call, tasks: list[dict]) -> Answer:
     """Each task's query (its data's query field, else the project's default query); none anywhere: at once."""
-    wanted = []
+    settings, wanted = call.settings, []
     for i, task in enumerate(tasks):
         query = (task.get("data") or {}).get(settings.query_field) or settings.default_query
         if isinstance(query, str) and query.strip():
             wanted.append((i, query))
     if not wanted:
         return jsonify({"results": []})  # task loading waits for this call
-    return _segment(state, setup, settings, tasks, wanted, started, interactive=False)
+    return _segment(call, tasks, wanted, interactive=False)
 
 
 def _status(error_code: str) -> int:
@@ -167,14 +192,13 @@ def _fetch_status(e: Exception) -> int:
     return 503 if code == BUSY else 504 if code == "timeout" else 422
 
 
-def _segment(state: BackendState, setup: LabelingSetup, settings: ProjectSettings, tasks: list[dict],
-             wanted: list[tuple[int, str]], started: float, *, interactive: bool, project: str = "") -> Answer:
+def _segment(call: Call, tasks: list[dict], wanted: list[tuple[int, str]], *, interactive: bool) -> Answer:
     """Text queries (``wanted``: task index, query): check them, fetch the images (concurrently, under the
     deadline), queue each task's job as soon as its image is stored, wait, and turn masks into regions in task
     order. An interactive call (one task) answers its problems in the message TextArea and remembers the answer
-    for clicks, under ``project``."""
-    config = state.config
-    deadline = started + config.predict_deadline_s
+    for clicks, under the call's project."""
+    state, setup, settings, project, started = call.state, call.setup, call.settings, call.project, call.started
+    config, deadline = state.config, call.deadline
     problems: dict[int, Exception] = {}
     asked: list[tuple[int, str, str, object]] = []  # (task index, query, checked query, image value)
     for i, query in wanted:
@@ -247,15 +271,15 @@ def _prediction(result: Any, setup: LabelingSetup, settings: ProjectSettings, qu
     return with_note(pred, setup, result.note)  # e.g. the offline demo model saying what it is
 
 
-def refine(state: BackendState, setup: LabelingSetup, project: str, settings: ProjectSettings, task: dict,
-           context: dict, started: float) -> Answer:
+def refine(call: Call, task: dict, context: dict) -> Answer:
     """A click or box on a task: the task's last query (if any) + all its clicks -> one refine job -> regions that
     keep the ids of the regions they refine (so accepting replaces them)."""
+    state, setup, settings, project, started = call.state, call.setup, call.settings, call.project, call.started
     if not setup.click_names or not click_items(context, setup):  # e.g. the call after Submit, with an empty context
         return jsonify(_EMPTY)
     tid = task_id(task, 0)
     memory = TaskMemory.load(state.queue, project, tid)
-    deadline = started + state.config.predict_deadline_s
+    deadline = call.deadline
     try:
         value = image_value(task, setup)
         reused = memory.reusable_image(state.queue, value)

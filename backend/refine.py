@@ -24,13 +24,13 @@ import hashlib
 import json
 import math
 
+from backend.config import REFINE_MEMORY_TTL_S
 from backend.labeling import LabelingSetup
 from backend.state import redis_call
 from worker.client.protocol import MAX_POINTS
 from worker.client.queue import JobQueue
 
-#: How long a task remembers its last query and clicks (an annotator may come back to a task after lunch).
-MEMORY_TTL_S = 24 * 3600
+MEMORY_TTL_S = REFINE_MEMORY_TTL_S
 
 
 class RefineError(ValueError):

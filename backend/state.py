@@ -5,8 +5,8 @@ Two clients on purpose. ``queue`` has the queue's own timeouts and retry budget 
 budget of a status request is ``health_timeout_s``), because Label Studio gives ``/health`` only 1 s and a
 health check that answers late is worse than one that says "Redis is unreachable" in time.
 
-Handlers reach the state with :func:`current_state`; blueprints added later (``/setup``, ``/predict``,
-``/webhook``) use the same.
+Every handler (``/health`` and the status endpoints, ``/setup``, ``/predict``, ``/webhook``) reaches the state
+with :func:`current_state`.
 """
 
 from __future__ import annotations

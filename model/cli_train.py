@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from model.defaults import AUTO, resolve_device, resolve_dtype
 from model.errors import LisaError
 
 
@@ -46,7 +47,7 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--examples", type=int, default=200, help="synthetic data: how many held-out masks")
     e.add_argument("--val-fallback-percent", type=int, default=FinetuneConfig.val_fallback_percent,
                    help="data without a val split: the share of images held out, as lisa-ls finetune's option")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default=AUTO)
     e.add_argument("--report", default=None, help="write the JSON report here (default: print it)")
     e.set_defaults(func=run_eval)
 
@@ -104,14 +105,11 @@ def finetune_summary(result: dict) -> str:
 
 
 def load_for_eval(model: str, adapter: str | None, vision_tower: str | None, device: str):
-    import torch
-
     from model.adapters import apply_adapter
     from model.checkpoint import load_lisa
 
-    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    net, tokenizer = load_lisa(model, vision_tower, dtype="bf16" if device.startswith("cuda") else "fp32",
-                               device=device)
+    device = resolve_device(device)
+    net, tokenizer = load_lisa(model, vision_tower, dtype=resolve_dtype(AUTO, device), device=device)
     return (apply_adapter(net, adapter) if adapter else net), tokenizer
 
 

@@ -15,13 +15,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ import torch
 from model import parallel
 from model.checkpoint import load_lisa
 from model.data import FALLBACK_VAL_PERCENT
+from model.defaults import resolve_device, resolve_dtype
 from model.finetune_config import FinetuneConfig
 from model.losses import LossWeights
 from model.metrics import IoUMeter
@@ -227,6 +227,79 @@ def _data(model: LisaModel, cfg: FinetuneConfig, step: int, rank: int, world: in
     return train_iter, val, held_out.rule
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one process of a fine-tune holds while it trains (made by :func:`_set_up`)."""
+
+    cfg: FinetuneConfig
+    out: Path
+    rank: int
+    world: int
+    device: str
+    model: LisaModel
+    tokenizer: LisaTokenizer
+    net: torch.nn.Module
+    """``model`` as trained: with LoRA adapters, or itself (full mode)."""
+    masters: MasterWeights
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    clock: dict[str, float]
+    """``start``: when the loop started (the time-based decay counts from it, not from loading)."""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _set_up(cfg: FinetuneConfig, out: Path) -> _Run:
+    """Distributed set-up, the model with its trainable part, the fp32 master weights, optimizer and schedule."""
+    rank, world, device = parallel.setup(resolve_device(cfg.device))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_lisa(cfg.base, cfg.vision_tower, dtype=resolve_dtype(cfg.dtype, device), device=device)
+    net = trainable_model(model, cfg)
+    masters = MasterWeights([p for p in net.parameters() if p.requires_grad])  # bf16 steps in fp32 (model.optim)
+    optimizer = torch.optim.AdamW(masters.groups(param_groups(net, cfg)), lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
+    clock: dict[str, float] = {}  # set when the loop starts: evaluation and loading do not eat the decay
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg, lambda: time.time() - clock["start"] if "start" in clock else 0.0))
+    return _Run(cfg, out, rank, world, device, model, tokenizer, net, masters, optimizer, scheduler, clock)
+
+
+def _step(run: _Run, train_iter: Iterator[TrainExample], weights: LossWeights) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` batches (gradients averaged across ranks); returns the mean loss
+    parts."""
+    cfg, masters = run.cfg, run.masters
+    parts: dict[str, float] = {}
+    for _ in range(cfg.grad_accum):
+        batch = [next(train_iter) for _ in range(cfg.batch_size)]
+        losses = forward_losses(run.model, run.tokenizer, batch, weights, train_vision=cfg.train_vision)
+        (losses["loss"] / cfg.grad_accum).backward()
+        for k, v in losses.items():
+            parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+    masters.grads_to_masters()
+    if run.world > 1:  # averaged in fp32, on the masters' gradients
+        parallel.average_gradients(masters.masters, run.world)
+    torch.nn.utils.clip_grad_norm_(masters.masters, cfg.clip_grad)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    masters.masters_to_model()
+    return parts
+
+
+def _evaluate(run: _Run, val: list, logfile: IO[str], step: int, elapsed: float | None = None) -> dict[str, Any]:
+    """Held-out metrics at ``step``, logged; the run's metrics from then on."""
+    timing = {} if elapsed is None else {"elapsed_s": elapsed}
+    metrics = {"step": step, **timing, **evaluate(run.model, run.tokenizer, val)}
+    logfile.write(json.dumps({"eval": metrics}) + "\n")
+    if elapsed is None:
+        log.info("step %d: held-out gIoU %.3f cIoU %.3f", step, metrics["giou"], metrics["ciou"])
+    else:
+        log.info("step %d: held-out gIoU %.3f cIoU %.3f (%.0f s)", step, metrics["giou"], metrics["ciou"], elapsed)
+    return metrics
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tune; returns the final metrics, ``out`` (the artifact's folder) and ``held_out``
     (how the evaluation data was chosen). See the module docstring.
@@ -236,71 +309,39 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, device = parallel.setup(device)
-    main = rank == 0
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_lisa(cfg.base, cfg.vision_tower, dtype=dtype, device=device)
-    net = trainable_model(model, cfg)
-    params = [p for p in net.parameters() if p.requires_grad]
-    masters = MasterWeights(params)  # bf16 parameters step in fp32 (see model.optim)
-    optimizer = torch.optim.AdamW(masters.groups(param_groups(net, cfg)), lr=cfg.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay)
-    clock: dict[str, float] = {}  # set when the loop starts: evaluation and loading do not eat the decay
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg, lambda: time.time() - clock["start"] if "start" in clock else 0.0))
-    weights = LossWeights(**cfg.weights)
-    step = _resume(out, net, masters, optimizer, scheduler)
+    run = _set_up(cfg, out)
+    main, world = run.main, run.world
+    step = _resume(out, run.net, run.masters, run.optimizer, run.scheduler)
     if main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    train_iter, val, held_out = _data(model, cfg, step, rank, world)
+    train_iter, val, held_out = _data(run.model, cfg, step, run.rank, world)
     if not main:
         val = []  # rank 0 evaluates; the others wait for it at the next gradient average
     logfile = (out / "log.jsonl").open("a") if main else open(os.devnull, "w")  # noqa: SIM115 - closed below
     start = time.time()
-    metrics: dict[str, Any] = {}
-    if step == 0 and val:
-        metrics = {"step": 0, **evaluate(model, tokenizer, val)}
-        logfile.write(json.dumps({"eval": metrics}) + "\n")
-        log.info("step 0: held-out gIoU %.3f cIoU %.3f", metrics["giou"], metrics["ciou"])
-    net.train()
+    metrics: dict[str, Any] = _evaluate(run, val, logfile, 0) if step == 0 and val else {}
+    run.net.train()
     bar = _progress(cfg.steps, step) if main else None
-    clock["start"] = start
+    run.clock["start"] = start
     out_of_time = False
+    weights = LossWeights(**cfg.weights)
     while step < cfg.steps:
-        parts: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
-            batch = [next(train_iter) for _ in range(cfg.batch_size)]
-            losses = forward_losses(model, tokenizer, batch, weights, train_vision=cfg.train_vision)
-            (losses["loss"] / cfg.grad_accum).backward()
-            for k, v in losses.items():
-                parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        masters.grads_to_masters()
-        if world > 1:  # averaged in fp32, on the masters' gradients
-            parallel.average_gradients(masters.masters, world)
-        torch.nn.utils.clip_grad_norm_(masters.masters, cfg.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        masters.masters_to_model()
+        parts = _step(run, train_iter, weights)
         step += 1
         elapsed = time.time() - start
-        logfile.write(json.dumps({"step": step, "lr": scheduler.get_last_lr()[0], "elapsed_s": elapsed, **parts})
+        logfile.write(json.dumps({"step": step, "lr": run.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **parts})
                       + "\n")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss']:.3f}")
         out_of_time = cfg.time_limit_s is not None and elapsed > cfg.time_limit_s
         if world > 1 and cfg.time_limit_s is not None:  # every rank must stop at the same step
-            out_of_time = parallel.any_rank(out_of_time, device)
+            out_of_time = parallel.any_rank(out_of_time, run.device)
         if val and (step % cfg.eval_every == 0 or step == cfg.steps or out_of_time):
-            metrics = {"step": step, "elapsed_s": elapsed, **evaluate(model, tokenizer, val)}
-            logfile.write(json.dumps({"eval": metrics}) + "\n")
-            log.info("step %d: held-out gIoU %.3f cIoU %.3f (%.0f s)", step, metrics["giou"], metrics["ciou"], elapsed)
+            metrics = _evaluate(run, val, logfile, step, elapsed)
         logfile.flush()
         if main and (step % cfg.save_every == 0 or step == cfg.steps or out_of_time):
-            _checkpoint(out, net, masters, optimizer, scheduler, step)
+            _checkpoint(out, run.net, run.masters, run.optimizer, run.scheduler, step)
         if out_of_time:
             break
     if bar is not None:
@@ -308,10 +349,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     logfile.close()
     artifact = None
     if main and (step >= cfg.steps or out_of_time):  # a run ended by its time limit is finished too (lr at 0)
-        artifact = _write_artifact(out, cfg, net, model, tokenizer, metrics, step, held_out)
+        artifact = _write_artifact(out, cfg, run.net, run.model, run.tokenizer, metrics, step, held_out)
     parallel.finish(world)
-    return {"step": step, "rank": rank, "world_size": world, **metrics, "out": str(artifact) if artifact else None,
-            "held_out": held_out}
+    return {"step": step, "rank": run.rank, "world_size": world, **metrics,
+            "out": str(artifact) if artifact else None, "held_out": held_out}
 
 
 def _write_artifact(out: Path, cfg: FinetuneConfig, net, model: LisaModel, tokenizer: LisaTokenizer,
@@ -370,9 +411,3 @@ def _resume(out: Path, net, masters: MasterWeights, optimizer, scheduler) -> int
     torch.set_rng_state(state["rng"])
     log.info("resumed %s at step %d", out, state["step"])
     return int(state["step"])
-
-
-def count_steps_per_second(log_path: Path) -> float:
-    """Optimizer steps per second in a run's log (for reports)."""
-    rows = [json.loads(x) for x in log_path.read_text().splitlines() if '"step"' in x and '"eval"' not in x]
-    return rows[-1]["step"] / rows[-1]["elapsed_s"] if rows and rows[-1]["elapsed_s"] else math.nan

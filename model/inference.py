@@ -21,10 +21,11 @@ from model.defaults import DEFAULT_MAX_NEW_TOKENS
 from model.errors import InputError
 from model.generation import greedy_generate
 from model.modeling import LisaModel
+from model.positions import seg_positions
 from model.preprocess import PreprocessedImage, preprocess
 from model.prompts import chat_prompt, teacher_forced_prompt
 from model.sam import decode_masks, decode_prompted, sparse_prompts, upscale_masks
-from model.tokenizer import SEG_TOKEN, LisaTokenizer
+from model.tokenizer import LisaTokenizer
 
 
 @dataclass
@@ -250,8 +251,6 @@ class LisaPredictor:
 
     def seg_positions(self, ids: torch.Tensor, num_patches: int) -> list[int]:
         """Positions, in the image-expanded sequence, of the state *before* each ``[SEG]`` of ``ids``."""
-        from model.training import seg_positions
-
         return seg_positions(ids, self.tokenizer.layout.seg_id, num_patches)
 
     def _result(self, tokens, text, logits, iou, states, prompts, low_res) -> Segmentation:
@@ -266,8 +265,3 @@ class LisaPredictor:
             prompt_embeddings=prompts.float().cpu(),
             low_res_masks=low_res.cpu(),
         )
-
-
-def count_seg(text: str) -> int:
-    """Number of masks an answer asks for."""
-    return text.count(SEG_TOKEN)

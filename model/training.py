@@ -15,10 +15,11 @@ import torch
 
 from model.losses import DEFAULT_WEIGHTS, LossWeights, lisa_loss
 from model.modeling import LisaModel
+from model.positions import expand_labels, seg_positions
 from model.preprocess import PreprocessedImage
 from model.prompts import teacher_forced_labels, teacher_forced_prompt
 from model.sam import decode_masks, decode_prompted, sparse_prompts, upscale_masks
-from model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LisaTokenizer
+from model.tokenizer import IGNORE_INDEX, LisaTokenizer
 
 
 @dataclass
@@ -44,22 +45,6 @@ class TrainExample:
     @property
     def prompted(self) -> bool:
         return self.points is not None or self.box is not None or not self.use_seg
-
-
-def seg_positions(ids: torch.Tensor, seg_id: int, num_patches: int) -> list[int]:
-    """Positions, in the image-expanded sequence, of the state *before* each ``[SEG]`` of ``ids``.
-
-    That state is the one whose logits predict ``[SEG]`` (LISA's one-token shift, see ``../shared/ref/lisa.md``).
-    """
-    at = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
-    return [j - 1 + (num_patches - 1 if j - 1 > at else 0) for j in (ids == seg_id).nonzero()[:, 0].tolist()]
-
-
-def expand_labels(labels: torch.Tensor, ids: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """Labels over the image-expanded sequence: the image sentinel becomes ``num_patches`` ignored positions."""
-    at = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
-    ignore = labels.new_full((num_patches,), IGNORE_INDEX)
-    return torch.cat([labels[:at], ignore, labels[at + 1 :]])
 
 
 def forward_losses(

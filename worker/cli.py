@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lisa-ls", description="LISA reasoning segmentation for Label Studio")
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=None, help="default: $LOG_LEVEL, else INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     from backend.cli import add_backend_parsers
 
@@ -42,7 +41,10 @@ def _missing(command: str, error: ImportError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from backend.config import env_log_level  # the one reader of LOG_LEVEL (torch-free)
+
+    level = (args.log_level or env_log_level()).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
 
 

@@ -120,6 +120,18 @@ SAM 1024 px: about 13 MB each), so the decoded pixels in flight per worker are t
 many, whatever the burst. Measured (``bench/bench_decode_memory.py``): 7 PNGs of 62 MP (212 kB each) at once peak
 at 0.9 GB of RAM while decoding (1.9 GB when all were decoded first); a burst of more only waits longer."""
 
+CACHE_BYTES = 1 << 30
+"""Bytes of encoded images a GPU worker keeps (LISA-7B: ~6 MB per image in bf16, so ~170 images)."""
+
+ANSWER_CACHE_BYTES = 64 << 20
+"""Bytes of [SEG] prompts a GPU worker keeps for refinements (LISA-7B: 256 bf16 values, 512 B, per mask: ~100k
+answers)."""
+
+MAX_NEW_TOKENS_LIMIT = 512
+"""Upper bound on a job's ``max_new_tokens`` option; enough for explanatory answers."""
+
+MODEL_CHECK_INTERVAL_S = 5.0
+"""How often a worker looks for a newly promoted version (:mod:`worker.client.registry`)."""
 
 MALFORMED_MAX_FIELDS = 64
 """A stream entry that is not a job is copied to the dead-letter stream with at most this many of its fields..."""

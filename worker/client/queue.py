@@ -65,6 +65,7 @@ from worker.client import scripts
 from worker.client.defaults import MALFORMED_FIELD_BYTES, MALFORMED_MAX_FIELDS, QueueConfig
 from worker.client.protocol import BAD_INPUT, DEAD_LETTER, MAX_JOB_ID_CHARS, TIMEOUT, Job, Result, clip
 from worker.client.queue_client import BadInputError, BusyError, QueueClient, _b, _s
+from worker.client.stream import StreamGroup
 
 __all__ = ["BadInputError", "BusyError", "JobQueue", "Reclaimed"]
 
@@ -109,19 +110,11 @@ class JobQueue(QueueClient):
         self._touch = client.register_script(scripts.TOUCH)
         self._prune = client.register_script(scripts.PRUNE)
         self._reap = client.register_script(scripts.REAP)
+        self.group = StreamGroup(self, self.config.job_stream, self.config.consumer_group)
 
     def ensure_group(self) -> None:
         """Create the stream and the consumer group if missing (from the start: earlier jobs are served too)."""
-        try:
-            self.call(
-                lambda: self.redis.xgroup_create(
-                    self.config.job_stream, self.config.consumer_group, "0", mkstream=True
-                ),
-                "ensure_group",
-            )
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        self.group.ensure()
 
     def consume(self, consumer: str, count: int | None = None, block_ms: int | None = None) -> list[Job]:
         """Read up to ``count`` new jobs for ``consumer``, blocking up to ``block_ms`` (0: do not block).
@@ -129,25 +122,9 @@ class JobQueue(QueueClient):
         Jobs past their deadline are retired without being returned (their waiter was answered with a timeout).
         """
         cfg = self.config
-        count = count or cfg.batch_size
         block = cfg.block_ms if block_ms is None else block_ms
-
-        def read() -> Any:
-            # BLOCK 0 means "for ever" to Redis; None leaves BLOCK out, which means "do not block".
-            args = (cfg.consumer_group, consumer, {cfg.job_stream: ">"})
-            try:
-                return self.redis.xreadgroup(*args, count=count, block=block or None)
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self.ensure_group()  # first worker ever, or Redis restarted without persistence
-                return self.redis.xreadgroup(*args, count=count, block=block or None)
-
-        reply = self.call(read, "consume")
-        if isinstance(reply, dict):  # RESP3 clients
-            reply = list(reply.items())
-        entries = [entry for _stream, stream_entries in reply or [] for entry in stream_entries]
-        return self._admit(entries, dict.fromkeys((_s(e[0]) for e in entries), 1))
+        entries = self.group.read(consumer, count or cfg.batch_size, block)
+        return self._admit(entries, dict.fromkeys((entry_id for entry_id, _fields in entries), 1))
 
     def reclaim(self, consumer: str, count: int | None = None) -> list[Job]:
         """Take over up to ``count`` jobs whose holder died or went silent; see :meth:`reclaim_round`."""
@@ -165,34 +142,14 @@ class JobQueue(QueueClient):
         goes to the dead-letter stream instead, and its waiter gets a ``dead_letter`` error naming the cause.
         """
         cfg = self.config
-        count, idle_ms = count or cfg.batch_size, int(cfg.visibility_timeout_s * 1000)
         try:
             next_check_s = self._hand_back_lapsed(consumer)
-            stale = self.call(
-                lambda: self.redis.xpending_range(cfg.job_stream, cfg.consumer_group, "-", "+", count, idle=idle_ms),
-                "reclaim",
-            )
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc) or "no such key" in str(exc):  # no group or no stream yet: nothing to take
                 return Reclaimed([], None)
             raise
-        if not stale:
-            return Reclaimed([], next_check_s)
-        ids = [_s(p["message_id"]) for p in stale]
-        attempts = {_s(p["message_id"]): int(p["times_delivered"]) + 1 for p in stale}
-        # XCLAIM re-checks the idle time atomically, so a job another worker reclaimed a moment ago is skipped.
-        claimed = self.call(
-            lambda: self.redis.xclaim(cfg.job_stream, cfg.consumer_group, consumer, idle_ms, ids), "reclaim"
-        )
-        entries = [e for e in claimed if e[0] is not None]
-        if len(entries) < len(claimed):  # Redis 6.2 keeps pending entries whose stream entry is gone: retire them
-            got = {_s(e[0]) for e in entries}
-            for entry_id in ids:
-                if entry_id not in got and not self.call(
-                    lambda i=entry_id: self.redis.xrange(cfg.job_stream, i, i), "reclaim"
-                ):
-                    self.call(lambda i=entry_id: self.redis.xack(cfg.job_stream, cfg.consumer_group, i), "reclaim")
-        return Reclaimed(self._admit(entries, attempts), next_check_s)
+        claimed = self.group.reclaim(consumer, count or cfg.batch_size, int(cfg.visibility_timeout_s * 1000))
+        return Reclaimed(self._admit(claimed.entries, claimed.deliveries), next_check_s)
 
     def _hand_back_lapsed(self, consumer: str) -> float | None:
         """Make the jobs of consumers whose heartbeat lapsed reclaimable now (:data:`worker.client.scripts.REAP`).
@@ -221,26 +178,9 @@ class JobQueue(QueueClient):
         under its name was in the hands of the predecessor, and waits for nobody's heartbeat to lapse.
         """
         cfg = self.config
-        try:
-            held = self.call(
-                lambda: self.redis.xpending_range(
-                    cfg.job_stream, cfg.consumer_group, "-", "+", cfg.max_queue_length, consumername=consumer
-                ),
-                "hand_back_own",
-            )
-        except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                return 0
-            raise
+        held = self.group.pending(cfg.max_queue_length, consumer=consumer, what="hand_back_own")
         ids = [p["message_id"] for p in held]
-        if ids:
-            idle_ms = int(cfg.visibility_timeout_s * 1000)
-            self.call(
-                lambda: self.redis.xclaim(
-                    cfg.job_stream, cfg.consumer_group, consumer, 0, ids, idle=idle_ms, justid=True
-                ),
-                "hand_back_own",
-            )
+        self.group.hand_back(consumer, ids, int(cfg.visibility_timeout_s * 1000))
         return len(ids)
 
     def _admit(self, entries: list[tuple[Any, Any]], attempts: Mapping[str, int]) -> list[Job]:

@@ -2,7 +2,7 @@
 
 ``model:current`` (``{lisa}:model:current`` by default, built by :meth:`~worker.client.queue.JobQueue.key`) holds
 ``{"version", "base", "adapter", "promoted_at", "metrics"}``; ``model:history`` lists every promotion. A worker
-checks it between batches (at most every ``CHECK_INTERVAL_S``) and, when it names another version, loads it and
+checks it between batches (at most every ``MODEL_CHECK_INTERVAL_S``) and, when it names another version, loads it and
 switches without a restart; ``/setup`` then reports the new version and Label Studio re-predicts its tasks. Paths
 in the key must be readable by every worker (a shared volume).
 
@@ -20,10 +20,11 @@ from typing import Any
 import redis
 
 from worker.client.connection import RedisDown
+from worker.client.defaults import MODEL_CHECK_INTERVAL_S
 from worker.client.queue import JobQueue
 
-CHECK_INTERVAL_S = 5.0
-"""How often a worker looks for a newly promoted version."""
+CHECK_INTERVAL_S = MODEL_CHECK_INTERVAL_S
+"""How often a worker looks for a newly promoted version (the default lives in :mod:`worker.client.defaults`)."""
 
 
 def current(queue: JobQueue) -> dict[str, Any] | None:

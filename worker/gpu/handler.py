@@ -27,10 +27,17 @@ import torch
 from PIL import Image
 
 from model import demo_scope, phrasing
+from model.defaults import resolve_device
 from model.errors import InputError
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
 from model.preprocess import PreprocessedImage, load_image
-from worker.client.defaults import MAX_DECODED_PIXELS
+from worker.client.defaults import (
+    ANSWER_CACHE_BYTES,
+    CACHE_BYTES,
+    MAX_DECODED_PIXELS,
+    MAX_NEW_TOKENS_LIMIT,
+    MODEL_CHECK_INTERVAL_S,
+)
 from worker.client.limits import image_shape_error
 from worker.client.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
 from worker.gpu import switch
@@ -39,12 +46,7 @@ from worker.gpu.version import model_version
 
 log = logging.getLogger(__name__)
 
-#: Default bytes of encoded images a worker keeps (LISA-7B: ~6 MB per image in bf16, so ~170 images).
-DEFAULT_CACHE_BYTES = 1 << 30
-#: Upper bound on a job's ``max_new_tokens`` option; enough for explanatory answers.
-MAX_NEW_TOKENS_LIMIT = 512
-#: Bytes of [SEG] prompts kept for refinements (LISA-7B: 256 bf16 values, 512 B, per mask: ~100k answers).
-DEFAULT_ANSWER_CACHE_BYTES = 64 << 20
+DEFAULT_CACHE_BYTES = CACHE_BYTES  # the name worker/gpu/run.py and the benches know
 
 
 @dataclass
@@ -70,7 +72,7 @@ class LisaHandler:
         self.version = version
         self.cache: EncodingCache[EncodedImage] = EncodingCache(cache_bytes)
         #: [SEG] prompts of recent answers, keyed by ("<image hash> <query>", version).
-        self.answers: EncodingCache[CachedAnswer] = EncodingCache(DEFAULT_ANSWER_CACHE_BYTES)
+        self.answers: EncodingCache[CachedAnswer] = EncodingCache(ANSWER_CACHE_BYTES)
         self.max_new_tokens = max_new_tokens
         #: Largest image decoded (width x height); larger ones are refused from their header.
         self.max_decoded_pixels = max_decoded_pixels
@@ -95,7 +97,7 @@ class LisaHandler:
 
         if time.monotonic() < self._next_check:
             return self.version
-        self._next_check = time.monotonic() + registry.CHECK_INTERVAL_S
+        self._next_check = time.monotonic() + MODEL_CHECK_INTERVAL_S
         entry = registry.current(queue)
         if not entry or entry.get("version") == self.version:
             return self.version
@@ -340,8 +342,7 @@ def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, 
                  version: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  max_decoded_pixels: int = MAX_DECODED_PIXELS, switch_strategy: str = switch.AUTO) -> LisaHandler:
     """Load the model once and wrap it; ``device="auto"`` picks CUDA when present."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     predictor = LisaPredictor.from_pretrained(model, vision_tower, dtype, device, quantize)
     from model.checkpoint import resolve_model_dir
 

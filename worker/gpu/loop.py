@@ -41,6 +41,7 @@ from worker.client.connection import CONNECTION_ERRORS, RedisDown, backoff_forev
 from worker.client.defaults import MIN_RECLAIM_WAIT_S, QueueConfig
 from worker.client.protocol import BAD_INPUT, INTERNAL, Job, Result
 from worker.client.queue import JobQueue
+from worker.client.queue_client import QueueClient
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +330,9 @@ class WorkerLoop:
 
 def live_workers(client: redis.Redis, config: QueueConfig | None = None) -> list[dict[str, Any]]:
     """The heartbeats of live workers (host, pid, device, model version, counters), for ``/health``."""
-    return JobQueue(client, config).live_workers()
+    return QueueClient(client, config).live_workers()  # the client half: no worker scripts to register
 
 
 def queue_stats(client: redis.Redis, config: QueueConfig | None = None) -> dict[str, int]:
     """Queue depth, in-flight, queued and dead-letter counts, for ``/metrics``."""
-    return JobQueue(client, config).stats()
+    return QueueClient(client, config).stats()

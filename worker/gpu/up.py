@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from backend import config as settings
 from worker.client.defaults import REDIS_URL
 
 log = logging.getLogger("lisa-ls.up")
@@ -50,8 +51,10 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("up", help="start Redis (embedded), the backend and model workers on this machine")
     add_model_options(p, default_device="auto", required=False)
-    p.add_argument("--port", type=int, default=int(os.environ.get("LISA_LS_PORT", "9090")), help="backend port")
-    p.add_argument("--host", default=os.environ.get("LISA_LS_HOST", "0.0.0.0"), help="backend address")
+    p.add_argument("--port", type=int, default=int(os.environ.get("LISA_LS_PORT") or settings.PORT),
+                   help=f"backend port (default: $LISA_LS_PORT or {settings.PORT})")
+    p.add_argument("--host", default=os.environ.get("LISA_LS_HOST") or settings.HOST,
+                   help=f"backend address (default: $LISA_LS_HOST or {settings.HOST})")
     p.add_argument("--workers", type=int, default=1, help="model worker processes to start")
     p.add_argument("--redis-port", type=int, default=REDIS_PORT,
                    help=f"port of the embedded Redis when REDIS_URL is unset (default {REDIS_PORT}; not "
