@@ -169,28 +169,48 @@ def test_webhook_is_captured_on_the_backends_volume(stack):
     print(f"\ncaptured on the backend volume: {sorted(files)}")
 
 
-def test_docker_kill_of_the_worker_restarts_it_and_requests_in_flight_are_answered(stack):
-    old_host = stack.wait_worker()["host"]
-    container = stack.container("worker-cpu")
+def _kill_with_requests_in_flight(stack: Stack, kill, queries: tuple[str, str]) -> float:
+    """``kill()`` the worker with one request in flight and one sent right after; both must get a mask."""
     answers: dict[str, requests.Response] = {}
 
     def ask(query: str) -> None:
         answers[query] = predict(stack, query, timeout=300)
 
-    before = threading.Thread(target=ask, args=("yellow",))
+    before = threading.Thread(target=ask, args=(queries[0],))
     before.start()
     t0 = time.monotonic()
-    subprocess.run(["docker", "kill", container], check=True, capture_output=True)
-    during = threading.Thread(target=ask, args=("purple",))  # sent while no worker runs: queued until the restart
+    kill()
+    during = threading.Thread(target=ask, args=(queries[1],))  # sent while no worker runs: queued until it is back
     during.start()
     before.join(300)
     during.join(300)
-    stack.seconds["kill -> answered"] = round(time.monotonic() - t0, 1)
-    assert {q: len(regions(r)) >= 1 for q, r in answers.items()} == {"yellow": True, "purple": True}
+    got = {q: len(regions(r)) for q, r in answers.items()}
+    assert all(got.values()) and set(got) == set(queries), {q: r.text[:400] for q, r in answers.items()}
+    return round(time.monotonic() - t0, 1)
+
+
+def test_a_killed_worker_process_is_restarted_and_requests_in_flight_are_answered(stack):
+    """The worker's process dies (SIGKILL from the host): its restart policy brings the container back."""
+    container = stack.container("worker-cpu")
+    pid = int(stack.inspect("worker-cpu", "{{.State.Pid}}"))
+    stack.seconds["SIGKILL -> answered"] = _kill_with_requests_in_flight(
+        stack, lambda: os.kill(pid, 9), ("yellow", "purple"))
     assert stack.container("worker-cpu") == container  # the same container, restarted by its policy
     assert int(stack.inspect("worker-cpu", "{{.RestartCount}}")) >= 1
     assert stack.inspect("worker-cpu", "{{.State.Running}}") == "true"
-    del old_host
+
+
+def test_docker_kill_of_the_worker_then_compose_up_and_requests_in_flight_are_answered(stack):
+    """``docker kill`` is a manual stop to Docker (no restart policy applies): ``compose up -d`` restarts it."""
+    container = stack.container("worker-cpu")
+
+    def kill() -> None:
+        subprocess.run(["docker", "kill", container], check=True, capture_output=True)
+        stack.compose("--profile", "cpu", "up", "-d", "--no-build")
+
+    stack.seconds["docker kill + up -d -> answered"] = _kill_with_requests_in_flight(
+        stack, kill, ("the pentagon", "the smallest shape"))
+    assert stack.inspect("worker-cpu", "{{.State.Running}}") == "true"
 
 
 def test_down_then_up_keeps_redis_aof_and_the_dataset(stack):
@@ -214,7 +234,8 @@ def test_the_backend_image_holds_no_torch_and_image_sizes():
     torch = subprocess.run(["docker", "run", "--rm", "--entrypoint", "python", "lisa-ls-worker:latest", "-c",
                             "import torch, torchvision; print(torch.__version__, torchvision.__version__)"],
                            capture_output=True, text=True, timeout=300)
-    assert torch.stdout.split() == ["2.14.1", "0.29.1"], torch.stderr
+    versions = torch.stdout.split()
+    assert [v.split("+")[0] for v in versions] == ["2.14.1", "0.29.1"] and "+cu" in versions[0], torch.stderr
     figures = Path(tempfile.gettempdir()) / "lisa-ls-docker-figures.json"
     sizes = {}
     for image in ("lisa-ls-redis", "lisa-ls-backend", "lisa-ls-worker", "lisa-ls-label-studio"):
