@@ -42,6 +42,8 @@ IMAGES = {
     "lisa-ls-label-studio": ("label-studio.Dockerfile", "heartexlabs/label-studio:1.23.2", "label-studio"),
 }
 TAG = "latest"
+#: Loopback port of the local pip indexes during builds.
+PIP_PORT = int(os.environ.get("LISA_LS_PIP_PORT", "47813"))
 
 
 class HarnessError(RuntimeError):
@@ -189,7 +191,12 @@ class BuildInputs:
         self.farm = Path(tempfile.mkdtemp(prefix="lisa-ls-pip-"))
         handler = functools.partial(_Quiet, directory=str(self.farm))
         self.served: dict[str, str] = {}
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        # A fixed port keeps pip.conf - and so every cached layer after it - the same from run to run.
+        try:
+            self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", PIP_PORT), handler)
+        except OSError:
+            say(f"127.0.0.1:{PIP_PORT} is taken: local indexes on another port (the builds' layer cache misses)")
+            self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
