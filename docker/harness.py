@@ -248,7 +248,9 @@ def build(names: list[str]) -> dict[str, dict]:
                     base = "lisa-ls-standin/label-studio:1.23.2"
                     if not present(base):
                         say(f"{public} cannot be pulled: building the stand-in {base} (Label Studio from PyPI)")
+                        t1 = time.monotonic()
                         _docker_build("standin/label-studio.Dockerfile", base, standin)
+                        say(f"{base} built in {time.monotonic() - t1:.0f} s")
                 else:
                     base = standin
                 say(f"{public} cannot be pulled: {name} builds on the stand-in {base}")
