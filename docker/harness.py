@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             env = {**os.environ, "LISA_LS_DOCKER_STACK": "1", "PYTHONPATH": str(ROOT),
                    "LISA_LS_DOCKER_DEMO": "0" if args.no_demo else "1"}
             code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                                    str(ROOT / "tests" / "test_docker_stack.py")], env=env)
+                                    "--durations=0", str(ROOT / "tests" / "test_docker_stack.py")], env=env)
             say(f"make docker-test took {time.monotonic() - t0:.0f} s in all")
             return code
         return 0
