@@ -13,7 +13,7 @@ else
 TORCH := $(TORCH_X86_64)
 endif
 
-.PHONY: run test lint bench clean e2e-deps chromium demo-model lock
+.PHONY: run test lint bench clean e2e-deps chromium demo-model docker-test lock
 
 # requirements.lock: every version the tests ran (torch and its nvidia wheels included), for x86_64 Linux and the
 # python3 that makes .venv; `make test` and `make run` install under it (-c). On aarch64 the torch pins above differ
@@ -89,6 +89,12 @@ run: $(STAMP)
 test: $(STAMP) e2e-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# What users deploy, for real (issue 17): a Docker engine (Debian's docker.io, started only when none runs), the images
+# of docker/ built on their public bases or Debian stand-ins (docker/harness.py), the compose stack up on 127.0.0.1 and
+# tests/test_docker_stack.py against it. DOCKER_TEST_ARGS=--no-demo skips Label Studio.
+docker-test: $(STAMP) e2e-deps
+	$(PY) docker/harness.py test $(DOCKER_TEST_ARGS)
 
 # Re-make the offline demo model that `make run` serves (models/demo, committed): a tiny LISA trained from scratch
 # on synthetic shape scenes, then polished with hard queries and clicks: DEMO_MINUTES + POLISH_MINUTES of 2 CPU

@@ -38,6 +38,14 @@ def run_worker(args: argparse.Namespace) -> int:
     from worker.gpu.loop import WorkerLoop
 
     config = QueueConfig.from_env()
+    if str(args.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # say it once, plainly, instead of a CUDA traceback per restart
+            print(f"lisa-ls worker: --device {args.device} but this container/host sees no CUDA GPU (torch "
+                  f"{torch.__version__}, CUDA {torch.version.cuda}). On a GPU host install the NVIDIA container "
+                  "toolkit; without a GPU use `--device cpu` (docker compose: --profile cpu).", file=sys.stderr)
+            return 3
     try:
         handler = load_handler(args.model, args.vision_tower, args.dtype, args.device, args.quantize,
                                args.model_version, args.cache_bytes or DEFAULT_CACHE_BYTES, config.max_decoded_pixels,
