@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or args.compose.resolve().parent / OVERRIDE.name
     workers = [n for n in result["services"] if n != args.service]
     # On a second host only the workers start: naming them keeps compose from starting a Redis and a backend there.
-    up = f"docker compose -f {args.compose.name} -f {output.name} --profile gpu up -d"
+    profile = ((compose.get("services") or {}).get(args.service, {}).get("profiles") or ["gpu"])[0]
+    up = f"docker compose -f {args.compose.name} -f {output.name} --profile {profile} up -d"
     up += f" {' '.join(workers)}" if args.redis_url else ""
     header = (f"# Written by docker/gpus.py for {len(ids)} GPU(s): {', '.join(ids)}. One worker per GPU; regenerate "
               f"when the GPUs or {args.compose.name}'s {args.service!r} change.\n#   {up}\n")

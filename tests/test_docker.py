@@ -92,3 +92,23 @@ def test_label_studio_can_reach_the_backend(compose):
     assert env["ML_BLOCK_LOCAL_IP"] == "false" and env["SSRF_PROTECTION_ENABLED"] == "false"
     assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
     assert compose["services"]["backend"]["environment"]["LABEL_STUDIO_URL"].endswith("label-studio:8080}")
+
+
+@pytest.mark.parametrize("name, profile, device, dtype", [("worker-sam3", "sam3", "cuda", "bf16"),
+                                                           ("worker-sam3-cpu", "sam3-cpu", "cpu", "fp32")])
+def test_sam3_workers_serve_facebook_sam3_under_their_own_profile(compose, name, profile, device, dtype):
+    """SAM 3 workers are the same image under a profile of their own (today's `up` is unchanged); the GPU one
+    reserves a GPU as the LISA worker does (without a reservation compose gives the container none)."""
+    from worker.cli import build_parser
+
+    svc = compose["services"][name]
+    assert svc["profiles"] == [profile]
+    assert svc["image"] == compose["services"]["worker"]["image"]
+    argv = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in svc["command"]]
+    parsed = build_parser().parse_args(["worker", *argv])
+    assert (parsed.model, parsed.dtype, parsed.device) == ("facebook/sam3", dtype, device)
+    if device == "cuda":
+        [gpu] = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    else:
+        assert "deploy" not in svc

@@ -65,8 +65,11 @@ def test_compose_config_gives_every_gpu_of_four_exactly_one_worker(tmp_path):
     print("\n".join(f"{name}: replicas {(s.get('deploy') or {}).get('replicas', 1)}, GPUs {gpu_reservations(s)}"
                     for name, s in services.items() if gpu_reservations(s) or name == "worker"))
     assert services["worker"]["deploy"]["replicas"] == 0
+    # Compose v1's `config` prints every profile's services; what `--profile gpu up` starts is those of "gpu"
+    # (the SAM 3 workers have profiles of their own).
     running = {name: s for name, s in services.items()
-               if gpu_reservations(s) and int((s.get("deploy") or {}).get("replicas", 1)) > 0}
+               if gpu_reservations(s) and int((s.get("deploy") or {}).get("replicas", 1)) > 0
+               and "gpu" in (s.get("profiles") or ["gpu"])}
     assert sorted(running) == [f"worker-gpu{i}" for i in range(4)]
     ids = []
     for name, service in running.items():
