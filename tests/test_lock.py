@@ -120,7 +120,10 @@ def dependency_closure(roots: list[Requirement]) -> set[str]:
 def installed() -> dict[str, str]:
     """{canonical name: version} of this interpreter's environment, first on sys.path winning (as imports do)."""
     out: dict[str, str] = {}
-    for dist in metadata.distributions():
+    # Not sys.path as it is now: importing setuptools (torch's build helpers do, earlier in a full run) appends its
+    # own setuptools/_vendor folder, whose vendored dist-infos are no installs of the venv.
+    path = [p for p in sys.path if "_vendor" not in Path(p).parts]
+    for dist in metadata.distributions(path=path):
         out.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
     return out
 
