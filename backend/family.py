@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from backend.config import BackendConfig
 from backend.inputs import Refusal
-from backend.project import MODEL_KEY, THRESHOLD_KEY, ProjectSettings
+from backend.project import MODEL_KEY, THRESHOLD_KEY, ProjectSettings, SettingsError, check_extra_params
 from backend.shapes import MASK_TYPES
 from worker.client.defaults import CONCEPT_FAMILIES, DEFAULT_FAMILY, FAMILY_NAMES
 from worker.client.queue import JobQueue
@@ -74,23 +75,19 @@ def region_meta(settings: ProjectSettings) -> dict[str, Any]:
     return {"family": settings.family}
 
 
-def connection_settings(backends: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """The family and job options (a score threshold) the project's model connections' Extra params set, for
-    ``lisa-ls prelabel`` (the connection a ``/setup`` checked; an unreadable one counts as the default family)."""
-    import json
-
-    for backend in backends:
-        extra = backend.get("extra_params")
-        if isinstance(extra, str) and extra.strip():
+def connection_settings(params: list[dict[str, Any]], config: BackendConfig) -> tuple[str, dict[str, Any]]:
+    """The family and job options (a score threshold) that the project's model connections' Extra params
+    (``LabelStudioClient.connection_params``) set, for ``lisa-ls prelabel``: the first connection naming a family,
+    read by ``/setup``'s own rules; a connection they refuse counts as the default family (its card says why)."""
+    for extra in params:
+        if extra.get(MODEL_KEY):
             try:
-                extra = json.loads(extra)
-            except json.JSONDecodeError:
+                values = check_extra_params({k: extra[k] for k in (MODEL_KEY, THRESHOLD_KEY) if k in extra},
+                                            config)
+            except SettingsError:
                 continue
-        if isinstance(extra, dict) and extra.get(MODEL_KEY):
-            family = str(extra[MODEL_KEY]).strip().lower()
-            if family in FAMILY_NAMES:
-                threshold = extra.get(THRESHOLD_KEY)
-                return family, ({"threshold": float(threshold)} if threshold is not None else {})
+            threshold = values.get(THRESHOLD_KEY)
+            return values[MODEL_KEY], ({"threshold": threshold} if threshold is not None else {})
     return DEFAULT_FAMILY, {}
 
 

@@ -141,6 +141,21 @@ class LabelStudioClient:
             raise LabelStudioError(f"Label Studio's answer to GET /api/ml is not a list: {_CHECK}")
         return [b for b in items if isinstance(b, dict)]
 
+    def connection_params(self, project_id: int) -> list[dict[str, Any]]:
+        """The Extra params of each of the project's model connections, as dicts (Label Studio keeps JSON or its
+        text); one that is not a JSON object is left out (``/setup`` already refuses it on its model card)."""
+        out = []
+        for backend in self.ml_backends(project_id):
+            extra = backend.get("extra_params")
+            if isinstance(extra, str) and extra.strip():
+                try:
+                    extra = json.loads(extra)
+                except json.JSONDecodeError:
+                    continue
+            if isinstance(extra, dict):
+                out.append(extra)
+        return out
+
     def create_prediction(self, task_id: int, result: list[dict[str, Any]], score: float | None,
                           model_version: str) -> dict[str, Any]:
         """Store a prediction for a task; returns Label Studio's record of it (with its ``id``). ``score`` None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 from typing import Any
 
 from backend.labeling import LabelingSetup
@@ -69,18 +68,13 @@ def parse_label_queries(items: list[str]) -> dict[str, str]:
     return out
 
 
-def connection_queries(backends: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The ``queries`` of a project's model connections' Extra params (JSON or its text), or None when none sets
-    them. Raises :class:`QueriesError` when two connections set different ones (which one would be meant?)."""
+def connection_queries(params: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``queries`` of a project's model connections' Extra params (``LabelStudioClient.connection_params``), or
+    None when none sets them. Raises :class:`QueriesError` when two connections set different ones (which one would
+    be meant?)."""
     found: list[Any] = []
-    for backend in backends:
-        extra = backend.get("extra_params")
-        if isinstance(extra, str) and extra.strip():
-            try:
-                extra = json.loads(extra)
-            except json.JSONDecodeError:
-                continue  # /setup already refuses it on the model card
-        if isinstance(extra, dict) and QUERIES_KEY in extra and extra[QUERIES_KEY] not in found:
+    for extra in params:
+        if QUERIES_KEY in extra and extra[QUERIES_KEY] not in found:
             found.append(extra[QUERIES_KEY])
     if len(found) > 1:
         raise QueriesError("the project's model connections set different 'queries' in their Extra params: keep "

@@ -146,7 +146,8 @@ class Prelabeler:
             raise UsageError(f"--label {self.o.label!r} is not a label of the project's <BrushLabels "
                              f"name=\"{self.setup.brush_name}\">: choose one of {', '.join(self.setup.labels)}")
         try:  # the connection's Extra params "model": the family whose workers answer (backend.family)
-            self.family, self.options = families.connection_settings(self.client.ml_backends(self.o.project))
+            self.family, self.options = families.connection_settings(self.client.connection_params(self.o.project),
+                                                                       self.config)
         except LabelStudioError:
             self.family, self.options = DEFAULT_FAMILY, {}
         self.queue = self.queue.for_family(self.family)
@@ -168,7 +169,7 @@ class Prelabeler:
             raise UsageError("--label-query gives each label its own query and label: leave out --query and --label")
         if not given and self.o.query is None:
             try:
-                given = connection_queries(self.client.ml_backends(self.o.project))
+                given = connection_queries(self.client.connection_params(self.o.project))
             except LabelStudioError as e:  # e.g. a token that may not read model connections: one query per task
                 print(f"lisa-ls prelabel: cannot read the project's model connections ({e}); their Extra params "
                       "'queries' are not used", file=self.out)

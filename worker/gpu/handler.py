@@ -13,7 +13,6 @@ generated again first (and the image re-encoded), so a refinement never fails fo
 from __future__ import annotations
 
 import gc
-import io
 import json
 import logging
 import time
@@ -24,14 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from model import demo_scope, phrasing
 from model.defaults import resolve_device
 from model.errors import InputError
 from model.family import LISA, is_sam3
 from model.inference import DEFAULT_MAX_NEW_TOKENS, EncodedImage, LisaPredictor
-from model.preprocess import PreprocessedImage, load_image
+from model.preprocess import PreprocessedImage
 from worker.client.defaults import (
     ANSWER_CACHE_BYTES,
     CACHE_BYTES,
@@ -39,10 +37,10 @@ from worker.client.defaults import (
     MAX_NEW_TOKENS_LIMIT,
     MODEL_CHECK_INTERVAL_S,
 )
-from worker.client.limits import image_shape_error
 from worker.client.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
 from worker.gpu import switch
 from worker.gpu.cache import EncodingCache
+from worker.gpu.inputs import decode_image, prompts_in_image
 from worker.gpu.version import model_version
 
 log = logging.getLogger(__name__)
@@ -183,7 +181,7 @@ class LisaHandler:
             try:
                 asked[job.id] = question = _question(job)
                 if job.kind == REFINE:
-                    self._check_refine(job, encoded[job.image])
+                    prompts_in_image(job.options, *encoded[job.image].original_hw)
                     refines.append(job)
                     if not question or self.answers.get(self._answer_key(job, question), self.version) is not None:
                         continue  # no query, or its [SEG] prompts are cached: no LLM needed
@@ -217,23 +215,10 @@ class LisaHandler:
     def _answer_key(job: Job, question: str) -> str:
         return f"{job.image} {question}"
 
-    def _check_refine(self, job: Job, image: EncodedImage) -> None:
-        """Refuse clicks or a box outside the image (in pixels of the EXIF-applied image)."""
-        try:
-            points, box = refine_prompts(job.options)
-        except ValueError as e:
-            raise InputError(str(e)) from e
-        height, width = image.original_hw
-        for x, y, _ in points:
-            if not (0 <= x <= width and 0 <= y <= height):
-                raise InputError(f"the point ({x:.0f}, {y:.0f}) is outside the {width}x{height} image")
-        if box is not None and not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
-            raise InputError(f"the box {[round(v) for v in box]} is not inside the {width}x{height} image")
-
     def _refine(self, job: Job, question: str, image: EncodedImage) -> Result:
         """SAM's prompt encoder + decoder on the cached image: [SEG] prompts of the last answer to ``question``
         (when given) + clicks/box."""
-        points, box = refine_prompts(job.options)
+        points, box = refine_prompts(job.options)  # checked against the image in __call__
         answer = self.answers.get(self._answer_key(job, question), self.version) if question else None
         seg = self.predictor.refine(
             image, None if answer is None else answer.prompts,
@@ -284,14 +269,7 @@ class LisaHandler:
     def _preprocess(self, data: bytes) -> PreprocessedImage:
         """Check an image's size from its header, decode it and make its model inputs (the decoded array is
         dropped on return). Raises :class:`InputError` with a message for the annotator."""
-        size = _header_size(data)
-        problem = image_shape_error(*size) if size else None
-        if problem:
-            raise InputError(problem)
-        try:
-            image = load_image(data, max_pixels=self.max_decoded_pixels)
-        except InputError as e:
-            raise InputError(f"the task's image: {str(e).removeprefix('image bytes: ')}") from e
+        image = decode_image(data, self.max_decoded_pixels)
         return self.predictor.preprocess(image)
 
     def _encode_each(self, todo: dict[str, PreprocessedImage], failed: dict[str, str]) -> dict[str, EncodedImage]:
@@ -326,19 +304,6 @@ def _question(job: Job) -> str:
     if job.phrasing is None or not job.query:
         return job.query
     return phrasing.question(job.query, job.phrasing.get("phrase"), job.phrasing.get("sentence"))
-
-
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from an image's header, EXIF orientation applied (as the annotator sees it); ``None``
-    when the header cannot be read (decoding then says why)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-                width, height = height, width
-    except Exception:  # any unreadable header is load_image's to report
-        return None
-    return width, height
 
 
 def load_handler(model: str, vision_tower: str | None, dtype: str, device: str, quantize: str | None,

@@ -28,13 +28,11 @@ from typing import Any
 from model.defaults import SAM3_SCORE_THRESHOLD
 from model.errors import InputError
 from model.family import SAM3
-from model.preprocess import load_image
 from model.sam3.modeling import Sam3Encoding, Sam3Predictor
 from worker.client.defaults import CACHE_BYTES, MAX_DECODED_PIXELS
-from worker.client.limits import image_shape_error
-from worker.client.protocol import BAD_INPUT, REFINE, Job, Result, refine_prompts
+from worker.client.protocol import BAD_INPUT, REFINE, Job, Result
 from worker.gpu.cache import EncodingCache
-from worker.gpu.handler import _header_size
+from worker.gpu.inputs import decode_image, prompts_in_image
 from worker.gpu.version import model_version
 
 log = logging.getLogger(__name__)
@@ -89,7 +87,7 @@ class Sam3Handler:
         if job.answer is not None:
             raise InputError("SAM 3 takes a noun phrase, not a teacher-forced answer; send the phrase as the query")
         if job.kind == REFINE:
-            points, box = self._prompts(job, image)
+            points, box = prompts_in_image(job.options, *image.original_hw)
             clicked = self.predictor.click(image, points, box)
             return Result.from_masks(job.id, clicked.mask[None], [clicked.score], model_version=self.version,
                                      question=job.query)
@@ -97,21 +95,6 @@ class Sam3Handler:
         found = self.predictor.find(image, phrase, _threshold(job.options))
         return Result.from_masks(job.id, found.masks, found.scores.tolist(), model_version=self.version,
                                  question=phrase)
-
-    @staticmethod
-    def _prompts(job: Job, image: Sam3Encoding) -> tuple[list[tuple[float, float, int]], list[float] | None]:
-        """A refinement's clicks and box, refused when outside the image (pixels of the EXIF-applied image)."""
-        try:
-            points, box = refine_prompts(job.options)
-        except ValueError as e:
-            raise InputError(str(e)) from e
-        height, width = image.original_hw
-        for x, y, _ in points:
-            if not (0 <= x <= width and 0 <= y <= height):
-                raise InputError(f"the point ({x:.0f}, {y:.0f}) is outside the {width}x{height} image")
-        if box is not None and not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
-            raise InputError(f"the box {[round(v) for v in box]} is not inside the {width}x{height} image")
-        return points, box
 
     def _encode(self, jobs: list[Job], results: dict[str, Result]) -> dict[str, Sam3Encoding]:
         """Encodings of the batch's images, cached ones reused; an image that cannot be decoded or encoded answers
@@ -143,14 +126,7 @@ class Sam3Handler:
         return encoded
 
     def _encode_one(self, data: bytes) -> Sam3Encoding:
-        size = _header_size(data)
-        problem = image_shape_error(*size) if size else None
-        if problem:
-            raise InputError(problem)
-        try:
-            image = load_image(data, max_pixels=self.max_decoded_pixels)
-        except InputError as e:
-            raise InputError(f"the task's image: {str(e).removeprefix('image bytes: ')}") from e
+        image = decode_image(data, self.max_decoded_pixels)
         return self.predictor.encode(image)
 
 
