@@ -15,8 +15,8 @@ import json
 import numpy as np
 import pytest
 import test_e2e_ui as ui
-from ls_fixtures import PASSWORD, USERNAME, LSClient
-from redis_fixtures import ROOT, wait_for
+from ls_fixtures import LSClient
+from redis_fixtures import ROOT
 
 from backend.brush import rle_to_mask
 from model.demo_scope import ANSWER_NOTE
@@ -28,25 +28,6 @@ browser_page = ui.browser_page
 SCENE = ROOT / "models" / "demo" / "examples" / "scene_1.png"
 QUERY = "the two squares"  # scene_1 (256 x 256): the demo model's answer covers the orange and the green square...
 WRONG_PART = (161, 50)  # ... the annotator wants only the orange one and clicks Exclude on the green one's centre
-
-
-def open_task(page, ls_url: str, project: int, task: int) -> None:
-    if "/user/login" in page.url or page.url in ("about:blank", ""):
-        page.goto(f"{ls_url}/user/login/")
-        page.fill("input[name=email]", USERNAME)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url(lambda url: "/user/login" not in url)
-    page.goto(f"{ls_url}/projects/{project}/data?task={task}")
-    page.get_by_test_id("bottombar-submit-button").wait_for()
-    page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('img')).some("
-        "i => i.src.includes('/data/upload/') && i.complete && i.naturalWidth > 0)"
-    )
-    toggle = page.get_by_test_id("bottombar-auto-annotation-toggle")
-    if not toggle.is_checked():
-        page.get_by_text("Auto-Annotation", exact=True).click()
-    wait_for(toggle.is_checked, 10, "Auto-Annotation to be on")
 
 
 def ask(page, query: str) -> dict:
@@ -84,7 +65,7 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
     [task] = client.upload_images(project["id"], [SCENE])
     client.connect_ml_backend(project["id"], stack.url, title="LISA demo")
     try:
-        open_task(page, ls.url, project["id"], task["id"])
+        ui.open_task(page, ls.url, project["id"], task["id"])
         body = ask(page, QUERY)
         [answer] = brushes(body)
         assert notes(body) == [ANSWER_NOTE]  # the demo model says what it is with each answer
@@ -155,7 +136,7 @@ def test_nothing_found_is_said_in_the_labeling_ui(e2e_ls_and_demo, browser_page)
     project = client.create_project("e2e nothing found")
     [task] = client.upload_images(project["id"], [SCENE])
     client.connect_ml_backend(project["id"], stack.url, title="LISA demo", extra_params='{"min_area": 1000000}')
-    open_task(page, ls.url, project["id"], task["id"])
+    ui.open_task(page, ls.url, project["id"], task["id"])
     body = ask(page, QUERY)
     assert [r["type"] for r in body["data"]["result"]] == ["textarea"]
     page.get_by_text(f"LISA found nothing matching '{QUERY}'").first.wait_for()

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ls_fixtures import E2E, PASSWORD, USERNAME, LabelStudio, LisaStack, _serve, case_png
+from ls_fixtures import E2E, LabelStudio, LisaStack, _serve, case_png
 from PIL import Image
 from redis_fixtures import wait_for
 from sam3_fixtures import LOW_THRESHOLD
-from test_e2e_ui import STEP_TIMEOUT_MS, browser_page  # noqa: F401  (browser_page: the fixture, reused)
+from test_e2e_ui import STEP_TIMEOUT_MS, browser_page, open_task  # noqa: F401  (browser_page: the fixture, reused)
 
 from backend.brush import rle_to_mask
 from backend.dataset import Dataset
@@ -82,28 +82,6 @@ def sam3_project(e2e: E2E, title: str) -> tuple[dict, dict, np.ndarray]:
         return project, task, np.asarray(im.convert("RGB"))
 
 
-def open_task(e2e: E2E, page, project: dict, task: dict) -> None:
-    """Log in (unless the browser already is), open the task in the labeling UI, switch Auto-Annotation on."""
-    page.goto(f"{e2e.ls.url}/user/login/")
-    if "/user/login" in page.url:  # a logged-in browser is sent on to its projects
-        page.fill("input[name=email]", USERNAME)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url(lambda url: "/user/login" not in url)
-
-    page.goto(f"{e2e.ls.url}/projects/{project['id']}/data?task={task['id']}")
-    submit = page.get_by_test_id("bottombar-submit-button")
-    submit.wait_for()
-    page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('img')).some("
-        "i => i.src.includes('/data/upload/') && i.complete && i.naturalWidth > 0)"
-    )
-    toggle = page.get_by_test_id("bottombar-auto-annotation-toggle")
-    if not toggle.is_checked():
-        page.get_by_text("Auto-Annotation", exact=True).click()
-    wait_for(toggle.is_checked, 10, "Auto-Annotation to be on")
-
-
 def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
     client = e2e.client
     project, task, rgb = sam3_project(e2e, "e2e sam3 ui")
@@ -111,7 +89,7 @@ def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
     # What SAM 3 itself finds on the same weights, picture and threshold.
     expected = predictor.find(predictor.encode(rgb), PHRASE, LOW_THRESHOLD)
     assert len(expected.scores) >= 2, "the tiny SAM 3 must find several instances for this test to mean anything"
-    open_task(e2e, page, project, task)
+    open_task(page, e2e.ls.url, project["id"], task["id"])
     submit = page.get_by_test_id("bottombar-submit-button")
     shot("01_task_opened")
 
@@ -174,7 +152,7 @@ def test_a_click_without_query_on_a_sam3_project_is_the_trackers_mask(sam3_stack
     project, task, rgb = sam3_project(e2e, "e2e sam3 click")
     height, width = rgb.shape[:2]
     try:
-        open_task(e2e, page, project, task)
+        open_task(page, e2e.ls.url, project["id"], task["id"])
         page.locator("button.lsf-tool_smart").first.hover()
         page.locator(".lsf-tool__extra button[aria-label='key-point-tool']").click()
         page.locator(".lsf-label", has_text="Include").first.click()

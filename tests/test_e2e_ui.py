@@ -246,6 +246,27 @@ def follow_the_readme(e2e: E2E, page, shot) -> None:
     assert record["queries"] == [QUERY], record
 
 
+def open_task(page, ls_url: str, project: int, task: int) -> None:
+    """Log in (unless the browser already is), open the task in the labeling UI once its image has loaded, and
+    switch Auto-Annotation on (the choice persists in the browser, so look before clicking)."""
+    page.goto(f"{ls_url}/user/login/")
+    if "/user/login" in page.url:  # a logged-in browser is sent on to its projects
+        page.fill("input[name=email]", USERNAME)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(lambda url: "/user/login" not in url)
+    page.goto(f"{ls_url}/projects/{project}/data?task={task}")
+    page.get_by_test_id("bottombar-submit-button").wait_for()
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('img')).some("
+        "i => i.src.includes('/data/upload/') && i.complete && i.naturalWidth > 0)"
+    )
+    toggle = page.get_by_test_id("bottombar-auto-annotation-toggle")
+    if not toggle.is_checked():
+        page.get_by_text("Auto-Annotation", exact=True).click()
+    wait_for(toggle.is_checked, 10, "Auto-Annotation to be on")
+
+
 def assert_in_view_unscrolled(page, locator) -> None:
     """``locator`` lies inside the window and neither the page nor any box around it is scrolled: an annotator
     sees it where it appeared, without scrolling."""
