@@ -4,14 +4,18 @@ the worker image on ``--profile cpu`` serving the offline demo model), on 127.0.
 Run by ``make docker-test`` alone (it sets ``LISA_LS_DOCKER_STACK=1``); skipped in ``make test``. The tests run in
 file order and share one compose project (module fixture): health, /predict against ``lisa-ls segment``, a webhook
 captured on the backend's volume, ``docker kill`` of the worker with requests in flight, ``down``/``up`` keeping
-Redis' AOF and the dataset, then the demo profile (Label Studio) and the bad-input messages.
+Redis' AOF and the dataset, the bad-input messages, then the demo profile: Label Studio's ``/health``, and the
+Chromium walk of ``tests/test_e2e_ui.py`` once against the containers (Label Studio reaching the backend by its
+compose alias, the demo model's mask for a demo query).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,9 +28,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import test_e2e_ui as ui
+from ls_fixtures import PASSWORD, USERNAME, LSClient
 
 from backend.brush import mask_to_rle
+from backend.dataset import Dataset
 from backend.labeling import RECOMMENDED_CONFIG
+from model.demo_scope import ANSWER_NOTE
 
 pytestmark = pytest.mark.skipif(os.environ.get("LISA_LS_DOCKER_STACK") != "1",
                                 reason="run by `make docker-test` (needs a Docker engine and the built images)")
@@ -37,6 +45,10 @@ DEMO = ROOT / "models" / "demo"
 PICTURE = DEMO / "examples" / "scene_0.png"
 QUERY = "green"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
+#: The backend as Label Studio's container reaches it (compose.yml's network alias).
+BACKEND_ALIAS = "http://backend.lisa-ls.internal:9090"
+DEMO_ON = os.environ.get("LISA_LS_DOCKER_DEMO") != "0"
+browser_page = ui.browser_page  # the fixture, reused
 
 
 def free_port() -> int:
@@ -52,8 +64,9 @@ class Stack:
         self.project = f"lisa-ls-test-{os.getpid()}"
         self.port, self.ls_port = free_port(), free_port()
         self.env = {**os.environ, "LISA_LS_BIND": "127.0.0.1", "LISA_LS_PORT": str(self.port),
-                    "LABEL_STUDIO_PORT": str(self.ls_port), "LABEL_STUDIO_API_KEY": TOKEN}
-        self.url = f"http://127.0.0.1:{self.port}"
+                    "LABEL_STUDIO_PORT": str(self.ls_port), "LABEL_STUDIO_API_KEY": TOKEN,
+                    "LABEL_STUDIO_USERNAME": USERNAME, "LABEL_STUDIO_PASSWORD": PASSWORD}
+        self.url, self.ls_url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.ls_port}"
         self.seconds: dict[str, float] = {}
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600,
@@ -97,6 +110,34 @@ class Stack:
     def exec(self, service: str, *argv: str) -> str:
         return self.compose("exec", "-T", service, *argv).stdout
 
+    def up_demo(self) -> float:
+        """The demo profile (+ Label Studio) up and Label Studio's ``/health`` UP; seconds it took (0 if it was)."""
+        t0 = time.monotonic()
+        self.compose("--profile", "cpu", "--profile", "demo", "up", "-d", "--no-build")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                r = requests.get(self.ls_url + "/health", timeout=5)
+                if r.status_code == 200 and r.json().get("status") == "UP":
+                    return round(time.monotonic() - t0, 1)
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(2)
+        raise AssertionError(f"Label Studio /health did not answer:\n{self.compose('logs', 'label-studio').stdout}")
+
+    def backend_log(self) -> str:
+        return self.compose("logs", "--no-color", "backend").stdout
+
+    def sample(self, project: int, name: str, into: Path) -> dict | None:
+        """The sample ``name`` captured on the backend's volume (copied out with ``docker cp``), or None."""
+        dest = into / f"project-{project}"
+        shutil.rmtree(dest, ignore_errors=True)
+        copied = subprocess.run(["docker", "cp", f"{self.container('backend')}:/data/dataset/project-{project}",
+                                 str(dest)], capture_output=True, text=True, timeout=60)
+        if copied.returncode != 0 or not (dest / "samples" / f"{name}.json").exists():
+            return None
+        return Dataset.open(dest, create=False).read_sample(name)
+
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
@@ -134,14 +175,21 @@ def test_health_lists_the_containerised_worker(stack):
     assert "demo" in json.dumps(stack.health()).lower()  # the demo model says so in its version
 
 
-def test_predict_gives_the_brush_rle_of_lisa_ls_segment(stack, tmp_path):
+@functools.cache
+def segment(query: str) -> np.ndarray:
+    """``lisa-ls segment`` on the host (.venv) with the demo model on :data:`PICTURE`: bool masks ``N x H x W``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "segment.npz"
+        proc = subprocess.run([sys.executable, "-m", "worker.cli", "segment", "--model", str(DEMO), "--device",
+                               "cpu", "--image", str(PICTURE), "--query", query, "--output", str(out)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        return np.load(out)["masks"].astype(bool)
+
+
+def test_predict_gives_the_brush_rle_of_lisa_ls_segment(stack):
     found = regions(predict(stack, QUERY))
-    out = tmp_path / "segment.npz"
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "segment", "--model", str(DEMO), "--device", "cpu",
-                           "--image", str(PICTURE), "--query", QUERY, "--output", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    masks = np.load(out)["masks"]
+    masks = segment(QUERY)
     assert len(masks) >= 1 and len(found) == len(masks)
     assert [r["value"]["rle"] for r in found] == [mask_to_rle(m) for m in masks]
 
@@ -277,24 +325,29 @@ def test_a_port_already_taken_is_named(stack):
     assert env["LISA_LS_PORT"] in text
 
 
-@pytest.mark.skipif(os.environ.get("LISA_LS_DOCKER_DEMO") == "0", reason="--no-demo")
+@pytest.mark.skipif(not DEMO_ON, reason="--no-demo")
 def test_demo_profile_label_studio_answers_health(stack):
-    t0 = time.monotonic()
-    stack.compose("--profile", "cpu", "--profile", "demo", "up", "-d", "--no-build")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            r = requests.get(f"http://127.0.0.1:{stack.ls_port}/health", timeout=5)
-            if r.status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    else:
-        raise AssertionError(f"Label Studio /health did not answer:\n{stack.compose('logs', 'label-studio').stdout}")
-    stack.seconds["demo: Label Studio healthy"] = round(time.monotonic() - t0, 1)
-    assert r.json().get("status") == "UP", r.text
+    stack.seconds["demo: Label Studio healthy"] = stack.up_demo()
     # Label Studio reaches the backend by its compose alias.
     reach = stack.exec("label-studio", "python3", "-c", "import urllib.request as u; print(u.urlopen("
-                       "'http://backend.lisa-ls.internal:9090/health', timeout=5).status)")
+                       f"'{BACKEND_ALIAS}/health', timeout=5).status)")
     assert reach.strip() == "200"
+
+
+@pytest.mark.skipif(not DEMO_ON, reason="--no-demo")
+def test_demo_profile_in_chromium_a_typed_query_is_suggested_accepted_and_submitted(stack, browser_page, tmp_path):
+    """tests/test_e2e_ui.py's walk, once, against the containers: connect the model by its compose alias, a
+    refused query's message, the demo model's mask for "green" (exactly ``lisa-ls segment``'s), accept, submit,
+    and the sample captured on the backend's volume; the page reaches nothing off the machine (compose.yml turns
+    Label Studio's analytics and Sentry off)."""
+    stack.up_demo()
+    page, blocked = browser_page
+    [expected] = segment(QUERY)
+    t0 = time.monotonic()
+    ui.walk_in_browser(ui.UITarget(
+        client=LSClient(stack.ls_url, TOKEN), ls_url=stack.ls_url, backend_url=BACKEND_ALIAS, picture=PICTURE,
+        query=QUERY, expected=expected, max_mismatch=0.0, backend_log=stack.backend_log,
+        sample=lambda project, name: stack.sample(project, name, tmp_path), artifacts=ROOT / "tests" / "artifacts",
+        prefix="docker_ui", note=(ANSWER_NOTE,)), page)
+    stack.seconds["demo: Chromium UI walk"] = round(time.monotonic() - t0, 1)
+    assert not blocked, f"the composed Label Studio's page tried to reach off the machine: {blocked}"

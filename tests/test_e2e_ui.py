@@ -7,8 +7,12 @@ backend's refusal shows in the ``lisa`` box right under the query box, in the 14
 Then edit the query to a short phrase, Enter: the suggestion comes and the message is gone; accept it (✓), Submit
 (201). Then the saved annotation is read back through the API: the brush region is the backend's mask, unchanged
 and with ``origin == "prediction"``, LISA's own mask for the question the backend made of the phrase, the ``lisa``
-box saved empty (no stale message), and the backend's ``/webhook`` logged its ``ANNOTATION_CREATED`` and captured
+box saved without the stale message (empty; the demo model's note when it answers), and the backend's ``/webhook`` logged its ``ANNOTATION_CREATED`` and captured
 the sample with the typed query alone.
+
+The walk (:func:`follow_the_readme`) takes a :class:`UITarget`: here the session's Label Studio and lisa-ls stack
+(tiny fixture LISA); ``tests/test_docker_stack.py`` walks it once more against the composed stack (Label Studio and
+the backend in containers, the demo model).
 
 The browser is Debian's ``chromium`` driven by the Python ``playwright`` package (never a browser playwright
 downloads itself), with a fresh profile, and it can reach nothing but loopback. Screenshots of each step are saved
@@ -18,14 +22,24 @@ to ``tests/artifacts/`` (git-ignored).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from ls_fixtures import E2E, MAX_MASK_MISMATCH, PASSWORD, USERNAME, case_png, missing_dependency, reference_mask
+from ls_fixtures import (
+    E2E,
+    MAX_MASK_MISMATCH,
+    PASSWORD,
+    USERNAME,
+    LSClient,
+    case_png,
+    missing_dependency,
+    reference_mask,
+)
 from PIL import Image
 from redis_fixtures import wait_for
 
@@ -92,46 +106,80 @@ def browser_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[obj
         print(f"requests off the machine that were blocked: {blocked}")
 
 
-def test_typed_query_suggestion_accepted_and_submitted_in_the_labeling_ui(e2e: E2E, browser_page):
-    page, _blocked = browser_page
-    for old in e2e.artifacts.glob("ui_*.png"):
+@dataclasses.dataclass(frozen=True)
+class UITarget:
+    """What :func:`follow_the_readme` walks: a Label Studio, the backend as Label Studio reaches it, a picture, a
+    query and the mask the served model gives for it, and where the backend's log and captured samples are read."""
+
+    client: LSClient  # Label Studio's API, as the project's owner (USERNAME / PASSWORD in the UI)
+    ls_url: str  # Label Studio as the browser reaches it
+    backend_url: str  # the ML backend as Label Studio reaches it (typed into Connect Model)
+    picture: Path
+    query: str  # a short phrase the served model answers with [SEG]
+    expected: np.ndarray  # bool H x W: the served model's mask for ``query`` on ``picture``
+    max_mismatch: float  # fraction of pixels that may differ from ``expected``
+    backend_log: Callable[[], str]  # the backend's log so far
+    sample: Callable[[int, str], dict | None]  # (project id, sample id) -> the captured record, or None (not yet)
+    artifacts: Path  # screenshots go here
+    prefix: str = "ui"  # screenshot names: <prefix>_<step>.png
+    note: tuple[str, ...] = ()  # what the lisa box says with an answer (the demo model names itself)
+
+
+def walk_in_browser(target: UITarget, page) -> None:
+    """:func:`follow_the_readme` with a screenshot per step (and one of the page when a step fails)."""
+    for old in target.artifacts.glob(f"{target.prefix}_*.png"):
         old.unlink()
 
     def shot(name: str) -> None:
-        page.screenshot(path=str(e2e.artifacts / f"ui_{name}.png"))
+        page.screenshot(path=str(target.artifacts / f"{target.prefix}_{name}.png"))
 
     try:
-        follow_the_readme(e2e, page, shot)
+        follow_the_readme(target, page, shot)
     except Exception:
         with contextlib.suppress(Exception):  # keep the test's own error, whatever the page's state
             shot("failure")
         raise
     finally:
-        print(f"UI screenshots: {e2e.artifacts}/ui_*.png")
+        print(f"UI screenshots: {target.artifacts}/{target.prefix}_*.png")
 
 
-def follow_the_readme(e2e: E2E, page, shot) -> None:
+def test_typed_query_suggestion_accepted_and_submitted_in_the_labeling_ui(e2e: E2E, browser_page):
+    page, _blocked = browser_page
+
+    def sample(project: int, name: str) -> dict | None:
+        dataset = e2e.stack.workdir / "model_dir" / "dataset" / f"project-{project}"
+        if not (dataset / "samples" / f"{name}.json").exists():
+            return None
+        return Dataset.open(dataset, create=False).read_sample(name)
+
+    # LISA's own mask for the question the backend makes of the phrase (the fixture's case 1).
+    walk_in_browser(UITarget(client=e2e.client, ls_url=e2e.ls.url, backend_url=e2e.stack.url, picture=case_png(1),
+                             query=QUERY, expected=reference_mask(1), max_mismatch=MAX_MASK_MISMATCH,
+                             backend_log=e2e.stack.backend_log, sample=sample, artifacts=e2e.artifacts), page)
+
+
+def follow_the_readme(target: UITarget, page, shot) -> None:
     """README "Connect to Label Studio", steps 3 to 6, then what Label Studio and the backend kept."""
-    client = e2e.client
+    client = target.client
 
     # Steps 3 and 5 through the API (as the README allows): a project with the recommended config, an image.
     project = client.create_project("e2e ui")
-    [task] = client.upload_images(project["id"], [case_png(1)])
-    with Image.open(case_png(1)) as im:
+    [task] = client.upload_images(project["id"], [target.picture])
+    with Image.open(target.picture) as im:
         width, height = im.size
 
     # Log in.
-    page.goto(f"{e2e.ls.url}/user/login/")
+    page.goto(f"{target.ls_url}/user/login/")
     page.fill("input[name=email]", USERNAME)
     page.fill("input[name=password]", PASSWORD)
     page.click("button[type=submit]")
     page.wait_for_url(lambda url: "/user/login" not in url)
 
     # Step 4 in the UI: Settings → Model → Connect Model, Interactive preannotations on, Validate and Save.
-    page.goto(f"{e2e.ls.url}/projects/{project['id']}/settings/ml")
+    page.goto(f"{target.ls_url}/projects/{project['id']}/settings/ml")
     page.get_by_role("button", name="Add machine learning model").first.click()
     page.fill("input[name=title]", "LISA (e2e ui)")
-    page.fill("input[name=url]", e2e.stack.url)
+    page.fill("input[name=url]", target.backend_url)
     interactive = page.locator("input[name=is_interactive]")
     if not interactive.is_checked():
         page.get_by_text("Interactive preannotations", exact=True).click()
@@ -144,10 +192,10 @@ def follow_the_readme(e2e: E2E, page, shot) -> None:
     page.get_by_text("Connected", exact=True).first.wait_for()
     shot("02_model_connected")
     ml = client.ml_backend(ml["id"])
-    assert ml["state"] == "CO" and ml["is_interactive"] is True and ml["url"] == e2e.stack.url, ml
+    assert ml["state"] == "CO" and ml["is_interactive"] is True and ml["url"] == target.backend_url, ml
 
     # Step 6: open the task in the labeling UI.
-    page.goto(f"{e2e.ls.url}/projects/{project['id']}/data?task={task['id']}")
+    page.goto(f"{target.ls_url}/projects/{project['id']}/data?task={task['id']}")
     submit = page.get_by_test_id("bottombar-submit-button")
     submit.wait_for()
     page.wait_for_function(
@@ -182,22 +230,22 @@ def follow_the_readme(e2e: E2E, page, shot) -> None:
     # /predict, and the answer clears the message.
     page.get_by_test_id("htx-textbox-edit-button").first.click()
     edit = page.get_by_test_id("htx-textbox-input").first
-    edit.fill(QUERY)
+    edit.fill(target.query)
     with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=STEP_TIMEOUT_MS) as info:
         edit.press("Enter")
     response = info.value
     assert response.status == 200
     body = response.json()
     assert "errors" not in body, body
-    [suggested, cleared] = body["data"]["result"]
-    assert (cleared["id"], cleared["value"]) == (MESSAGE_ID, {"text": []})
+    [suggested, lisa_box] = body["data"]["result"]
+    assert (lisa_box["id"], lisa_box["value"]) == (MESSAGE_ID, {"text": list(target.note)})
     assert suggested["origin"] == "prediction" and "score" not in suggested  # SAM's score is uncalibrated
     assert (suggested["original_width"], suggested["original_height"]) == (width, height)
     shown.wait_for(state="detached")  # the stale message is gone from the page
     messages = page.evaluate(
         "() => Htx.annotationStore.selected.serializeAnnotation().filter(r => r.from_name === 'lisa')"
         ".map(r => r.value.text)")
-    assert messages == [[]], messages
+    assert messages == [list(target.note)], messages
 
     # The suggestion appears (bottom bar: "1 suggestions" with ✗/✓); accept it.
     page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for()
@@ -221,10 +269,10 @@ def follow_the_readme(e2e: E2E, page, shot) -> None:
     shot("08_submitted")
 
     # The saved annotation: the typed query and the backend's brush, unchanged, with origin "prediction"; the
-    # lisa box saved empty, not with the refusal.
+    # lisa box saved as the answer left it (empty, or the demo model's note), not with the refusal.
     [saved] = [a for a in client.annotations(task["id"]) if a["id"] == annotation_id]
     texts = {r["from_name"]: r["value"]["text"] for r in saved["result"] if r["type"] == "textarea"}
-    assert texts == {"query": [QUERY], "lisa": []}, texts
+    assert texts == {"query": [target.query], "lisa": list(target.note)}, texts
     by_type = {r["type"]: r for r in saved["result"]}
     brush = by_type["brushlabels"]
     assert brush["origin"] == "prediction"
@@ -232,18 +280,16 @@ def follow_the_readme(e2e: E2E, page, shot) -> None:
     assert (brush["original_width"], brush["original_height"]) == (width, height)
     mask = rle_to_mask(brush["value"]["rle"], height, width)
     assert np.array_equal(mask, rle_to_mask(suggested["value"]["rle"], height, width))
-    assert brush["meta"]["prompt"] == QUERY
-    # LISA's own mask for the question the backend made of the phrase (the fixture's case 1).
-    assert float(np.mean(mask != reference_mask(1))) <= MAX_MASK_MISMATCH
+    assert brush["meta"]["prompt"] == target.query
+    # The served model's own mask for the question the backend made of the phrase.
+    assert float(np.mean(mask != target.expected)) <= target.max_mismatch
 
     # And the backend's /webhook received it, and capture made it a sample of the typed query alone.
     wait_for(lambda: any("webhook ANNOTATION_CREATED" in line and f"annotation={annotation_id}" in line
-                         for line in e2e.stack.backend_log().splitlines()), 10, "the ANNOTATION_CREATED webhook")
-    dataset, sample = e2e.stack.workdir / "model_dir" / "dataset" / f"project-{project['id']}", \
-        f"ls-{project['id']}-{annotation_id}"
-    wait_for(lambda: (dataset / "samples" / f"{sample}.json").exists(), 30, "the captured sample")
-    record = Dataset.open(dataset, create=False).read_sample(sample)
-    assert record["queries"] == [QUERY], record
+                         for line in target.backend_log().splitlines()), 10, "the ANNOTATION_CREATED webhook")
+    record = wait_for(lambda: target.sample(project["id"], f"ls-{project['id']}-{annotation_id}"), 30,
+                      "the captured sample")
+    assert record["queries"] == [target.query], record
 
 
 def open_task(page, ls_url: str, project: int, task: int) -> None:
