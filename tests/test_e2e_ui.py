@@ -7,8 +7,8 @@ backend's refusal shows in the ``lisa`` box right under the query box, in the 14
 Then edit the query to a short phrase, Enter: the suggestion comes and the message is gone; accept it (✓), Submit
 (201). Then the saved annotation is read back through the API: the brush region is the backend's mask, unchanged
 and with ``origin == "prediction"``, LISA's own mask for the question the backend made of the phrase, the ``lisa``
-box saved without the stale message (empty; the demo model's note when it answers), and the backend's ``/webhook`` logged its ``ANNOTATION_CREATED`` and captured
-the sample with the typed query alone.
+box saved without the stale message (empty; the demo model's note when it answers), and the backend's ``/webhook``
+logged its ``ANNOTATION_CREATED`` and captured the sample with the typed query alone.
 
 The walk (:func:`follow_the_readme`) takes a :class:`UITarget`: here the session's Label Studio and lisa-ls stack
 (tiny fixture LISA); ``tests/test_docker_stack.py`` walks it once more against the composed stack (Label Studio and
