@@ -38,9 +38,14 @@ def tiny_predictor():
     return LisaPredictor.from_pretrained(str(CHECKPOINT), vision_tower=str(CLIP_TOWER))
 
 
-def tiny_worker_argv(version: str) -> list[str]:
-    """The command line of a `lisa-ls worker` serving the fixture LISA on CPU under ``version``."""
+def worker_argv(model: Path, version: str, *options: str) -> list[str]:
+    """The command line of a `lisa-ls worker` serving ``model`` on CPU under ``version``."""
     import sys
 
-    return [sys.executable, "-m", "worker.cli", "worker", "--model", str(CHECKPOINT), "--vision-tower",
-            str(CLIP_TOWER), "--device", "cpu", "--model-version", version]
+    return [sys.executable, "-m", "worker.cli", "worker", "--model", str(model), *options, "--device", "cpu",
+            "--model-version", version]
+
+
+def tiny_worker_argv(version: str) -> list[str]:
+    """The command line of a `lisa-ls worker` serving the fixture LISA on CPU under ``version``."""
+    return worker_argv(CHECKPOINT, version, "--vision-tower", str(CLIP_TOWER))

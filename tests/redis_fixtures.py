@@ -150,14 +150,17 @@ def config_env(config: QueueConfig) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """One ``tests/worker_proc.py`` process; its log is kept for failure reports."""
+    """One worker process on ``config``'s queue: ``tests/worker_proc.py`` (the zero-cost handler), or ``argv`` (a
+    real ``lisa-ls worker`` command line, see ``conftest.worker_argv``); its log is kept for failure reports."""
 
-    def __init__(self, name: str, config: QueueConfig, log_dir: Path) -> None:
+    def __init__(self, name: str, config: QueueConfig, log_dir: Path, argv: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.name, self.log_path = name, log_dir / f"{name}.log"
-        env = {**os.environ, **config_env(config), "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **config_env(config), "PYTHONPATH": str(ROOT), **(env or {})}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(WORKER_SCRIPT), name], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+                argv or [sys.executable, str(WORKER_SCRIPT), name], env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=ROOT,
             )
 
     @property
@@ -172,6 +175,16 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout=10)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
@@ -213,11 +226,12 @@ def job_queue(queue_config: QueueConfig) -> Iterator[JobQueue]:
 
 @pytest.fixture
 def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start worker processes (``spawn_worker(name, config)``); any still running are killed after the test."""
+    """Start worker processes (``spawn_worker(name, config[, argv])``); any still running are killed after the
+    test."""
     started: list[WorkerProcess] = []
 
-    def spawn(name: str, config: QueueConfig) -> WorkerProcess:
-        worker = WorkerProcess(name, config, tmp_path)
+    def spawn(name: str, config: QueueConfig, argv: list[str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(name, config, tmp_path, argv)
         started.append(worker)
         return worker
 

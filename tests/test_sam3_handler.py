@@ -3,14 +3,12 @@ process on a real Redis."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from redis_fixtures import ROOT, config_env, wait_for
+from conftest import worker_argv
+from redis_fixtures import wait_for
 from sam3_fixtures import LOW_THRESHOLD, png_bytes, rgb_image
 from test_worker_model import job_for
 
@@ -81,32 +79,21 @@ def test_load_handler_picks_the_family(sam3_tiny):
     assert load_handler(str(CHECKPOINT), str(CLIP_TOWER), "fp32", "cpu", None).family == "lisa"
 
 
-def test_lisa_ls_worker_serves_sam3_jobs(job_queue, queue_config, sam3_tiny, tmp_path):
-    env = {**os.environ, **config_env(queue_config), "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "worker", "--model", str(sam3_tiny), "--device", "cpu",
-         "--model-version", "sam3-v1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        job_queue = job_queue.for_family("sam3")  # SAM 3 jobs have their own stream (worker/client/defaults.py)
-        workers = wait_for(job_queue.live_workers, timeout=60, what="the worker's heartbeat")
-        assert workers[0]["family"] == "sam3" and workers[0]["model_version"] == "sam3-v1"
-        data = png_bytes(rgb_image())
-        key = job_queue.put_image(data)
-        jobs = [Job(image=key, query="cat", options={"threshold": LOW_THRESHOLD}),
-                Job(image=key, kind=REFINE, options={"points": [[10, 20, 1]]}),
-                Job(image=key, query="big " * 12)]
-        job_queue.submit_many(jobs)
-        cat, click, long = [job_queue.wait(job, timeout=60) for job in jobs]
-        assert cat.ok and len(cat.scores) > 1 and cat.mask_array().shape[1:] == (60, 80)
-        assert click.ok and click.mask_array().shape == (1, 60, 80) and len(click.scores) == 1
-        assert long.error_code == BAD_INPUT and "SAM 3 reads at most 30" in long.error_message
-        assert {r.model_version for r in (cat, click)} == {"sam3-v1"}
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-        print((tmp_path / "worker.log").read_text(errors="replace")[-3000:])
+def test_lisa_ls_worker_serves_sam3_jobs(job_queue, queue_config, sam3_tiny, spawn_worker):
+    worker = spawn_worker("sam3", queue_config, worker_argv(sam3_tiny, "sam3-v1"))
+    job_queue = job_queue.for_family("sam3")  # SAM 3 jobs have their own stream (worker/client/defaults.py)
+    workers = wait_for(job_queue.live_workers, timeout=60, what="the worker's heartbeat")
+    assert workers[0]["family"] == "sam3" and workers[0]["model_version"] == "sam3-v1"
+    data = png_bytes(rgb_image())
+    key = job_queue.put_image(data)
+    jobs = [Job(image=key, query="cat", options={"threshold": LOW_THRESHOLD}),
+            Job(image=key, kind=REFINE, options={"points": [[10, 20, 1]]}),
+            Job(image=key, query="big " * 12)]
+    job_queue.submit_many(jobs)
+    cat, click, long = [job_queue.wait(job, timeout=60) for job in jobs]
+    assert cat.ok and len(cat.scores) > 1 and cat.mask_array().shape[1:] == (60, 80)
+    assert click.ok and click.mask_array().shape == (1, 60, 80) and len(click.scores) == 1
+    assert long.error_code == BAD_INPUT and "SAM 3 reads at most 30" in long.error_message
+    assert {r.model_version for r in (cat, click)} == {"sam3-v1"}
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from conftest import FIXTURE
+from conftest import FIXTURE, worker_argv
 from PIL import Image
-from redis_fixtures import ROOT, RedisServer, config_env, make_config, wait_for
+from redis_fixtures import ROOT, RedisServer, WorkerProcess, config_env, make_config, wait_for
 from sam3_fixtures import LOW_THRESHOLD
 from test_prelabel import TOKEN, FakeLabelStudio, prelabel
 
@@ -51,18 +49,13 @@ def sam3_prelabel_stack(tmp_path_factory, sam3_tiny):
     server.start()
     config = make_config(server.url, job_deadline_s=60.0, result_ttl_s=300, visibility_timeout_s=30.0)
     env = {**os.environ, **config_env(config), "PYTHONPATH": str(ROOT)}
-    log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - closed at teardown
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--model", str(sam3_tiny), "--device",
-                               "cpu", "--model-version", "sam3-tiny"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              cwd=ROOT)
+    worker = WorkerProcess("worker", config, tmp, worker_argv(sam3_tiny, "sam3-tiny"))
     queue = JobQueue(connect(config=config), config).for_family("sam3")
     wait_for(queue.live_workers, timeout=90, what="the SAM 3 worker")
     fake = ConnectedFake({"model": "sam3", "score_threshold": LOW_THRESHOLD})
     yield fake, {**env, "LABEL_STUDIO_URL": fake.url, "LABEL_STUDIO_API_KEY": TOKEN, "MODEL_DIR": str(tmp / "md")}
-    worker.terminate()
-    worker.wait(timeout=30)
-    log.close()
-    print((tmp / "worker.log").read_text(errors="replace")[-3000:])
+    worker.stop()
+    print(worker.log()[-3000:])
     fake.httpd.shutdown()
     server.stop()
 

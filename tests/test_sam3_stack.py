@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import os
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,8 +15,8 @@ import numpy as np
 import pytest
 import requests
 from backend_fixtures import BackendProcess
-from conftest import CASES, FIXTURE, tiny_worker_argv
-from redis_fixtures import ROOT, RedisServer, config_env, make_config, wait_for
+from conftest import CASES, FIXTURE, tiny_worker_argv, worker_argv
+from redis_fixtures import RedisServer, WorkerProcess, make_config, wait_for
 from sam3_fixtures import LOW_THRESHOLD, png_bytes, rgb_image
 
 from backend.brush import rle_to_mask
@@ -72,12 +69,8 @@ def stack(tmp_path_factory, sam3_tiny):
     server = RedisServer(tmp)
     server.start()
     config = make_config(server.url, job_deadline_s=60.0, result_ttl_s=300, visibility_timeout_s=30.0)
-    env = {**os.environ, **config_env(config), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    logs = [open(tmp / f"{name}.log", "wb") for name in ("lisa", "sam3")]  # noqa: SIM115 - closed at teardown
-    sam3_argv = [sys.executable, "-m", "worker.cli", "worker", "--model", str(sam3_tiny), "--device", "cpu",
-                 "--model-version", "sam3-tiny"]
-    workers = [subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-               for argv, log in zip((tiny_worker_argv("tiny-test"), sam3_argv), logs)]
+    argvs = {"lisa": tiny_worker_argv("tiny-test"), "sam3": worker_argv(sam3_tiny, "sam3-tiny")}
+    workers = [WorkerProcess(name, config, tmp, argv, env={"OMP_NUM_THREADS": "1"}) for name, argv in argvs.items()]
     httpd = serve_files([FIXTURE / "cases", tmp])
     backend = BackendProcess(config, tmp, {"LABEL_STUDIO_URL": f"http://127.0.0.1:{httpd.server_address[1]}",
                                            "LABEL_STUDIO_API_KEY": TOKEN, "MODEL_DIR": str(tmp)}, threads=16)
@@ -89,11 +82,9 @@ def stack(tmp_path_factory, sam3_tiny):
         assert r.status_code == 200, r.text
     yield backend, config
     backend.stop()
-    for worker, log in zip(workers, logs):
-        worker.terminate()
-        worker.wait(timeout=30)
-        log.close()
-        print(f"--- {log.name} ---\n{Path(log.name).read_text(errors='replace')[-3000:]}")
+    for worker in workers:
+        worker.stop()
+        print(f"--- {worker.log_path} ---\n{worker.log()[-3000:]}")
     httpd.shutdown()
     server.stop()
     print(backend.log()[-4000:])

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
-from conftest import CASES, CHECKPOINT, CLIP_TOWER, case_image
-from redis_fixtures import ROOT, config_env, wait_for
+from conftest import CASES, CHECKPOINT, case_image, tiny_worker_argv
+from redis_fixtures import wait_for
 
 from model.preprocess import load_image
 from worker.client.protocol import BAD_INPUT, Job, image_hash
@@ -75,31 +72,20 @@ def test_model_version_follows_the_files(tmp_path):
     assert model_version(tmp_path) != model_version(CHECKPOINT)
 
 
-def test_lisa_ls_worker_process_serves_the_queue(job_queue, queue_config, tmp_path):
-    env = {**os.environ, **config_env(queue_config), "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "worker", "--model", str(CHECKPOINT), "--vision-tower", str(CLIP_TOWER),
-         "--device", "cpu", "--model-version", "tiny-v1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        workers = wait_for(job_queue.live_workers, timeout=60, what="the worker's heartbeat")
-        assert workers[0]["model_version"] == "tiny-v1" and workers[0]["device"] == "cpu"
-        assert workers[0]["pid"] == proc.pid
-        data = case_image(1).read_bytes()
-        key = job_queue.put_image(data)
-        jobs = [Job(image=key, query=CASES[1][0], options={"max_new_tokens": 6}),
-                Job(image=key, query=CASES[2][0], options={"max_new_tokens": 6}),
-                Job(image=key, query=CASES[1][0], answer=CASES[1][1])]
-        job_queue.submit_many(jobs)
-        results = [job_queue.wait(job, timeout=60) for job in jobs]
-        assert all(r.ok for r in results), [r.error_message for r in results]
-        assert results[2].mask_array().shape == (1, 480, 640)
-        assert all(r.model_version == "tiny-v1" for r in results)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-        print((tmp_path / "worker.log").read_text(errors="replace")[-3000:])
+def test_lisa_ls_worker_process_serves_the_queue(job_queue, queue_config, spawn_worker):
+    worker = spawn_worker("tiny", queue_config, tiny_worker_argv("tiny-v1"))
+    workers = wait_for(job_queue.live_workers, timeout=60, what="the worker's heartbeat")
+    assert workers[0]["model_version"] == "tiny-v1" and workers[0]["device"] == "cpu"
+    assert workers[0]["pid"] == worker.pid
+    data = case_image(1).read_bytes()
+    key = job_queue.put_image(data)
+    jobs = [Job(image=key, query=CASES[1][0], options={"max_new_tokens": 6}),
+            Job(image=key, query=CASES[2][0], options={"max_new_tokens": 6}),
+            Job(image=key, query=CASES[1][0], answer=CASES[1][1])]
+    job_queue.submit_many(jobs)
+    results = [job_queue.wait(job, timeout=60) for job in jobs]
+    assert all(r.ok for r in results), [r.error_message for r in results]
+    assert results[2].mask_array().shape == (1, 480, 640)
+    assert all(r.model_version == "tiny-v1" for r in results)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
