@@ -70,8 +70,7 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
         [answer] = brushes(body)
         assert notes(body) == [ANSWER_NOTE]  # the demo model says what it is with each answer
         before = rle_to_mask(answer["value"]["rle"], 256, 256)
-        page.get_by_test_id("bottombar-accept-suggestions-button").click()
-        page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for(state="detached")
+        ui.accept_suggestions(page, 1)
         shot("01_query_accepted")
 
         # The smart key-point tool (Auto-Detect group), label "Exclude", a click on the wrong part.
@@ -106,19 +105,14 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
         shot("02_refined_suggestion")
 
         # Accepting replaces the accepted mask (same region id) and removes the key point.
-        page.get_by_test_id("bottombar-accept-suggestions-button").click()
-        page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for(state="detached")
+        ui.accept_suggestions(page, 1)
         regions = brush_regions(page)
         assert [r for r in regions if r[0] == "brushregion"] == [["brushregion", answer["id"], "prediction"]], regions
         assert not [r for r in regions if r[0] == "keypointregion"], regions
         shot("03_refined_accepted")
 
-        with page.expect_response(lambda r: r.url.split("?")[0].endswith(f"/api/tasks/{task['id']}/annotations")
-                                  and r.request.method == "POST") as info:
-            page.get_by_test_id("bottombar-submit-button").click()
-        assert info.value.status == 201, info.value.text()
+        saved = ui.submit_annotation(page, client, task["id"])
         shot("04_submitted")
-        [saved] = [a for a in client.annotations(task["id"]) if a["id"] == info.value.json()["id"]]
         by_type = {r["type"]: r for r in saved["result"] if r.get("from_name") != "lisa"}
         assert by_type["textarea"]["value"]["text"] == [QUERY] and "keypointlabels" not in by_type
         mask = rle_to_mask(by_type["brushlabels"]["value"]["rle"], 256, 256)

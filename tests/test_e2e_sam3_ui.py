@@ -26,7 +26,13 @@ from ls_fixtures import E2E, LabelStudio, LisaStack, _serve, case_png
 from PIL import Image
 from redis_fixtures import wait_for
 from sam3_fixtures import LOW_THRESHOLD
-from test_e2e_ui import STEP_TIMEOUT_MS, browser_page, open_task  # noqa: F401  (browser_page: the fixture, reused)
+from test_e2e_ui import (  # noqa: F401  (browser_page: the fixture, reused)
+    STEP_TIMEOUT_MS,
+    accept_suggestions,
+    browser_page,
+    open_task,
+    submit_annotation,
+)
 
 from backend.brush import rle_to_mask
 from backend.dataset import Dataset
@@ -90,7 +96,6 @@ def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
     expected = predictor.find(predictor.encode(rgb), PHRASE, LOW_THRESHOLD)
     assert len(expected.scores) >= 2, "the tiny SAM 3 must find several instances for this test to mean anything"
     open_task(page, e2e.ls.url, project["id"], task["id"])
-    submit = page.get_by_test_id("bottombar-submit-button")
     shot("01_task_opened")
 
     prompt = page.get_by_test_id("textarea-input")
@@ -118,18 +123,11 @@ def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
     n = len(brushes)
     page.locator(".lsf-auto-accept__info").filter(has_text=f"{n} suggestions").wait_for()
     shot("02_suggestions_shown")
-    page.get_by_test_id("bottombar-accept-suggestions-button").click()
-    page.locator(".lsf-auto-accept__info").filter(has_text=f"{n} suggestions").wait_for(state="detached")
+    accept_suggestions(page, n)
     shot("03_suggestions_accepted")
-    with page.expect_response(
-        lambda r: r.url.split("?")[0].endswith(f"/api/tasks/{task['id']}/annotations") and r.request.method == "POST"
-    ) as saved_info:
-        submit.click()
-    assert saved_info.value.status == 201, saved_info.value.text()
-    annotation_id = saved_info.value.json()["id"]
-    page.get_by_text("Annotation saved successfully", exact=True).wait_for()
+    saved = submit_annotation(page, client, task["id"])
+    annotation_id = saved["id"]
     shot("04_submitted")
-    [saved] = [a for a in client.annotations(task["id"]) if a["id"] == annotation_id]
     kept = [r for r in saved["result"] if r["type"] == "brushlabels"]
     assert len(kept) == n and all(r["origin"] == "prediction" for r in kept)
 

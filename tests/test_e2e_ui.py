@@ -250,8 +250,7 @@ def follow_the_readme(target: UITarget, page, shot) -> None:
     # The suggestion appears (bottom bar: "1 suggestions" with ✗/✓); accept it.
     page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for()
     shot("06_suggestion_shown_message_cleared")
-    page.get_by_test_id("bottombar-accept-suggestions-button").click()
-    page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for(state="detached")
+    accept_suggestions(page, 1)
     regions = page.evaluate(
         "() => Htx.annotationStore.selected.regions.map(r => [r.type, r.origin, r.fromSuggestion])"
     )
@@ -259,18 +258,12 @@ def follow_the_readme(target: UITarget, page, shot) -> None:
     shot("07_suggestion_accepted")
 
     # Submit: Label Studio saves the annotation (201).
-    with page.expect_response(
-        lambda r: r.url.split("?")[0].endswith(f"/api/tasks/{task['id']}/annotations") and r.request.method == "POST"
-    ) as info:
-        submit.click()
-    assert info.value.status == 201, info.value.text()
-    annotation_id = info.value.json()["id"]
-    page.get_by_text("Annotation saved successfully", exact=True).wait_for()
+    saved = submit_annotation(page, client, task["id"])
+    annotation_id = saved["id"]
     shot("08_submitted")
 
     # The saved annotation: the typed query and the backend's brush, unchanged, with origin "prediction"; the
     # lisa box saved as the answer left it (empty, or the demo model's note), not with the refusal.
-    [saved] = [a for a in client.annotations(task["id"]) if a["id"] == annotation_id]
     texts = {r["from_name"]: r["value"]["text"] for r in saved["result"] if r["type"] == "textarea"}
     assert texts == {"query": [target.query], "lisa": list(target.note)}, texts
     by_type = {r["type"]: r for r in saved["result"]}
@@ -311,6 +304,26 @@ def open_task(page, ls_url: str, project: int, task: int) -> None:
     if not toggle.is_checked():
         page.get_by_text("Auto-Annotation", exact=True).click()
     wait_for(toggle.is_checked, 10, "Auto-Annotation to be on")
+
+
+def accept_suggestions(page, n: int) -> None:
+    """Accept (✓ on the bottom bar) the ``n`` suggestions shown, and wait until the bar's counter is gone."""
+    page.get_by_test_id("bottombar-accept-suggestions-button").click()
+    page.locator(".lsf-auto-accept__info").filter(has_text=f"{n} suggestion").wait_for(state="detached")
+
+
+def submit_annotation(page, client: LSClient, task: int) -> dict:
+    """Submit the task's annotation: Label Studio saves it (201, "Annotation saved successfully"); returns it as
+    the API reads it back."""
+    with page.expect_response(
+        lambda r: r.url.split("?")[0].endswith(f"/api/tasks/{task}/annotations") and r.request.method == "POST"
+    ) as info:
+        page.get_by_test_id("bottombar-submit-button").click()
+    assert info.value.status == 201, info.value.text()
+    annotation_id = info.value.json()["id"]
+    page.get_by_text("Annotation saved successfully", exact=True).wait_for()
+    [saved] = [a for a in client.annotations(task) if a["id"] == annotation_id]
+    return saved
 
 
 def assert_in_view_unscrolled(page, locator) -> None:
