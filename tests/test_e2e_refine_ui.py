@@ -30,15 +30,6 @@ QUERY = "the two squares"  # scene_1 (256 x 256): the demo model's answer covers
 WRONG_PART = (161, 50)  # ... the annotator wants only the orange one and clicks Exclude on the green one's centre
 
 
-def ask(page, query: str) -> dict:
-    prompt = page.get_by_test_id("textarea-input")
-    prompt.fill(query)
-    with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=ui.STEP_TIMEOUT_MS) as info:
-        prompt.press("Enter")
-    assert info.value.status == 200
-    return info.value.json()
-
-
 def brushes(body: dict) -> list[dict]:
     """The brush regions of an answer."""
     return [r for r in body["data"]["result"] if r["type"] == "brushlabels"]
@@ -66,7 +57,7 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
     client.connect_ml_backend(project["id"], stack.url, title="LISA demo")
     try:
         ui.open_task(page, ls.url, project["id"], task["id"])
-        body = ask(page, QUERY)
+        body = ui.ask(page, QUERY)
         [answer] = brushes(body)
         assert notes(body) == [ANSWER_NOTE]  # the demo model says what it is with each answer
         before = rle_to_mask(answer["value"]["rle"], 256, 256)
@@ -131,7 +122,7 @@ def test_nothing_found_is_said_in_the_labeling_ui(e2e_ls_and_demo, browser_page)
     [task] = client.upload_images(project["id"], [SCENE])
     client.connect_ml_backend(project["id"], stack.url, title="LISA demo", extra_params='{"min_area": 1000000}')
     ui.open_task(page, ls.url, project["id"], task["id"])
-    body = ask(page, QUERY)
+    body = ui.ask(page, QUERY)
     assert [r["type"] for r in body["data"]["result"]] == ["textarea"]
     page.get_by_text(f"LISA found nothing matching '{QUERY}'").first.wait_for()
     page.screenshot(path=str(artifacts / "refine_05_nothing_found.png"))

@@ -29,6 +29,7 @@ from sam3_fixtures import LOW_THRESHOLD
 from test_e2e_ui import (  # noqa: F401  (browser_page: the fixture, reused)
     STEP_TIMEOUT_MS,
     accept_suggestions,
+    ask,
     browser_page,
     open_task,
     submit_annotation,
@@ -98,12 +99,7 @@ def find_every_instance(e2e: E2E, page, shot, predictor) -> None:
     open_task(page, e2e.ls.url, project["id"], task["id"])
     shot("01_task_opened")
 
-    prompt = page.get_by_test_id("textarea-input")
-    prompt.fill(PHRASE)
-    with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=STEP_TIMEOUT_MS) as info:
-        prompt.press("Enter")
-    assert info.value.status == 200
-    body = info.value.json()
+    body = ask(page, PHRASE)
     assert "errors" not in body, body
     result = body["data"]["result"]
     brushes = [r for r in result if r["type"] == "brushlabels"]

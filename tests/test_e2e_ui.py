@@ -212,12 +212,7 @@ def follow_the_readme(target: UITarget, page, shot) -> None:
     shot("04_auto_annotation_on")
 
     # A query the backend refuses: its message appears in the lisa box, next to the query box, in view.
-    prompt = page.get_by_test_id("textarea-input")
-    prompt.fill(TOO_LONG)
-    with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=STEP_TIMEOUT_MS) as info:
-        prompt.press("Enter")
-    assert info.value.status == 200
-    [said] = info.value.json()["data"]["result"]
+    [said] = ask(page, TOO_LONG)["data"]["result"]
     assert (said["from_name"], said["id"]) == ("lisa", MESSAGE_ID)
     refusal = said["value"]["text"][0]
     assert f"the query is {len(TOO_LONG)} characters long" in refusal
@@ -229,13 +224,7 @@ def follow_the_readme(target: UITarget, page, shot) -> None:
     # Edit the query (pencil) to a short phrase, Enter: the UI posts interactive-annotating, LS forwards it to
     # /predict, and the answer clears the message.
     page.get_by_test_id("htx-textbox-edit-button").first.click()
-    edit = page.get_by_test_id("htx-textbox-input").first
-    edit.fill(target.query)
-    with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=STEP_TIMEOUT_MS) as info:
-        edit.press("Enter")
-    response = info.value
-    assert response.status == 200
-    body = response.json()
+    body = ask(page, target.query, page.get_by_test_id("htx-textbox-input").first)
     assert "errors" not in body, body
     [suggested, lisa_box] = body["data"]["result"]
     assert (lisa_box["id"], lisa_box["value"]) == (MESSAGE_ID, {"text": list(target.note)})
@@ -304,6 +293,17 @@ def open_task(page, ls_url: str, project: int, task: int) -> None:
     if not toggle.is_checked():
         page.get_by_text("Auto-Annotation", exact=True).click()
     wait_for(toggle.is_checked, 10, "Auto-Annotation to be on")
+
+
+def ask(page, query: str, box=None) -> dict:
+    """Type ``query`` into the query box (or ``box``, e.g. the pencil's edit box) and press Enter: the body of
+    Label Studio's ``interactive-annotating`` answer (200), what ``/predict`` said."""
+    box = box or page.get_by_test_id("textarea-input")
+    box.fill(query)
+    with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=STEP_TIMEOUT_MS) as info:
+        box.press("Enter")
+    assert info.value.status == 200
+    return info.value.json()
 
 
 def accept_suggestions(page, n: int) -> None:
