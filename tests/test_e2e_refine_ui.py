@@ -9,7 +9,6 @@ backend adds the task's last query. Screenshots go to ``tests/artifacts/refine_*
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
@@ -49,13 +48,10 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
     page, _blocked = browser_page
     client: LSClient = ls.client
 
-    def shot(name: str) -> None:
-        page.screenshot(path=str(artifacts / f"refine_{name}.png"))
-
     project = client.create_project("e2e refine")
     [task] = client.upload_images(project["id"], [SCENE])
     client.connect_ml_backend(project["id"], stack.url, title="LISA demo")
-    try:
+    with ui.screenshots(page, artifacts, "refine") as shot:
         ui.open_task(page, ls.url, project["id"], task["id"])
         body = ui.ask(page, QUERY)
         [answer] = brushes(body)
@@ -108,10 +104,6 @@ def test_a_negative_click_shrinks_the_accepted_mask_and_is_submitted(e2e_ls_and_
         assert by_type["textarea"]["value"]["text"] == [QUERY] and "keypointlabels" not in by_type
         mask = rle_to_mask(by_type["brushlabels"]["value"]["rle"], 256, 256)
         assert np.array_equal(mask, after) and by_type["brushlabels"]["meta"]["refined"]["points"][0][2] == 0
-    except Exception:
-        with contextlib.suppress(Exception):
-            shot("failure")
-        raise
 
 
 def test_nothing_found_is_said_in_the_labeling_ui(e2e_ls_and_demo, browser_page):

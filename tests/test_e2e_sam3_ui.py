@@ -15,7 +15,6 @@ Same browser rules as ``tests/test_e2e_ui.py`` (Debian's chromium, loopback only
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from test_e2e_ui import (  # noqa: F401  (browser_page: the fixture, reused)
     ask,
     browser_page,
     open_task,
+    screenshots,
     submit_annotation,
 )
 
@@ -61,20 +61,8 @@ def test_a_noun_phrase_on_a_sam3_project_suggests_every_instance(sam3_stack: Lis
                                                                  e2e_artifacts: Path, browser_page, sam3_predictor):  # noqa: F811
     page, _blocked = browser_page
     e2e = E2E(label_studio, sam3_stack, e2e_artifacts)
-    for old in e2e.artifacts.glob("sam3_ui_0*.png"):
-        old.unlink()
-
-    def shot(name: str) -> None:
-        page.screenshot(path=str(e2e.artifacts / f"sam3_ui_{name}.png"))
-
-    try:
+    with screenshots(page, e2e.artifacts, "sam3_ui") as shot:
         find_every_instance(e2e, page, shot, sam3_predictor)
-    except Exception:
-        with contextlib.suppress(Exception):  # keep the test's own error, whatever the page's state
-            shot("failure")
-        raise
-    finally:
-        print(f"UI screenshots: {e2e.artifacts}/sam3_ui_*.png")
 
 
 def sam3_project(e2e: E2E, title: str) -> tuple[dict, dict, np.ndarray]:
@@ -145,7 +133,7 @@ def test_a_click_without_query_on_a_sam3_project_is_the_trackers_mask(sam3_stack
     e2e = E2E(label_studio, sam3_stack, e2e_artifacts)
     project, task, rgb = sam3_project(e2e, "e2e sam3 click")
     height, width = rgb.shape[:2]
-    try:
+    with screenshots(page, e2e.artifacts, "sam3_ui_click") as shot:
         open_task(page, e2e.ls.url, project["id"], task["id"])
         page.locator("button.lsf-tool_smart").first.hover()
         page.locator(".lsf-tool__extra button[aria-label='key-point-tool']").click()
@@ -173,8 +161,4 @@ def test_a_click_without_query_on_a_sam3_project_is_the_trackers_mask(sam3_stack
         assert region["score"] == pytest.approx(float(clicked.score), abs=1e-4)
         assert region["meta"]["family"] == "sam3" and region["origin"] == "prediction"
         page.locator(".lsf-auto-accept__info").filter(has_text="1 suggestion").wait_for()
-        page.screenshot(path=str(e2e.artifacts / "sam3_ui_click.png"))
-    except Exception:
-        with contextlib.suppress(Exception):
-            page.screenshot(path=str(e2e.artifacts / "sam3_ui_click_failure.png"))
-        raise
+        shot("suggested")

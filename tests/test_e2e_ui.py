@@ -125,22 +125,30 @@ class UITarget:
     note: tuple[str, ...] = ()  # what the lisa box says with an answer (the demo model names itself)
 
 
-def walk_in_browser(target: UITarget, page) -> None:
-    """:func:`follow_the_readme` with a screenshot per step (and one of the page when a step fails)."""
-    for old in target.artifacts.glob(f"{target.prefix}_*.png"):
+@contextlib.contextmanager
+def screenshots(page, artifacts: Path, prefix: str) -> Iterator[Callable[[str], None]]:
+    """``shot(name)`` saves the page as ``<artifacts>/<prefix>_<name>.png`` (earlier ones of ``prefix`` are removed
+    first); a step that fails inside leaves ``<prefix>_failure.png`` too."""
+    for old in artifacts.glob(f"{prefix}_*.png"):
         old.unlink()
 
     def shot(name: str) -> None:
-        page.screenshot(path=str(target.artifacts / f"{target.prefix}_{name}.png"))
+        page.screenshot(path=str(artifacts / f"{prefix}_{name}.png"))
 
     try:
-        follow_the_readme(target, page, shot)
+        yield shot
     except Exception:
         with contextlib.suppress(Exception):  # keep the test's own error, whatever the page's state
             shot("failure")
         raise
     finally:
-        print(f"UI screenshots: {target.artifacts}/{target.prefix}_*.png")
+        print(f"UI screenshots: {artifacts}/{prefix}_*.png")
+
+
+def walk_in_browser(target: UITarget, page) -> None:
+    """:func:`follow_the_readme` with a screenshot per step (and one of the page when a step fails)."""
+    with screenshots(page, target.artifacts, target.prefix) as shot:
+        follow_the_readme(target, page, shot)
 
 
 def test_typed_query_suggestion_accepted_and_submitted_in_the_labeling_ui(e2e: E2E, browser_page):
